@@ -1,0 +1,350 @@
+"""The :class:`Dictionary` base class: encode, decode, losses and the unit-norm constraint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lightning_interp.dictionaries.config import DictionaryConfig, dtype_from_name, dtype_name
+from lightning_interp.errors import ConfigError, ShapeMismatchError
+
+
+@dataclass
+class DictionaryOutput:
+    """Everything a training step needs from one forward pass.
+
+    Attributes:
+        reconstruction: The decoded output, ``[N, d_out]``.
+        codes: Latent activations after the nonlinearity, ``[N, d_latent]``.
+        pre_activations: Encoder outputs before the nonlinearity, ``[N, d_latent]``.
+        extras: Architecture-specific tensors (the gate pre-activations of a Gated SAE,
+            the selected indices of a TopK SAE, ...).
+    """
+
+    reconstruction: Tensor
+    codes: Tensor
+    pre_activations: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+def squared_error(reconstruction: Tensor, target: Tensor) -> Tensor:
+    """Mean over rows of the squared L2 error, the convention of SAELens and Anthropic."""
+    return (reconstruction - target).pow(2).sum(-1).mean()
+
+
+def batch_fvu(reconstruction: Tensor, target: Tensor) -> Tensor:
+    """Fraction of the batch's variance left unexplained (for logging, not for metrics)."""
+    total = (target - target.mean(0)).pow(2).sum()
+    return (reconstruction - target).pow(2).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+class Dictionary(nn.Module):
+    """A sparse dictionary: ``x -> codes -> reconstruction``.
+
+    Subclasses define the nonlinearity (:meth:`activation`) and their loss terms
+    (:meth:`sparsity_losses`), and register themselves with
+    :func:`~lightning_interp.dictionaries.register_dictionary`.
+
+    Calling a dictionary returns the reconstruction, as SAELens users expect; use
+    :meth:`forward_train` for codes, pre-activations and the loss inputs.
+
+    Tensors follow SAELens's layout: ``W_enc [d_in, d_latent]``, ``b_enc [d_latent]``,
+    ``W_dec [d_latent, d_out]``, ``b_dec [d_out]``.
+
+    Args:
+        config: The architecture's config dataclass.
+    """
+
+    config_class: ClassVar[type[DictionaryConfig]] = DictionaryConfig
+    architecture: ClassVar[str] = ""
+    # Gated SAEs replace b_enc with their own gate and magnitude biases.
+    has_encoder_bias: ClassVar[bool] = True
+
+    def __init__(self, config: DictionaryConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config = config
+        dtype = dtype_from_name(config.dtype)
+        d_in, d_latent, d_out = config.d_in, config.d_latent, config.output_width
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_latent, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(d_latent, d_out, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
+        if self.has_encoder_bias:
+            self.b_enc = nn.Parameter(torch.zeros(d_latent, dtype=dtype))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random unit-norm decoder rows, encoder tied to the decoder's transpose.
+
+        Tying the initial encoder to the decoder (Gao et al. 2024, Conerly et al. 2024)
+        starts every latent pointing at its own atom, which cuts dead latents early on.
+        """
+        generator_dtype = torch.float32
+        w_dec = torch.randn(self.W_dec.shape, dtype=generator_dtype)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        if not self.config.normalize_decoder:
+            w_dec *= 0.1  # Anthropic's April 2024 update: small decoder rows when unconstrained
+        self.W_dec.copy_(w_dec)
+        if self.config.output_width == self.config.d_in:
+            self.W_enc.copy_(w_dec.T)
+        else:
+            self.W_enc.copy_(torch.randn(self.W_enc.shape) / self.config.d_in**0.5)
+        self.b_dec.zero_()
+        if self.has_encoder_bias:
+            self.b_enc.zero_()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def d_in(self) -> int:
+        """Input width."""
+        return self.config.d_in
+
+    @property
+    def d_latent(self) -> int:
+        """Number of latents."""
+        return self.config.d_latent
+
+    @property
+    def d_out(self) -> int:
+        """Output width (``d_in`` unless this is a transcoder)."""
+        return self.config.output_width
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype."""
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Parameter device."""
+        return self.W_dec.device
+
+    # ------------------------------------------------------------------ forward pieces
+    def _prepare_input(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_in:
+            site = self.config.provenance.site
+            where = f" (trained on {site!r})" if site else ""
+            raise ShapeMismatchError(
+                f"{type(self).__name__} expects inputs with last dimension d_in={self.d_in}"
+                f"{where}, got shape {tuple(x.shape)}; check that the activations come from "
+                f"the site and model this dictionary was trained on"
+            )
+        # Under autocast the matmuls pick their own dtype; otherwise bf16 activations must
+        # meet the parameters in the parameters' dtype rather than fail.
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        return x
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """The input as the encoder sees it (centred on ``b_dec`` when configured)."""
+        return x - self.b_dec if self.config.apply_b_dec_to_input else x
+
+    def encode_pre(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations, ``[..., d_latent]``."""
+        x = self._prepare_input(x)
+        return self.encoder_input(x) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """The inference nonlinearity mapping pre-activations to codes."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Sparse codes for ``x`` (``[..., d_in]`` to ``[..., d_latent]``)."""
+        return self.activation(self.encode_pre(x))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Reconstruction from codes (``[..., d_latent]`` to ``[..., d_out]``)."""
+        if codes.shape[-1] != self.d_latent:
+            raise ShapeMismatchError(
+                f"decode expects codes with last dimension d_latent={self.d_latent}, "
+                f"got shape {tuple(codes.shape)}"
+            )
+        return codes @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruct ``x`` (for a transcoder: predict the output site)."""
+        return self.decode(self.encode(x))
+
+    def forward_train(self, x: Tensor) -> DictionaryOutput:
+        """One training forward pass on ``[N, d_in]`` activations.
+
+        The default uses the inference nonlinearity; architectures whose training form
+        differs (BatchTopK, Gated) override this.
+        """
+        pre = self.encode_pre(x)
+        codes = self.activation(pre)
+        return DictionaryOutput(self.decode(codes), codes, pre)
+
+    # ------------------------------------------------------------------ losses
+    def loss(
+        self,
+        x: Tensor,
+        out: DictionaryOutput,
+        *,
+        target: Tensor | None = None,
+        sparsity_scale: float = 1.0,
+        dead_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Loss terms for one batch; ``"loss"`` is the total to minimise.
+
+        Args:
+            x: The input batch ``[N, d_in]``.
+            out: The result of :meth:`forward_train` on ``x``.
+            target: What to reconstruct; defaults to ``x`` (a transcoder passes its output
+                site).
+            sparsity_scale: Multiplier on the sparsity penalty, ramped from 0 to 1 during
+                sparsity warm-up.
+            dead_mask: Boolean ``[d_latent]``, latents currently considered dead (for
+                auxiliary losses that revive them).
+
+        Returns:
+            A dict with ``"loss"`` (the total), ``"mse_loss"`` (squared L2 error summed over
+            features, averaged over rows) and the architecture's own terms.
+        """
+        # Losses are reduced in float32 even under bf16 autocast: a bf16 sum over millions
+        # of squared errors loses the small differences training follows.
+        target = (x if target is None else target).float()
+        terms = {"mse_loss": squared_error(out.reconstruction.float(), target)}
+        terms.update(
+            self.sparsity_losses(
+                x, out, target=target, sparsity_scale=sparsity_scale, dead_mask=dead_mask
+            )
+        )
+        terms["loss"] = sum(v for k, v in terms.items() if k.endswith("loss"))
+        return terms
+
+    def sparsity_losses(
+        self,
+        x: Tensor,
+        out: DictionaryOutput,
+        *,
+        target: Tensor,
+        sparsity_scale: float,
+        dead_mask: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """Architecture-specific loss terms; keys ending in ``loss`` are added to the total.
+
+        Other keys (e.g. ``"l1"``, the unscaled penalty) are logged only.
+        """
+        return {}
+
+    def decoder_norms(self) -> Tensor:
+        """L2 norm of each decoder row, ``[d_latent]``."""
+        return self.W_dec.norm(dim=1)
+
+    # ------------------------------------------------------------------ constraints
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder rows to unit norm (after an optimizer step)."""
+        self.W_dec.div_(self.decoder_norms().clamp_min(1e-8)[:, None])
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Project out the gradient component along each decoder row (before a step).
+
+        With unit-norm rows, that component only changes a row's norm, which the
+        renormalisation undoes anyway; removing it keeps Adam's moments meaningful.
+        """
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        w = self.W_dec
+        coef = (grad * w).sum(dim=1, keepdim=True) / w.pow(2).sum(dim=1, keepdim=True).clamp_min(
+            1e-8
+        )
+        grad.sub_(coef * w)
+
+    @torch.no_grad()
+    def initialize_b_dec_(self, sample: Tensor, method: str | None = None) -> None:
+        """Set ``b_dec`` from a sample of (target) activations.
+
+        Args:
+            sample: ``[N, d_out]`` activations the decoder should be centred on.
+            method: ``"geometric_median"``, ``"mean"`` or ``"zeros"``; defaults to
+                ``config.b_dec_init``.
+        """
+        from lightning_interp.dictionaries.init import geometric_median
+
+        method = method or self.config.b_dec_init
+        sample = sample.detach().reshape(-1, sample.shape[-1]).float()
+        if method == "zeros":
+            centre = torch.zeros(sample.shape[-1])
+        elif method == "mean":
+            centre = sample.mean(0)
+        elif method == "geometric_median":
+            centre = geometric_median(sample)
+        else:
+            raise ConfigError(f"unknown b_dec initialisation {method!r}")
+        self.b_dec.copy_(centre.to(self.b_dec))
+
+    # ------------------------------------------------------------------ serialisation
+    def export_tensors(self) -> dict[str, Tensor]:
+        """Tensors as written to ``model.safetensors`` (SAELens names and layout)."""
+        return {name: t.detach() for name, t in self.state_dict().items()}
+
+    def import_tensors(self, tensors: dict[str, Tensor], *, assign: bool = False) -> None:
+        """Load tensors in the layout written by :meth:`export_tensors` (strict).
+
+        Args:
+            tensors: Name to tensor, as in ``model.safetensors``.
+            assign: Adopt the given tensors instead of copying into existing ones (used
+                when the dictionary was built on the meta device).
+        """
+        self.load_state_dict(tensors, strict=True, assign=assign)
+
+    def expected_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes :meth:`export_tensors` produces, used to validate files before loading."""
+        return {name: tuple(t.shape) for name, t in self.export_tensors().items()}
+
+    def to_inference(self) -> Dictionary:
+        """The form to save for inference (BatchTopK becomes JumpReLU); default: ``self``."""
+        return self
+
+    def config_for_save(self) -> DictionaryConfig:
+        """The config as it should be written, with the dtype of the actual parameters."""
+        return self.config.replace(dtype=dtype_name(self.dtype))
+
+    def save_pretrained(
+        self, directory: str | PathLike[str], *, inference_form: bool = True
+    ) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``, atomically.
+
+        Args:
+            directory: Target folder; created if missing. Other files in it are left alone.
+            inference_form: Save the inference form (BatchTopK as a JumpReLU threshold).
+                Pass ``False`` to keep the training form.
+        """
+        from lightning_interp.dictionaries.serialization import save_dictionary
+
+        save_dictionary(self.to_inference() if inference_form else self, directory)
+
+    @classmethod
+    def from_pretrained(cls, source: str | PathLike[str], **kwargs: Any) -> Dictionary:
+        """Load a dictionary; see :func:`lightning_interp.load_dictionary`.
+
+        Called on a subclass, it checks that the loaded dictionary is of that class.
+        """
+        from lightning_interp.zoo import load_dictionary
+
+        dictionary = load_dictionary(source, **kwargs)
+        if not isinstance(dictionary, cls):
+            raise ConfigError(
+                f"{source} holds a {type(dictionary).__name__} ({dictionary.architecture!r}), "
+                f"not a {cls.__name__}; load it with Dictionary.from_pretrained or "
+                f"lightning_interp.load_dictionary"
+            )
+        return dictionary
+
+    def extra_repr(self) -> str:
+        """Shapes and dtype, shown in ``repr``."""
+        return f"d_in={self.d_in}, d_latent={self.d_latent}, d_out={self.d_out}, dtype={self.dtype}"

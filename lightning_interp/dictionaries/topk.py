@@ -1,0 +1,213 @@
+"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) sparse autoencoders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_interp.dictionaries.base import Dictionary, DictionaryOutput
+from lightning_interp.dictionaries.config import (
+    DictionaryConfig,
+    Provenance,
+    check_k,
+    check_non_negative,
+)
+from lightning_interp.dictionaries.registry import register_dictionary
+from lightning_interp.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class TopKConfig(DictionaryConfig):
+    """Config of a TopK SAE.
+
+    Attributes:
+        k: Active latents per row.
+        aux_k: Dead latents used by the AuxK loss; ``None`` means ``d_in // 2`` (Gao et al.).
+        aux_coefficient: Weight of the AuxK loss (1/32 in Gao et al.).
+    """
+
+    k: int
+    aux_k: int | None = None
+    aux_coefficient: float = 1 / 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_k(self.k, self.d_latent)
+        if self.aux_k is not None:
+            check_k(self.aux_k, self.d_latent, "aux_k")
+        check_non_negative(self.aux_coefficient, "aux_coefficient")
+
+    @property
+    def effective_aux_k(self) -> int:
+        """``aux_k``, or its default of half the input width (at most ``d_latent``)."""
+        return self.aux_k if self.aux_k is not None else min(max(self.d_in // 2, 1), self.d_latent)
+
+
+def keep_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep the ``k`` largest pre-activations per row, then ReLU.
+
+    Returns:
+        ``(codes, indices, values)``: dense codes ``[N, F]`` and the selected
+        ``indices``/``values`` ``[N, k]`` (values after the ReLU).
+    """
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    values = torch.relu(values)
+    codes = torch.zeros_like(pre).scatter_(-1, indices, values)
+    return codes, indices, values
+
+
+class _TopKFamily(Dictionary):
+    """Shared AuxK loss of TopK-style dictionaries."""
+
+    config: TopKConfig
+
+    def sparsity_losses(
+        self,
+        x: Tensor,
+        out: DictionaryOutput,
+        *,
+        target: Tensor,
+        sparsity_scale: float,
+        dead_mask: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """AuxK: the top ``aux_k`` dead latents predict the residual (Gao et al. 2024)."""
+        zero = out.reconstruction.new_zeros(())
+        if dead_mask is None or self.config.aux_coefficient == 0:
+            return {"auxk_loss": zero}
+        num_dead = int(dead_mask.sum())
+        if num_dead == 0:
+            return {"auxk_loss": zero}
+        aux_k = min(self.config.effective_aux_k, num_dead)
+        residual = (target - out.reconstruction).detach()
+        dead_pre = out.pre_activations.masked_fill(~dead_mask, float("-inf"))
+        values, indices = dead_pre.topk(aux_k, dim=-1, sorted=False)
+        values = torch.relu(values)
+        # Residual prediction without b_dec: the residual is already centred by the main path.
+        predicted = torch.zeros_like(out.pre_activations).scatter_(-1, indices, values) @ self.W_dec
+        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        auxk = (predicted - residual).pow(2).sum(-1).mean() / variance
+        # Fewer dead latents than aux_k means a weaker signal; scale as sparsify does.
+        scale = min(num_dead / self.config.effective_aux_k, 1.0)
+        return {"auxk_loss": self.config.aux_coefficient * scale * auxk}
+
+
+@register_dictionary("topk")
+class TopKSAE(_TopKFamily):
+    """TopK SAE: the ``k`` largest pre-activations survive (then ReLU), the rest are zero."""
+
+    config_class = TopKConfig
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """Per-row top-k then ReLU."""
+        return keep_topk(pre, self.config.k)[0]
+
+    def forward_train(self, x: Tensor) -> DictionaryOutput:
+        """Forward pass keeping the selected indices and values for sparse consumers."""
+        pre = self.encode_pre(x)
+        codes, indices, values = keep_topk(pre, self.config.k)
+        extras = {"indices": indices, "values": values}
+        return DictionaryOutput(self.decode(codes), codes, pre, extras)
+
+
+@dataclass(kw_only=True)
+class BatchTopKConfig(TopKConfig):
+    """Config of a BatchTopK SAE.
+
+    Attributes:
+        threshold_momentum: EMA momentum of the inference threshold, estimated during
+            training as the smallest selected activation of each batch.
+    """
+
+    threshold_momentum: float = 0.99
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.threshold_momentum < 1.0:
+            raise ConfigError(
+                f"threshold_momentum must be in [0, 1), got {self.threshold_momentum!r}"
+            )
+
+
+def batch_topk(pre: Tensor, k: int) -> Tensor:
+    """Keep the ``k * N`` largest ReLU'd pre-activations across the whole ``[N, F]`` batch."""
+    acts = torch.relu(pre)
+    flat = acts.flatten()
+    values, indices = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
+    return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+
+
+@register_dictionary("batchtopk")
+class BatchTopKSAE(_TopKFamily):
+    """BatchTopK SAE: ``k * batch`` latents are active across a batch, not ``k`` per row.
+
+    Training selects across the batch; a single threshold (the EMA of the smallest
+    selected activation) replaces the batch dependence at inference, and
+    :meth:`to_inference` exports a :class:`~lightning_interp.dictionaries.JumpReLUSAE`
+    with that threshold.
+    """
+
+    config_class = BatchTopKConfig
+    config: BatchTopKConfig
+
+    def __init__(self, config: BatchTopKConfig) -> None:
+        super().__init__(config)
+        # -1 marks "not yet estimated": encode falls back to batch selection until then.
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """JumpReLU at the learned threshold, or batch top-k before one is estimated."""
+        if self.threshold < 0:
+            return batch_topk(pre, self.config.k)
+        return pre * (pre > self.threshold.to(pre.dtype))
+
+    def forward_train(self, x: Tensor) -> DictionaryOutput:
+        """Batch-level top-k; updates the threshold estimate when in training mode."""
+        pre = self.encode_pre(x).reshape(-1, self.d_latent)
+        codes = batch_topk(pre, self.config.k)
+        if self.training:
+            self._update_threshold(codes)
+        return DictionaryOutput(self.decode(codes), codes, pre)
+
+    @torch.no_grad()
+    def _update_threshold(self, codes: Tensor) -> None:
+        active = codes[codes > 0]
+        if active.numel() == 0:
+            return
+        smallest = active.min().float()
+        if self.threshold < 0:
+            self.threshold.copy_(smallest)
+        else:
+            m = self.config.threshold_momentum
+            self.threshold.mul_(m).add_((1 - m) * smallest)
+
+    def to_inference(self) -> Dictionary:
+        """A JumpReLU SAE with this dictionary's weights and its threshold on every latent."""
+        from lightning_interp.dictionaries.jumprelu import JumpReLUConfig, JumpReLUSAE
+
+        if self.threshold < 0:
+            raise ConfigError(
+                "this BatchTopK dictionary has no threshold estimate yet (it has not "
+                "trained); train it first or save with inference_form=False"
+            )
+        cfg = self.config
+        provenance = Provenance(**{**vars(cfg.provenance), "trained_as": self.architecture})
+        provenance.extra = {**provenance.extra, "k": cfg.k}
+        jump = JumpReLUSAE(
+            JumpReLUConfig(
+                d_in=cfg.d_in,
+                d_latent=cfg.d_latent,
+                d_out=cfg.d_out,
+                dtype=cfg.dtype,
+                normalize_decoder=cfg.normalize_decoder,
+                apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+                b_dec_init=cfg.b_dec_init,
+                initial_threshold=max(float(self.threshold), 1e-12),
+                provenance=provenance,
+            )
+        ).to(device=self.device, dtype=self.dtype)
+        weights = {k: v for k, v in self.export_tensors().items() if k != "threshold"}
+        weights["threshold"] = torch.full((cfg.d_latent,), float(self.threshold))
+        jump.import_tensors(weights)
+        return jump
