@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -38,33 +40,34 @@ class FractionOfVarianceUnexplained(Metric):
 
     def __init__(self, num_features: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        width = num_features or 0
+        self.num_features = num_features
+        # Unknown width: 0-d zeros, which broadcast to [d] on the first (out-of-place) add.
+        shape = (num_features,) if num_features else ()
+        zeros = partial(torch.zeros, shape, dtype=torch.float64)
         self.add_state("squared_error", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("target_sum", torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state(
-            "target_sq_sum", torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum"
-        )
+        self.add_state("target_sum", zeros(), dist_reduce_fx="sum")
+        self.add_state("target_sq_sum", zeros(), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, reconstruction: Tensor, target: Tensor) -> None:
         """Add a batch; leading dimensions are flattened (``[..., d]``)."""
-        if reconstruction.shape != target.shape:
+        if reconstruction.shape != target.shape or target.ndim == 0:
             raise ValueError(
                 f"reconstruction {tuple(reconstruction.shape)} and target "
-                f"{tuple(target.shape)} must have the same shape"
+                f"{tuple(target.shape)} must have the same shape, with at least one dimension"
             )
+        width = self.target_sum.numel() if self.target_sum.ndim else None
+        if width is not None and target.shape[-1] != width:
+            raise ValueError(f"expected targets of width {width}, got shape {tuple(target.shape)}")
         target = target.detach().reshape(-1, target.shape[-1]).double()
         reconstruction = reconstruction.detach().reshape(-1, target.shape[-1]).double()
-        if self.target_sum.numel() == 0:
-            self.target_sum = torch.zeros(target.shape[-1], dtype=torch.float64, device=self.device)
-            self.target_sq_sum = torch.zeros_like(self.target_sum)
         self.squared_error += (target - reconstruction).pow(2).sum()
-        self.target_sum += target.sum(0)
-        self.target_sq_sum += target.pow(2).sum(0)
+        self.target_sum = self.target_sum + target.sum(0)
+        self.target_sq_sum = self.target_sq_sum + target.pow(2).sum(0)
         self.count += target.shape[0]
 
     def compute(self) -> Tensor:
-        """FVU over everything seen since the last reset (float32)."""
+        """FVU over everything seen since the last reset (float32; NaN before any update)."""
         total_variance = (self.target_sq_sum - self.target_sum.pow(2) / self.count).sum()
         return (self.squared_error / total_variance.clamp_min(1e-30)).float()
 

@@ -28,6 +28,8 @@ class L0(Metric):
 
     def update(self, codes: Tensor) -> None:
         """Add a batch of codes ``[..., d_latent]``."""
+        if codes.ndim == 0:
+            raise ValueError("codes must have at least one dimension ([..., d_latent])")
         codes = codes.detach()
         self.active += (codes != 0).sum()
         self.rows += codes.numel() // codes.shape[-1]
