@@ -73,6 +73,19 @@ class SparseSuperposition:
             raise ConfigError(f"firing_probability must be in (0, 1], got {firing_probability}")
         if not 0.0 <= correlation < 1.0:
             raise ConfigError(f"correlation must be in [0, 1), got {correlation}")
+        if correlation > 0 and correlation_rank < 1:
+            raise ConfigError(
+                f"correlation > 0 needs correlation_rank >= 1, got {correlation_rank}"
+            )
+        if not 0.0 <= child_probability <= 1.0:
+            raise ConfigError(f"child_probability must be in [0, 1], got {child_probability}")
+        for name, value in (
+            ("magnitude_std", magnitude_std),
+            ("noise_std", noise_std),
+            ("offset_norm", offset_norm),
+        ):
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
         if n_parents * (1 + children_per_parent) > n_features:
             raise ConfigError(
                 f"a hierarchy of {n_parents} parents with {children_per_parent} children each "
@@ -127,7 +140,10 @@ class SparseSuperposition:
             ``(x, coefficients)``: activations ``[n, d]`` and the planted codes
             ``[n, n_features]`` that produced them.
         """
-        generator = generator or torch.Generator().manual_seed(torch.seed())
+        if generator is None:
+            # Seed a private generator from the global one: reproducible under
+            # torch.manual_seed, without re-seeding the global RNG.
+            generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         fires = self._firing(n, generator)
         magnitudes = (
             1 + self.magnitude_std * torch.randn(n, self.n_features, generator=generator)
@@ -143,12 +159,15 @@ class SyntheticActivations(IterableDataset):
     """Batches of synthetic activations, reproducible per seed and epoch.
 
     Use with ``DataLoader(dataset, batch_size=None)``: each item is already a batch.
+    Batch ``i`` of epoch ``e`` is drawn from its own generator seeded by
+    ``(seed, e, i)``, so the stream is the same however it is split: data-loader workers
+    and DDP ranks each take every n-th batch instead of repeating the whole epoch.
 
     Args:
         data: The generator of rows.
         batch_size: Rows per batch.
-        num_batches: Batches per epoch.
-        seed: Base seed; epoch ``e`` draws from ``seed + e`` so epochs differ but runs repeat.
+        num_batches: Batches per epoch (over all workers and ranks).
+        seed: Base seed.
     """
 
     def __init__(
@@ -161,13 +180,29 @@ class SyntheticActivations(IterableDataset):
         self.seed = seed
         self.epoch = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch to draw (otherwise each pass over the dataset starts a new one)."""
+        self.epoch = epoch
+
     def __len__(self) -> int:
         return self.num_batches
 
+    def _shard(self) -> tuple[int, int]:
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None:
+            rank, world = rank * worker.num_workers + worker.id, world * worker.num_workers
+        return rank, world
+
     def __iter__(self) -> Iterator[Tensor]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        epoch = self.epoch
         self.epoch += 1
-        for _ in range(self.num_batches):
+        shard, shards = self._shard()
+        for index in range(shard, self.num_batches, shards):
+            seed = hash((self.seed, epoch, index)) & (2**62 - 1)
+            generator = torch.Generator().manual_seed(seed)
             yield self.data.sample(self.batch_size, generator=generator)[0]
 
 
