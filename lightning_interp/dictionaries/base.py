@@ -130,8 +130,9 @@ class Dictionary(nn.Module):
         return self.W_dec.device
 
     # ------------------------------------------------------------------ forward pieces
-    def _prepare_input(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.d_in:
+    def check_input(self, x: Tensor) -> None:
+        """Raise :class:`ShapeMismatchError` unless ``x`` is ``[..., d_in]``."""
+        if x.ndim == 0 or x.shape[-1] != self.d_in:
             site = self.config.provenance.site
             where = f" (trained on {site!r})" if site else ""
             raise ShapeMismatchError(
@@ -139,6 +140,9 @@ class Dictionary(nn.Module):
                 f"{where}, got shape {tuple(x.shape)}; check that the activations come from "
                 f"the site and model this dictionary was trained on"
             )
+
+    def _prepare_input(self, x: Tensor) -> Tensor:
+        self.check_input(x)
         # Under autocast the matmuls pick their own dtype; otherwise bf16 activations must
         # meet the parameters in the parameters' dtype rather than fail.
         if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.dtype:
@@ -276,6 +280,10 @@ class Dictionary(nn.Module):
         from lightning_interp.dictionaries.init import geometric_median
 
         method = method or self.config.b_dec_init
+        if sample.ndim == 0 or sample.shape[-1] != self.d_out:
+            raise ShapeMismatchError(
+                f"b_dec has width {self.d_out}; got a sample of shape {tuple(sample.shape)}"
+            )
         sample = sample.detach().reshape(-1, sample.shape[-1]).float()
         if method == "zeros":
             centre = torch.zeros(sample.shape[-1])

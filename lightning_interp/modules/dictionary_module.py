@@ -116,7 +116,10 @@ class DictionaryModule(L.LightningModule):
             raise ConfigError(
                 "warmup_steps and sparsity_warmup_steps must be >= 0 and dead_tokens_threshold > 0"
             )
-        self.save_hyperparameters(ignore=["dictionary"])
+        # Callables stay out of hparams: checkpoints must load with weights_only=True, which
+        # refuses pickled functions. load_from_checkpoint then uses the default optimizer;
+        # resuming a run (fit ckpt_path=...) restores the optimizer state itself.
+        self.save_hyperparameters(ignore=["dictionary", "optimizer", "lr_scheduler"])
         # Stored as a plain config so load_from_checkpoint can rebuild the dictionary.
         self.hparams["dictionary"] = dictionary.config.to_dict()
         self.dictionary = dictionary
@@ -171,6 +174,7 @@ class DictionaryModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One optimisation step on a batch of activations."""
         inputs, targets = split_batch(batch)
+        self.dictionary.check_input(inputs)
         if not bool(self.b_dec_initialized):
             self._initialize_b_dec(inputs if targets is None else targets)
         out = self.dictionary.forward_train(inputs)
@@ -210,14 +214,16 @@ class DictionaryModule(L.LightningModule):
         else:
             decay_steps = 0
             total = self.trainer.estimated_stepping_batches
+            # Lightning answers inf, or -1 (max_steps unset), for an endless loader.
+            known_length = math.isfinite(total) and total > 0
             if self.decay_fraction > 0:
-                if not math.isfinite(total):
+                if not known_length:
                     raise ConfigError(
                         "decay_fraction > 0 needs a known run length; set trainer.max_steps "
                         "or use a data loader with a length"
                     )
                 decay_steps = int(self.decay_fraction * total)
-            total_steps = int(total) if math.isfinite(total) else 0
+            total_steps = int(total) if known_length else 0
             schedule = partial(
                 warmup_then_decay,
                 warmup_steps=self.warmup_steps,

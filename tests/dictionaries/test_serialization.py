@@ -1,0 +1,223 @@
+"""save_pretrained -> load_dictionary round trips, and every way a folder can be bad."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lightning_interp import (
+    CorruptFileError,
+    Dictionary,
+    DictionaryNotFoundError,
+    UnknownArchitectureError,
+    load_dictionary,
+)
+from lightning_interp.dictionaries import GatedSAE, JumpReLUSAE, TopKSAE
+from lightning_interp.dictionaries.serialization import atomic_write
+from tests.helpers import small_dictionary
+
+ARCHITECTURES = ["standard", "topk", "batchtopk", "jumprelu", "gated"]
+
+
+def trained_like(architecture, **kwargs):
+    """A dictionary whose every tensor differs from its initial value."""
+    torch.manual_seed(0)
+    dictionary = small_dictionary(architecture, d_in=8, d_latent=32, **kwargs)
+    with torch.no_grad():
+        for p in dictionary.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    if architecture == "batchtopk":
+        dictionary.train().forward_train(torch.randn(64, 8))
+        dictionary.eval()
+    return dictionary
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_round_trip_gives_identical_outputs(architecture, tmp_path):
+    dictionary = trained_like(architecture)
+    dictionary.save_pretrained(tmp_path)
+    loaded = load_dictionary(tmp_path)
+    x = torch.randn(20, 8)
+    expected = dictionary.to_inference()
+    assert type(loaded) is type(expected)
+    assert loaded.config == expected.config
+    torch.testing.assert_close(loaded.encode(x), expected.encode(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(x), expected(x), rtol=0, atol=0)
+    assert not loaded.training
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_files_use_saelens_names_and_layout(tmp_path):
+    trained_like("jumprelu").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {
+        "W_enc": (8, 32),
+        "b_enc": (32,),
+        "W_dec": (32, 8),
+        "b_dec": (8,),
+        "threshold": (32,),
+    }
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architecture"] == "jumprelu"
+    assert config["d_in"] == 8 and config["d_latent"] == 32
+    assert "device" not in config  # where it runs is not a property of the dictionary
+
+
+def test_batchtopk_saves_as_jumprelu_unless_asked_not_to(tmp_path):
+    dictionary = trained_like("batchtopk")
+    dictionary.save_pretrained(tmp_path / "inference")
+    dictionary.save_pretrained(tmp_path / "training", inference_form=False)
+    assert isinstance(load_dictionary(tmp_path / "inference"), JumpReLUSAE)
+    again = load_dictionary(tmp_path / "training")
+    assert again.architecture == "batchtopk"
+    torch.testing.assert_close(again.threshold, dictionary.threshold)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_dtype_is_preserved_and_can_be_overridden(dtype, tmp_path):
+    dictionary = trained_like("topk").to(dtype)
+    dictionary.save_pretrained(tmp_path)
+    assert load_file(tmp_path / "model.safetensors")["W_enc"].dtype == dtype
+    loaded = load_dictionary(tmp_path)
+    assert loaded.dtype == dtype and loaded.config.dtype == str(dtype).removeprefix("torch.")
+    torch.testing.assert_close(loaded.W_dec, dictionary.W_dec, rtol=0, atol=0)
+    as_fp32 = load_dictionary(tmp_path, dtype="float32")
+    assert as_fp32.dtype == torch.float32 and as_fp32.config.dtype == "float32"
+
+
+def test_from_pretrained_checks_the_class(tmp_path):
+    trained_like("topk").save_pretrained(tmp_path)
+    assert isinstance(Dictionary.from_pretrained(tmp_path), TopKSAE)
+    assert isinstance(TopKSAE.from_pretrained(tmp_path), TopKSAE)
+    with pytest.raises(ValueError, match="holds a TopKSAE .*not a GatedSAE"):
+        GatedSAE.from_pretrained(tmp_path)
+
+
+def test_overwrite_replaces_files_and_keeps_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    trained_like("standard").save_pretrained(tmp_path)
+    trained_like("gated").save_pretrained(tmp_path)
+    assert isinstance(load_dictionary(tmp_path), GatedSAE)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "model.safetensors"
+
+    def explode(path):
+        path.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, explode)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_failure_keeps_the_previous_dictionary_loadable(tmp_path, monkeypatch):
+    trained_like("topk").save_pretrained(tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lightning_interp.dictionaries.serialization.save_file", broken_save)
+    with pytest.raises(OSError):
+        trained_like("standard").save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert isinstance(load_dictionary(tmp_path), TopKSAE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DictionaryNotFoundError, match="is not a local folder"):
+        load_dictionary(tmp_path / "nope")
+
+
+def test_folder_without_config_lists_what_is_there(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(DictionaryNotFoundError, match="no config.json .*weights.bin"):
+        load_dictionary(tmp_path)
+
+
+def test_missing_weights(tmp_path):
+    trained_like("topk").save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(DictionaryNotFoundError, match="model.safetensors is missing"):
+        load_dictionary(tmp_path)
+
+
+def test_corrupt_json(tmp_path):
+    trained_like("topk").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"architecture": "topk", ')
+    with pytest.raises(CorruptFileError, match="not valid JSON"):
+        load_dictionary(tmp_path)
+
+
+def test_config_without_architecture(tmp_path):
+    trained_like("topk").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"d_in": 8}')
+    with pytest.raises(CorruptFileError, match="no 'architecture' key"):
+        load_dictionary(tmp_path)
+
+
+def test_unknown_architecture_in_file(tmp_path):
+    trained_like("topk").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architecture"] = "matryoshka-deluxe"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnknownArchitectureError, match="matryoshka-deluxe"):
+        load_dictionary(tmp_path)
+
+
+def test_invalid_config_value_in_file(tmp_path):
+    trained_like("topk").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["k"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CorruptFileError, match="config.json: k must be"):
+        load_dictionary(tmp_path)
+
+
+@pytest.mark.parametrize("cut", [4, 100, -7])
+def test_truncated_or_garbage_safetensors(tmp_path, cut):
+    trained_like("topk").save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:cut])
+    with pytest.raises(CorruptFileError, match="not a readable safetensors file"):
+        load_dictionary(tmp_path)
+
+
+def test_header_that_lies_about_shapes_is_refused(tmp_path):
+    trained_like("topk").save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header["W_enc"]["shape"] = [8, 64]  # claims twice the bytes it has
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+    assert len(text) == header_len
+    data[8 : 8 + header_len] = text
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError):
+        load_dictionary(tmp_path)
+
+
+def test_tensor_shapes_that_contradict_the_config(tmp_path):
+    trained_like("topk").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["W_dec"] = torch.zeros(32, 9)
+    tensors["extra"] = torch.zeros(1)
+    del tensors["b_enc"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CorruptFileError) as info:
+        load_dictionary(tmp_path)
+    message = str(info.value)
+    assert "missing tensors ['b_enc']" in message
+    assert "unexpected tensors ['extra']" in message
+    assert "W_dec has shape (32, 9), config implies (32, 8)" in message
