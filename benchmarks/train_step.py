@@ -1,0 +1,122 @@
+"""Throughput of one TopK SAE training step on CPU, against the lone encoder matmul.
+
+A training step is what ``DictionaryModule`` does per batch: ``forward_train``, ``loss``
+(with a dead-latent mask so the AuxK loss runs), backward, removal of the decoder-gradient
+component parallel to the rows, an Adam step (lr 2e-4), decoder renormalisation and
+``zero_grad``. The lone dense encoder matmul ``torch.addmm(b_enc, x, W_enc)`` at the same
+shape is timed as a yardstick: the step/matmul ratio says how many matmul-equivalents a
+step costs.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/train_step.py
+    .venv/bin/python benchmarks/train_step.py --no-auxk --steps 20 --threads 1
+
+Timings are medians over the timed steps (``time.perf_counter``), after ``--warmup``
+untimed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lightning_interp import create_dictionary
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-in", type=int, default=384)
+    parser.add_argument("--d-latent", type=int, default=6144)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument(
+        "--dead-fraction",
+        type=float,
+        default=0.25,
+        help="share of latents marked dead in the AuxK mask",
+    )
+    parser.add_argument("--no-auxk", action="store_true", help="pass no dead mask (no AuxK)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def median_ms(fn, steps: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    dictionary = create_dictionary("topk", d_in=args.d_in, d_latent=args.d_latent, k=args.k)
+    dictionary.train()
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=2e-4)
+    x = torch.randn(args.batch, args.d_in)
+    dead_mask = None
+    if not args.no_auxk:
+        dead_mask = torch.zeros(args.d_latent, dtype=torch.bool)
+        n_dead = max(1, int(args.dead_fraction * args.d_latent))
+        dead_mask[torch.randperm(args.d_latent)[:n_dead]] = True
+
+    def train_step() -> None:
+        out = dictionary.forward_train(x)
+        losses = dictionary.loss(x, out, dead_mask=dead_mask)
+        losses["loss"].backward()
+        dictionary.remove_parallel_decoder_grad_()
+        optimizer.step()
+        dictionary.normalize_decoder_()
+        optimizer.zero_grad(set_to_none=True)
+
+    # Check once that AuxK really is (or is not) part of the step being timed.
+    auxk = dictionary.loss(x, dictionary.forward_train(x), dead_mask=dead_mask)["auxk_loss"]
+    auxk_on = bool(auxk.detach() != 0)
+
+    step_ms = median_ms(train_step, args.steps, args.warmup)
+
+    w_enc = dictionary.W_enc.detach().clone()
+    b_enc = dictionary.b_enc.detach().clone()
+
+    def matmul() -> None:
+        torch.addmm(b_enc, x, w_enc)
+
+    with torch.no_grad():
+        matmul_ms = median_ms(matmul, args.steps, args.warmup)
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"TopK d_in={args.d_in} d_latent={args.d_latent} k={args.k} batch={args.batch} fp32, "
+        f"AuxK {'on' if auxk_on else 'off'}"
+        + (f" ({int(dead_mask.sum())} dead latents)" if dead_mask is not None else "")
+        + f", median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    rows = [
+        ("steps/s", f"{1000 / step_ms:.3f}"),
+        ("ms/step (median)", f"{step_ms:.1f}"),
+        ("ms lone encoder matmul", f"{matmul_ms:.1f}"),
+        ("step / matmul", f"{step_ms / matmul_ms:.2f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"| {'metric':<{width}} | {'value':>9} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 11}|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value:>9} |")
+
+
+if __name__ == "__main__":
+    main()
