@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, ClassVar
 
@@ -13,22 +12,62 @@ from lightning_interp.dictionaries.config import DictionaryConfig, dtype_from_na
 from lightning_interp.errors import ConfigError, ShapeMismatchError
 
 
-@dataclass
 class DictionaryOutput:
     """Everything a training step needs from one forward pass.
 
+    Codes are held densely (``codes``) or, by sparse TopK-style paths, as ``indices`` and
+    ``values`` of the active latents; ``codes`` then materialises the dense tensor only
+    when something asks for it, and :meth:`l0_per_row` / :meth:`fired_latents` answer
+    from the sparse form without doing so.
+
     Attributes:
         reconstruction: The decoded output, ``[N, d_out]``.
-        codes: Latent activations after the nonlinearity, ``[N, d_latent]``.
         pre_activations: Encoder outputs before the nonlinearity, ``[N, d_latent]``.
-        extras: Architecture-specific tensors (the gate pre-activations of a Gated SAE,
-            the selected indices of a TopK SAE, ...).
+        indices: Active latent ids per row, ``[N, k]`` (sparse form only).
+        values: Their activations, ``[N, k]`` (sparse form only; zeros allowed).
+        extras: Architecture-specific tensors (e.g. a Gated SAE's magnitude path).
     """
 
-    reconstruction: Tensor
-    codes: Tensor
-    pre_activations: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    def __init__(
+        self,
+        reconstruction: Tensor,
+        codes: Tensor | None = None,
+        pre_activations: Tensor | None = None,
+        extras: dict[str, Tensor] | None = None,
+        *,
+        indices: Tensor | None = None,
+        values: Tensor | None = None,
+    ) -> None:
+        if codes is None and (indices is None or values is None or pre_activations is None):
+            raise ValueError("give dense codes, or indices, values and pre_activations")
+        self.reconstruction = reconstruction
+        self.pre_activations = pre_activations
+        self.indices = indices
+        self.values = values
+        self.extras = extras or {}
+        self._codes = codes
+
+    @property
+    def codes(self) -> Tensor:
+        """Dense codes ``[N, d_latent]`` (materialised once from the sparse form if needed)."""
+        if self._codes is None:
+            dense = torch.zeros_like(self.pre_activations, dtype=self.values.dtype)
+            self._codes = dense.scatter(-1, self.indices, self.values)
+        return self._codes
+
+    def l0_per_row(self) -> Tensor:
+        """Number of active latents in each row, ``[N]``."""
+        if self._codes is None:
+            return (self.values != 0).sum(-1)
+        return (self._codes != 0).sum(-1)
+
+    def fired_latents(self) -> Tensor:
+        """Boolean ``[d_latent]``: which latents were active in at least one row."""
+        if self._codes is None:
+            d_latent = self.pre_activations.shape[-1]
+            active = self.indices[self.values != 0]
+            return torch.bincount(active, minlength=d_latent) > 0
+        return (self._codes != 0).reshape(-1, self._codes.shape[-1]).any(0)
 
 
 def squared_error(reconstruction: Tensor, target: Tensor) -> Tensor:

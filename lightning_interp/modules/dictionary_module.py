@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lightning_interp.dictionaries import Dictionary, create_dictionary
-from lightning_interp.dictionaries.base import batch_fvu
+from lightning_interp.dictionaries.base import DictionaryOutput, batch_fvu
 from lightning_interp.errors import ConfigError, ShapeMismatchError
 from lightning_interp.metrics import (
     L0,
@@ -162,9 +162,9 @@ class DictionaryModule(L.LightningModule):
         self.b_dec_initialized.fill_(True)
 
     @torch.no_grad()
-    def _track_firing(self, codes: Tensor) -> None:
-        fired = (codes != 0).any(0).float()
-        rows = torch.tensor(float(codes.shape[0]), device=codes.device)
+    def _track_firing(self, out: DictionaryOutput) -> None:
+        fired = out.fired_latents().float()
+        rows = torch.tensor(float(out.reconstruction.shape[0]), device=fired.device)
         fired = self.trainer.strategy.reduce(fired, reduce_op="sum") > 0
         rows = int(self.trainer.strategy.reduce(rows, reduce_op="sum"))
         self.tokens_since_fired += rows
@@ -182,12 +182,12 @@ class DictionaryModule(L.LightningModule):
         losses = self.dictionary.loss(
             inputs, out, target=targets, sparsity_scale=self.sparsity_scale(), dead_mask=dead
         )
-        self._track_firing(out.codes)
+        self._track_firing(out)
         with torch.no_grad():
             target = inputs if targets is None else targets
             logged = {f"train/{name}": value.detach() for name, value in losses.items()}
             logged["train/fvu"] = batch_fvu(out.reconstruction.float(), target.float())
-            logged["train/l0"] = (out.codes != 0).sum(-1).float().mean()
+            logged["train/l0"] = out.l0_per_row().float().mean()
             logged["train/dead_fraction"] = dead.float().mean()
             logged["train/sparsity_scale"] = torch.tensor(self.sparsity_scale())
         self.log_dict(logged, prog_bar=False)
