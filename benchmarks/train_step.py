@@ -66,7 +66,7 @@ def main() -> None:
 
     dictionary = create_dictionary("topk", d_in=args.d_in, d_latent=args.d_latent, k=args.k)
     dictionary.train()
-    optimizer = torch.optim.Adam(dictionary.parameters(), lr=2e-4)
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=2e-4, fused=True)
     x = torch.randn(args.batch, args.d_in)
     dead_mask = None
     if not args.no_auxk:

@@ -195,7 +195,10 @@ class Dictionary(nn.Module):
     def encode_pre(self, x: Tensor) -> Tensor:
         """Encoder pre-activations, ``[..., d_latent]``."""
         x = self._prepare_input(x)
-        return self.encoder_input(x) @ self.W_enc + self.b_enc
+        flat = self.encoder_input(x).reshape(-1, self.d_in)
+        # One fused addmm rather than a matmul and a broadcast add over [N, d_latent].
+        pre = torch.addmm(self.b_enc, flat, self.W_enc)
+        return pre.view(*x.shape[:-1], self.d_latent)
 
     def activation(self, pre: Tensor) -> Tensor:
         """The inference nonlinearity mapping pre-activations to codes."""

@@ -15,6 +15,7 @@ from lightning_interp.dictionaries.config import (
     check_non_negative,
 )
 from lightning_interp.dictionaries.registry import register_dictionary
+from lightning_interp.dictionaries.sparse_ops import SparsePattern, gather_encoder, sparse_decode
 from lightning_interp.errors import ConfigError
 
 
@@ -73,7 +74,7 @@ class _TopKFamily(Dictionary):
         dead_mask: Tensor | None,
     ) -> dict[str, Tensor]:
         """AuxK: the top ``aux_k`` dead latents predict the residual (Gao et al. 2024)."""
-        zero = out.reconstruction.new_zeros(())
+        zero = out.reconstruction.new_zeros((), dtype=torch.float32)
         if dead_mask is None or self.config.aux_coefficient == 0:
             return {"auxk_loss": zero}
         num_dead = int(dead_mask.sum())
@@ -81,16 +82,33 @@ class _TopKFamily(Dictionary):
             return {"auxk_loss": zero}
         aux_k = min(self.config.effective_aux_k, num_dead)
         residual = (target - out.reconstruction).detach()
-        dead_pre = out.pre_activations.masked_fill(~dead_mask, float("-inf"))
-        values, indices = dead_pre.topk(aux_k, dim=-1, sorted=False)
-        values = torch.relu(values)
-        # Residual prediction without b_dec: the residual is already centred by the main path.
-        predicted = torch.zeros_like(out.pre_activations).scatter_(-1, indices, values) @ self.W_dec
+        predicted = self._predict_residual(x, out, dead_mask, aux_k)
         variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
         auxk = (predicted - residual).pow(2).sum(-1).mean() / variance
         # Fewer dead latents than aux_k means a weaker signal; scale as sparsify does.
         scale = min(num_dead / self.config.effective_aux_k, 1.0)
         return {"auxk_loss": self.config.aux_coefficient * scale * auxk}
+
+    def _predict_residual(
+        self, x: Tensor, out: DictionaryOutput, dead_mask: Tensor, aux_k: int
+    ) -> Tensor:
+        # Decoded without b_dec: the residual is already centred by the main path.
+        if out.indices is None:
+            dead_pre = out.pre_activations.masked_fill(~dead_mask, float("-inf"))
+            values, indices = dead_pre.topk(aux_k, dim=-1, sorted=False)
+            codes = torch.zeros_like(out.pre_activations).scatter_(-1, indices, torch.relu(values))
+            return codes @ self.W_dec
+        dead_ids = dead_mask.nonzero().squeeze(1)
+        with torch.no_grad():
+            local = out.pre_activations.index_select(-1, dead_ids).topk(aux_k, dim=-1).indices
+        pattern = SparsePattern(dead_ids[local], self.d_latent)
+        values = torch.relu(self._gather_encoder(x, out.pre_activations, pattern))
+        return sparse_decode(values, self.W_dec, pattern)
+
+    def _gather_encoder(self, x: Tensor, pre: Tensor, pattern: SparsePattern) -> Tensor:
+        x = self._prepare_input(x).reshape(-1, self.d_in)
+        b_dec = self.b_dec if self.config.apply_b_dec_to_input else None
+        return gather_encoder(x, b_dec, self.W_enc, self.b_enc, pre, pattern)
 
 
 @register_dictionary("topk")
@@ -103,12 +121,30 @@ class TopKSAE(_TopKFamily):
         """Per-row top-k then ReLU."""
         return keep_topk(pre, self.config.k)[0]
 
+    def __init__(self, config: TopKConfig) -> None:
+        super().__init__(config)
+        #: Train through the sparse kernels (same results as the dense path, far fewer
+        #: FLOPs). Set to False to use plain dense autograd, e.g. to compare the two.
+        self.sparse_training = True
+
     def forward_train(self, x: Tensor) -> DictionaryOutput:
-        """Forward pass keeping the selected indices and values for sparse consumers."""
-        pre = self.encode_pre(x)
-        codes, indices, values = keep_topk(pre, self.config.k)
-        extras = {"indices": indices, "values": values}
-        return DictionaryOutput(self.decode(codes), codes, pre, extras)
+        """Training forward pass on ``[N, d_in]``; sparse unless ``sparse_training`` is off.
+
+        The sparse path returns codes as ``indices``/``values`` and only materialises the
+        dense codes if asked; gradients reach only the ``k`` selected latents per row.
+        """
+        if not (self.sparse_training and torch.is_grad_enabled()):
+            pre = self.encode_pre(x)
+            codes, _, _ = keep_topk(pre, self.config.k)
+            return DictionaryOutput(self.decode(codes), codes, pre)
+        with torch.no_grad():
+            pre = self.encode_pre(x).reshape(-1, self.d_latent)
+            pattern = SparsePattern(pre.topk(self.config.k, dim=-1).indices, self.d_latent)
+        values = torch.relu(self._gather_encoder(x, pre, pattern))
+        reconstruction = sparse_decode(values, self.W_dec, pattern) + self.b_dec
+        return DictionaryOutput(
+            reconstruction, pre_activations=pre, indices=pattern.indices, values=values
+        )
 
 
 @dataclass(kw_only=True)

@@ -69,7 +69,7 @@ class DictionaryModule(L.LightningModule):
         dictionary: The dictionary to train (or its config as a dict with
             ``architecture``, as stored in checkpoints).
         optimizer: Callable building the optimizer from the parameters (LightningCLI
-            ``OptimizerCallable``). Default: Adam with lr 2e-4 and ``betas=(0.9, 0.999)``.
+            ``OptimizerCallable``). Default: fused Adam, lr 2e-4, ``betas=(0.9, 0.999)``.
         lr_scheduler: Callable building a scheduler stepped every optimizer step. When
             given it replaces the built-in warm-up/decay schedule.
         warmup_steps: Linear learning-rate warm-up steps (built-in schedule).
@@ -123,7 +123,7 @@ class DictionaryModule(L.LightningModule):
         # Stored as a plain config so load_from_checkpoint can rebuild the dictionary.
         self.hparams["dictionary"] = dictionary.config.to_dict()
         self.dictionary = dictionary
-        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=2e-4)
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=2e-4, fused=True)
         self.lr_scheduler_factory = lr_scheduler
         self.warmup_steps = warmup_steps
         self.decay_fraction = decay_fraction
