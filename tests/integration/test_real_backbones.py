@@ -1,0 +1,71 @@
+"""Real packaged weights over real offline text: MiniLM (BERT) and SmolLM2 (Llama, GGUF)."""
+
+import pytest
+import torch
+
+from lightning_interp.backbones import Backbone
+from lightning_interp.data.offline import (
+    SMOLLM2_GGUF,
+    minilm_folder,
+    news_articles,
+    smollm2_folder,
+    wikipedia_articles,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return Backbone.from_pretrained(str(minilm_folder()))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return Backbone.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_GGUF)
+
+
+def test_minilm_sites_on_real_news(minilm):
+    texts = sorted(news_articles(), key=len)[-3:]  # the longest exceed 512 tokens
+    inputs = minilm.encode(texts)
+    assert inputs["input_ids"].shape[1] == 512  # long articles truncated to the model's limit
+    acts = minilm.capture(inputs, ["layers.2.resid_post", "layers.2.mlp_out"])
+    states = minilm(inputs, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(acts["layers.2.resid_post"], states[3], rtol=0, atol=0)
+    assert minilm.site_width("layers.2.mlp_out") == 384
+    calls = []
+    handles = [
+        layer.register_forward_hook(lambda *_: calls.append(1))
+        for layer in minilm.model.encoder.layer
+    ]
+    minilm.capture(inputs, "layers.2.resid_post")
+    assert len(calls) == 3  # of 6 layers
+    for handle in handles:
+        handle.remove()
+
+
+def test_smollm2_is_a_real_language_model_and_splices(smollm2):
+    assert type(smollm2.model).__name__ == "LlamaForCausalLM"
+    assert smollm2.site_map.towers[0].num_layers == 30
+    text = next(iter(wikipedia_articles()))[:2000]
+    ids = smollm2.encode(text)["input_ids"][:, :128]
+    clean = smollm2({"input_ids": ids}, labels=ids).loss
+    assert float(clean) < 4.0  # real English under a real LM (random weights: ~10.8)
+    acts = smollm2.capture({"input_ids": ids}, ["layers.5.resid_post", "layers.5.attn_z"])
+    states = smollm2({"input_ids": ids}, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(acts["layers.5.resid_post"], states[6], rtol=0, atol=0)
+    assert acts["layers.5.attn_z"].shape == (1, 128, 576)
+    with smollm2.splice("layers.5.resid_post", lambda a: a):
+        same = smollm2({"input_ids": ids}, labels=ids).loss
+    with smollm2.splice("layers.5.resid_post", torch.zeros_like):
+        ablated = smollm2({"input_ids": ids}, labels=ids).loss
+    torch.testing.assert_close(same, clean, rtol=0, atol=0)
+    assert float(ablated) > float(clean) + 1.0  # erasing the residual stream destroys it
+
+
+def test_smollm2_chat_template_is_available(smollm2):
+    ids = smollm2.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is a sparse autoencoder?"}], tokenize=True
+    )
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert len(ids) > 5
