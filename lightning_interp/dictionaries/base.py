@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from os import PathLike
 from typing import Any, ClassVar
 
@@ -356,6 +357,34 @@ class Dictionary(nn.Module):
         """Shapes :meth:`export_tensors` produces, used to validate files before loading."""
         return {name: tuple(t.shape) for name, t in self.export_tensors().items()}
 
+    def with_scale_folded(self) -> Dictionary:
+        """A copy that takes raw activations when this one was trained on scaled ones.
+
+        If training inputs (and targets) were multiplied by ``s =
+        config.provenance.activation_scale`` (normalisation to a fixed mean norm), then
+        ``copy(x) == self(s * x) / s`` with ``W_enc * s``, ``W_dec / s`` and ``b_dec / s``;
+        codes, and so thresholds, are unchanged. The copy records a scale of 1 and keeps
+        the folded factor in ``provenance.extra["folded_activation_scale"]``.
+        """
+        import copy
+
+        scale = float(self.config.provenance.activation_scale)
+        folded = copy.deepcopy(self)
+        if scale == 1.0:
+            return folded
+        with torch.no_grad():
+            folded.W_enc.mul_(scale)
+            folded.W_dec.div_(scale)
+            folded.b_dec.div_(scale)
+        provenance = dataclasses.replace(
+            self.config.provenance,
+            activation_scale=1.0,
+            normalization="folded",
+            extra={**self.config.provenance.extra, "folded_activation_scale": scale},
+        )
+        folded.config = self.config.replace(provenance=provenance)
+        return folded
+
     def to_inference(self) -> Dictionary:
         """The form to save for inference (BatchTopK becomes JumpReLU); default: ``self``."""
         return self
@@ -371,12 +400,14 @@ class Dictionary(nn.Module):
 
         Args:
             directory: Target folder; created if missing. Other files in it are left alone.
-            inference_form: Save the inference form (BatchTopK as a JumpReLU threshold).
-                Pass ``False`` to keep the training form.
+            inference_form: Save the inference form: BatchTopK as a JumpReLU threshold,
+                and an input normalisation scale folded into the weights (see
+                :meth:`with_scale_folded`). Pass ``False`` to keep the training form.
         """
         from lightning_interp.dictionaries.serialization import save_dictionary
 
-        save_dictionary(self.to_inference() if inference_form else self, directory)
+        dictionary = self.to_inference().with_scale_folded() if inference_form else self
+        save_dictionary(dictionary, directory)
 
     @classmethod
     def from_pretrained(cls, source: str | PathLike[str], **kwargs: Any) -> Dictionary:

@@ -221,3 +221,23 @@ def test_tensor_shapes_that_contradict_the_config(tmp_path):
     assert "missing tensors ['b_enc']" in message
     assert "unexpected tensors ['extra']" in message
     assert "W_dec has shape (32, 9), config implies (32, 8)" in message
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_activation_scale_is_folded_at_save_time(architecture, tmp_path):
+    dictionary = trained_like(architecture)
+    scale = 0.37
+    provenance = dictionary.config.provenance
+    dictionary.config = dictionary.config.replace(
+        provenance=type(provenance)(normalization="expected_norm", activation_scale=scale)
+    )
+    x = torch.randn(20, 8)
+    expected = dictionary.to_inference()(scale * x) / scale
+    dictionary.save_pretrained(tmp_path)
+    loaded = load_dictionary(tmp_path)
+    torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        loaded.encode(x), dictionary.to_inference().encode(scale * x), rtol=1e-5, atol=1e-5
+    )
+    assert loaded.config.provenance.activation_scale == 1.0
+    assert loaded.config.provenance.extra["folded_activation_scale"] == scale
