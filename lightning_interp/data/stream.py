@@ -1,0 +1,457 @@
+"""Activations of a frozen backbone, streamed from text as shuffled batches of rows.
+
+The pipeline: text -> token contexts (:func:`~lightning_interp.data.tokens.iter_packed`,
+or one chat conversation a context) -> ``backbone.capture`` on *capture batches* of
+``contexts_per_capture`` contexts -> positions of special tokens and padding dropped ->
+:class:`~lightning_interp.data.buffer.ShufflingBuffer` (refilled when half empty) ->
+batches of ``batch_size`` rows.
+
+**Sharding.** Capture batches are numbered in text order; with ``W`` shards (DDP ranks
+times DataLoader workers) shard ``s`` captures batches ``s, s + W, s + 2W, ...`` and has
+its own buffer seeded by ``(seed, s)``. Every shard still tokenizes the whole text to find
+its batches (cheap next to the forward passes it skips).
+
+**Exact resume.** Every row in a buffer carries an id (its order of arrival on its
+shard). :meth:`ActivationStream.state_dict` records the ids of the rows still held, in
+storage order, the capture batches they came from (index, text position, first id, row
+count), the last capture batch read, and the buffer's RNG state: a few bytes per
+buffered row and no activations. Restoring re-runs the backbone on those capture batches
+only (whole batches, so every forward has the shape it had, and bitwise the same
+result), puts each row back where it was, and skips the text before the oldest of them
+without tokenizing it. Rows can outlive many refills (each survives one with probability
+about 1/2), so the batches to recapture hold about ``(log2(rows per capture batch) + 1) /
+2`` buffer-fulls of tokens (measured: 3.5 for 64-row captures, 6 for 2048), however long
+the run so far.
+
+Lightning saves and restores the state when the stream is the train loader. It has no
+look-ahead to undo: with ``total_tokens`` set the stream has a length and Lightning does
+not prefetch; without one, Lightning fetches a batch ahead and a checkpoint's state is one
+batch past the last trained one. With DataLoader workers each worker holds its own state,
+which the stream object of the main process does not see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import astuple, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset
+
+from lightning_interp.data.buffer import ShufflingBuffer
+from lightning_interp.data.tokens import (
+    Separator,
+    TextPosition,
+    batch_contexts,
+    iter_contexts,
+    special_token_ids,
+)
+from lightning_interp.dictionaries.config import dtype_from_name
+from lightning_interp.errors import ConfigError
+
+Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
+_ROW = "__row__"  # buffer column: the id of each row, its order of arrival on this shard
+_STATE_VERSION = 1
+# Settings a saved state must agree with (besides sites and dtype).
+_SETTINGS = (
+    "batch_size context_size contexts_per_capture buffer_tokens total_tokens chat column "
+    "prepend_bos separator exclude_special_tokens seed"
+).split()
+
+
+@dataclass(frozen=True)
+class _Capture:
+    """A capture batch, as far as resuming needs it."""
+
+    index: int  # number of the capture batch in text order, over all shards
+    document: int  # text position of its first context
+    token: int
+    first_row: int  # id of its first kept row
+    num_rows: int
+
+
+class ActivationStream(IterableDataset):
+    """Shuffled batches of activation rows captured from a frozen backbone.
+
+    Use it with ``DataLoader(stream, batch_size=None)`` or pass it to ``trainer.fit``
+    directly; each item is already a batch. It has ``state_dict`` / ``load_state_dict``
+    (Lightning saves and restores them when the stream is the train loader), and a
+    length when ``total_tokens`` is set.
+
+    Args:
+        backbone: A :class:`~lightning_interp.backbones.Backbone`.
+        texts: Documents (strings), or conversations (lists of ``{"role", "content"}``
+            messages) when ``chat``. Must be re-iterable (a list, a dataset) or a
+            callable returning a fresh iterator.
+        sites: One site (batches are tensors ``[batch_size, d]``), two (``(inputs,
+            targets)`` pairs, as a transcoder needs) or more (dicts by site); globs work.
+        batch_size: Rows per batch.
+        context_size: Tokens per context (BOS included).
+        contexts_per_capture: Contexts per backbone forward.
+        buffer_tokens: Rows the shuffling buffer is filled up to when half empty.
+        total_tokens: Stop after this many rows over all DDP ranks (rounded down to
+            whole batches per rank, the same number on every rank). ``None``: until the
+            text runs out.
+        chat: Apply the chat template, one conversation per context.
+        column: Key of the text (or conversation) when items are records.
+        prepend_bos: Start every packed context with BOS.
+        separator: Token between packed documents (``"eos"``, ``"bos"``, an id, None).
+        exclude_special_tokens: Drop rows at special tokens (BOS, EOS, chat markers).
+            Padding is always dropped.
+        seed: Seed of the shuffling.
+        dtype: Dtype of the returned activations (default: the model's).
+        device: Where the buffer lives and batches are returned.
+        autocast_dtype: Run the backbone under autocast in this dtype.
+        tokenizer: Overrides ``backbone.tokenizer``.
+    """
+
+    def __init__(
+        self,
+        backbone: Any,
+        texts: Iterable[Any] | Callable[[], Iterable[Any]],
+        sites: str | Sequence[str],
+        *,
+        batch_size: int = 4096,
+        context_size: int = 128,
+        contexts_per_capture: int = 32,
+        buffer_tokens: int = 2**17,
+        total_tokens: int | None = None,
+        chat: bool = False,
+        column: str | None = None,
+        prepend_bos: bool = True,
+        separator: Separator = "eos",
+        exclude_special_tokens: bool = True,
+        seed: int = 0,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        autocast_dtype: str | torch.dtype | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("batch_size", batch_size),
+            ("context_size", context_size),
+            ("contexts_per_capture", contexts_per_capture),
+        ):
+            if value < 1:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if buffer_tokens < batch_size or (total_tokens is not None and total_tokens < batch_size):
+            raise ConfigError(
+                f"buffer_tokens ({buffer_tokens}) and total_tokens ({total_tokens}) must be at "
+                f"least batch_size ({batch_size})"
+            )
+        if not callable(texts) and iter(texts) is texts:
+            raise ConfigError(
+                "texts is a one-shot iterator; resuming needs to read it again: pass a list, "
+                "a dataset, or a callable returning a fresh iterator"
+            )
+        self.tokenizer = tokenizer if tokenizer is not None else backbone.tokenizer
+        if self.tokenizer is None:
+            raise ConfigError("the stream needs a tokenizer: Backbone(model, tokenizer)")
+        self.backbone = backbone
+        self.texts = texts
+        self.sites = backbone.resolve_sites(sites)
+        if not self.sites:
+            raise ConfigError(f"sites {sites!r} match nothing in the backbone")
+        self.batch_size, self.context_size = batch_size, context_size
+        self.contexts_per_capture, self.buffer_tokens = contexts_per_capture, buffer_tokens
+        self.total_tokens, self.seed = total_tokens, seed
+        self.chat, self.column = chat, column
+        self.prepend_bos, self.separator = prepend_bos, separator
+        self.exclude_special_tokens = exclude_special_tokens
+        self.dtype = None if dtype is None else dtype_from_name(dtype)
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self._special = torch.tensor(special_token_ids(self.tokenizer), dtype=torch.long)
+        # Not "_iterator": Lightning resets that attribute of loaders when fit ends.
+        self._active: _StreamIterator | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Batch]:
+        shard, num_shards, limit = self._shard()
+        self._active = _StreamIterator(self, shard, num_shards, limit, self._pending_state)
+        return self._active
+
+    def __len__(self) -> int:
+        if self.total_tokens is None:
+            raise TypeError("an ActivationStream has a length only when total_tokens is set")
+        return self._batches_per_rank(_world()[1])
+
+    def _batches_per_rank(self, ranks: int) -> int:
+        assert self.total_tokens is not None
+        return self.total_tokens // self.batch_size // ranks
+
+    def _shard(self) -> tuple[int, int, int | None]:
+        rank, ranks = _world()
+        worker_info = torch.utils.data.get_worker_info()
+        worker, workers = (worker_info.id, worker_info.num_workers) if worker_info else (0, 1)
+        limit = None
+        if self.total_tokens is not None:
+            per_rank = self._batches_per_rank(ranks)
+            limit = per_rank // workers + (worker < per_rank % workers)
+        return rank * workers + worker, ranks * workers, limit
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: after the last batch it yielded (no activations)."""
+        if self._active is not None:
+            return self._active.state_dict()
+        if self._pending_state is not None:
+            return dict(self._pending_state)
+        shard, num_shards, limit = self._shard()
+        return _StreamIterator(self, shard, num_shards, limit, None).state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from ``state`` in the next iteration (restored at its first batch).
+
+        Raises:
+            ConfigError: When the state comes from a stream with other settings.
+        """
+        if state.get("version") != _STATE_VERSION:
+            raise ConfigError(f"unknown ActivationStream state version {state.get('version')}")
+        saved, current = state["config"], self._fingerprint()
+        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        if changed:
+            raise ConfigError(
+                f"the state comes from a stream with other settings: {changed} differ (saved "
+                f"{[saved.get(k) for k in changed]}, now {[current.get(k) for k in changed]})"
+            )
+        self._pending_state = dict(state)
+        self._active = None
+
+    def _fingerprint(self) -> dict[str, Any]:
+        settings = {name: getattr(self, name) for name in _SETTINGS}
+        return {**settings, "sites": list(self.sites), "dtype": str(self.dtype)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A live iterator holds generators, which cannot be sent to worker processes.
+        return {**self.__dict__, "_active": None}
+
+    # ------------------------------------------------------------------ pipeline
+    def _capture_batches(
+        self, index: int, start: TextPosition
+    ) -> Iterator[tuple[int, TextPosition, Tensor, Tensor]]:
+        """``(index, position, ids, mask)`` of capture batches from ``start`` on, not yet run."""
+        documents = self.texts() if callable(self.texts) else self.texts
+        if self.column is not None:
+            documents = (item[self.column] for item in documents)
+        contexts = iter_contexts(
+            documents,
+            self.tokenizer,
+            self.context_size,
+            chat=self.chat,
+            prepend_bos=self.prepend_bos,
+            separator=self.separator,
+            start=start,
+        )
+        for offset, batch in enumerate(batch_contexts(contexts, self.contexts_per_capture)):
+            yield index + offset, *batch
+
+    @torch.no_grad()
+    def _rows(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """Run the backbone on one capture batch; the activations at kept positions."""
+        acts = self.backbone.capture(
+            {"input_ids": input_ids, "attention_mask": attention_mask},
+            self.sites,
+            dtype=self.dtype,
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+        )
+        keep = attention_mask.bool()
+        if self.exclude_special_tokens:
+            keep &= ~torch.isin(input_ids, self._special)
+        return {site: acts[site][keep.to(acts[site].device)] for site in self.sites}
+
+    def _format(self, rows: dict[str, Tensor]) -> Batch:
+        if len(self.sites) == 1:
+            return rows[self.sites[0]]
+        if len(self.sites) == 2:
+            return rows[self.sites[0]], rows[self.sites[1]]
+        return {site: rows[site] for site in self.sites}
+
+
+class _StreamIterator(Iterator[Batch]):
+    """One pass of one shard over the stream, resumable from its state."""
+
+    def __init__(
+        self,
+        stream: ActivationStream,
+        shard: int,
+        num_shards: int,
+        limit: int | None,
+        state: Mapping[str, Any] | None,
+    ) -> None:
+        self.stream = stream
+        self.shard, self.num_shards, self.limit = shard, num_shards, limit
+        self.buffer = ShufflingBuffer(stream.buffer_tokens, seed=_stable_seed(stream.seed, shard))
+        self.yielded = 0
+        self.next_row = 0
+        self.text_done = False
+        self.captures: list[_Capture] = []  # own capture batches that may still have rows held
+        self.anchor: _Capture | None = None  # the last own capture batch read
+        self._batches: Iterator[tuple[int, TextPosition, Tensor, Tensor]] | None = None
+        # Restored at the first next(), not here: Lightning calls iter() once just to probe.
+        self._initial = state
+        self._started = False
+
+    def __iter__(self) -> _StreamIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        if not self._started:
+            self._started = True
+            if self._initial is not None:
+                if self.stream._pending_state is self._initial:
+                    self.stream._pending_state = None
+                self._restore(self._initial)
+        batch_size = self.stream.batch_size
+        if self.limit is not None and self.yielded >= self.limit:
+            raise StopIteration
+        if self.buffer.needs_refill and not self.text_done:
+            target = self.buffer.capacity
+            if self.limit is not None:
+                # Near the end, capture no more than the remaining batches need.
+                target = min(target, (self.limit - self.yielded) * batch_size)
+            self._refill(target)
+        if len(self.buffer) < batch_size:
+            raise StopIteration
+        rows = self.buffer.take(batch_size)
+        del rows[_ROW]
+        self.yielded += 1
+        return self.stream._format(rows)
+
+    def _next_own(self) -> tuple[int, TextPosition, Tensor, Tensor] | None:
+        if self._batches is None:
+            self._batches = self.stream._capture_batches(0, TextPosition(0, 0))
+        after = -1 if self.anchor is None else self.anchor.index
+        for item in self._batches:
+            if item[0] % self.num_shards == self.shard and item[0] > after:
+                return item
+        return None
+
+    def _refill(self, target: int) -> None:
+        while len(self.buffer) < target:
+            item = self._next_own()
+            if item is None:
+                self.text_done = True
+                break
+            index, position, input_ids, attention_mask = item
+            rows = self.stream._rows(input_ids, attention_mask)
+            count = next(iter(rows.values())).shape[0]
+            capture = _Capture(index, *position, self.next_row, count)
+            self.anchor = capture
+            if count:
+                rows[_ROW] = torch.arange(self.next_row, self.next_row + count)
+                self.buffer.add(rows)
+                self.captures.append(capture)
+            self.next_row += count
+        if len(self.buffer):
+            oldest = int(self.buffer.column(_ROW).min())
+            self.captures = [c for c in self.captures if c.first_row + c.num_rows > oldest]
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self._started and self._initial is not None:
+            return dict(self._initial)
+        ids = self.buffer.column(_ROW) if len(self.buffer) else torch.zeros(0, dtype=torch.long)
+        captures = self.captures
+        if captures:
+            # Only batches that still have a row held need recapturing on restore.
+            starts = torch.tensor([c.first_row for c in captures])
+            hit = torch.zeros(len(captures), dtype=torch.bool)
+            hit[torch.searchsorted(starts, ids, right=True) - 1] = True
+            captures = [c for c, keep in zip(captures, hit.tolist(), strict=True) if keep]
+        base = int(ids.min()) if len(ids) else 0
+        relative = ids - base
+        if len(ids) and int(relative.max()) < 2**31:
+            relative = relative.to(torch.int32)  # halves the state; ids span a few buffers
+        return {
+            "version": _STATE_VERSION,
+            "config": self.stream._fingerprint(),
+            "shard": self.shard,
+            "num_shards": self.num_shards,
+            "yielded": self.yielded,
+            "next_row": self.next_row,
+            "text_done": self.text_done,
+            "anchor": None if self.anchor is None else list(astuple(self.anchor)),
+            "captures": torch.tensor([astuple(c) for c in captures], dtype=torch.long).view(-1, 5),
+            "row_base": base,
+            "rows": relative.clone(),
+            "buffer": self.buffer.state_dict(),
+        }
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        if (state["shard"], state["num_shards"]) != (self.shard, self.num_shards):
+            raise ConfigError(
+                f"the state is shard {state['shard']} of {state['num_shards']}, this iterator "
+                f"is shard {self.shard} of {self.num_shards}; resume with the same number of "
+                f"ranks and workers"
+            )
+        self.yielded, self.next_row = int(state["yielded"]), int(state["next_row"])
+        self.text_done = bool(state["text_done"])
+        self.captures = [_Capture(*row) for row in state["captures"].tolist()]
+        self.anchor = None if state["anchor"] is None else _Capture(*state["anchor"])
+        ids = state["rows"].long() + int(state["row_base"])
+        if self.anchor is not None:
+            start = self.captures[0] if self.captures else self.anchor
+            position = TextPosition(start.document, start.token)
+            self._batches = self.stream._capture_batches(start.index, position)
+            content = self._recapture(ids)
+            if content is not None:
+                self.buffer.add(content)
+        self.buffer.load_state_dict(state["buffer"])
+
+    def _recapture(self, ids: Tensor) -> dict[str, Tensor] | None:
+        """Run the backbone again on the live capture batches; the held rows, in order."""
+        assert self._batches is not None and self.anchor is not None
+        live = {c.index: c for c in self.captures}
+        order = torch.argsort(ids)
+        sorted_ids = ids[order]
+        content: dict[str, Tensor] | None = None
+        filled = 0
+        for index, position, input_ids, attention_mask in self._batches:
+            capture = live.get(index)
+            if capture is not None:
+                rows = self.stream._rows(input_ids, attention_mask)
+                count = next(iter(rows.values())).shape[0]
+                saved = (capture.document, capture.token, capture.num_rows)
+                if (*position, count) != saved:
+                    raise ConfigError(
+                        f"capture batch {index} starts at {tuple(position)} with {count} rows, "
+                        f"the saved run had {saved}: the text, tokenizer or sites changed"
+                    )
+                if content is None:
+                    content = {
+                        site: t.new_empty((len(ids), *t.shape[1:])) for site, t in rows.items()
+                    }
+                bounds = torch.tensor([capture.first_row, capture.first_row + count])
+                low, high = torch.searchsorted(sorted_ids, bounds).tolist()
+                where = order[low:high]
+                offsets = sorted_ids[low:high] - capture.first_row
+                for site, tensor in rows.items():
+                    content[site][where.to(tensor.device)] = tensor[offsets.to(tensor.device)]
+                filled += high - low
+            if index >= self.anchor.index:
+                break
+        else:
+            raise ConfigError("the text ended before the saved position: the text source changed")
+        if filled != len(ids):
+            raise ConfigError("the saved buffer rows do not match the saved capture batches")
+        if content is not None:
+            content[_ROW] = ids
+        return content
+
+
+def _stable_seed(*values: int) -> int:
+    # Not hash(): the same in every process and Python version, so a resumed run agrees.
+    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**62 - 1)
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
