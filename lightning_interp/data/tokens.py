@@ -39,8 +39,14 @@ class TextPosition(NamedTuple):
 START = TextPosition(0, 0)
 
 
+# BERT-style encoders have no BOS/EOS; their [CLS]/[SEP] play those roles.
+_ENCODER_FALLBACK = {"bos": "cls", "eos": "sep"}
+
+
 def _token_id(tokenizer: Any, which: str) -> int:
     token_id = getattr(tokenizer, f"{which}_token_id", None)
+    if token_id is None:
+        token_id = getattr(tokenizer, f"{_ENCODER_FALLBACK[which]}_token_id", None)
     if token_id is None:
         raise ConfigError(
             f"the tokenizer has no {which.upper()} token; choose another separator, pass "

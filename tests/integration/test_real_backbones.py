@@ -69,3 +69,51 @@ def test_smollm2_chat_template_is_available(smollm2):
     )
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert len(ids) > 5
+
+
+def test_minilm_stream_packs_with_cls_and_sep(minilm):
+    from lightning_interp.data import ActivationStream, pack_texts
+
+    tokenizer = minilm.tokenizer
+    contexts = list(pack_texts(news_articles()[:5], tokenizer, 64))
+    assert all(int(c[0]) == tokenizer.cls_token_id for c in contexts)
+    assert any((c[1:] == tokenizer.sep_token_id).any() for c in contexts)  # between articles
+    stream = ActivationStream(
+        minilm,
+        news_articles()[:5],
+        "layers.1.resid_post",
+        batch_size=64,
+        context_size=64,
+        buffer_tokens=256,
+    )
+    rows = torch.cat(list(stream))
+    specials = sum(
+        int(torch.isin(c, torch.tensor(tokenizer.all_special_ids)).sum()) for c in contexts
+    )
+    # Every non-special token of every context, rounded down to whole batches.
+    assert rows.shape[0] == (len(contexts) * 64 - specials) // 64 * 64
+
+
+def test_smollm2_chat_stream_keeps_conversations_apart(smollm2):
+    from lightning_interp.data import ActivationStream, chat_contexts
+
+    sentences = [s for a in news_articles()[:6] for s in a.split(". ")[:2]]
+    conversations = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        for q, a in zip(sentences[::2], sentences[1::2], strict=False)
+    ]
+    contexts = list(chat_contexts(conversations, smollm2.tokenizer, 96))
+    assert len(contexts) == len(conversations)  # one context each, never packed together
+    stream = ActivationStream(
+        smollm2,
+        conversations,
+        "layers.3.resid_post",
+        chat=True,
+        batch_size=32,
+        context_size=96,
+        contexts_per_capture=3,
+        buffer_tokens=128,
+    )
+    batches = list(stream)
+    assert batches and all(b.shape == (32, 576) for b in batches)
+    assert all(torch.isfinite(b).all() for b in batches)
