@@ -16,16 +16,16 @@ from lightning_interp.errors import ConfigError, ShapeMismatchError
 class DictionaryOutput:
     """Everything a training step needs from one forward pass.
 
-    Codes are held densely (``codes``) or, by sparse TopK-style paths, as ``indices`` and
-    ``values`` of the active latents; ``codes`` then materialises the dense tensor only
-    when something asks for it, and :meth:`l0_per_row` / :meth:`fired_latents` answer
-    from the sparse form without doing so.
+    Codes are held densely (``codes``) or, by the sparse TopK-family paths, as a
+    :class:`~lightning_interp.dictionaries.sparse_ops.SparsePattern` of active entries
+    and their ``values``; ``codes`` then materialises the dense tensor only when asked,
+    and :meth:`l0_per_row` / :meth:`fired_latents` answer from the sparse form.
 
     Attributes:
         reconstruction: The decoded output, ``[N, d_out]``.
         pre_activations: Encoder outputs before the nonlinearity, ``[N, d_latent]``.
-        indices: Active latent ids per row, ``[N, k]`` (sparse form only).
-        values: Their activations, ``[N, k]`` (sparse form only; zeros allowed).
+        pattern: Active entries (sparse form only).
+        values: Their activations: ``[N, k]`` for a fixed ``k`` per row, else ``[nnz]``.
         extras: Architecture-specific tensors (e.g. a Gated SAE's magnitude path).
     """
 
@@ -36,39 +36,43 @@ class DictionaryOutput:
         pre_activations: Tensor | None = None,
         extras: dict[str, Tensor] | None = None,
         *,
-        indices: Tensor | None = None,
+        pattern: Any = None,
         values: Tensor | None = None,
     ) -> None:
-        if codes is None and (indices is None or values is None or pre_activations is None):
-            raise ValueError("give dense codes, or indices, values and pre_activations")
+        if codes is None and (pattern is None or values is None):
+            raise ValueError("give dense codes, or a sparse pattern and its values")
         self.reconstruction = reconstruction
         self.pre_activations = pre_activations
-        self.indices = indices
+        self.pattern = pattern
         self.values = values
         self.extras = extras or {}
         self._codes = codes
 
     @property
+    def indices(self) -> Tensor | None:
+        """Active latents ``[N, k]`` when the sparse form has a fixed ``k`` per row."""
+        return None if self.pattern is None else self.pattern.indices
+
+    @property
     def codes(self) -> Tensor:
         """Dense codes ``[N, d_latent]`` (materialised once from the sparse form if needed)."""
         if self._codes is None:
-            dense = torch.zeros_like(self.pre_activations, dtype=self.values.dtype)
-            self._codes = dense.scatter(-1, self.indices, self.values)
+            self._codes = self.pattern.dense(self.values)
         return self._codes
 
     def l0_per_row(self) -> Tensor:
         """Number of active latents in each row, ``[N]``."""
-        if self._codes is None:
-            return (self.values != 0).sum(-1)
-        return (self._codes != 0).sum(-1)
+        if self._codes is not None:
+            return (self._codes != 0).sum(-1)
+        active = self.values.reshape(-1) != 0
+        return torch.bincount(self.pattern.rows[active], minlength=self.pattern.num_rows)
 
     def fired_latents(self) -> Tensor:
         """Boolean ``[d_latent]``: which latents were active in at least one row."""
-        if self._codes is None:
-            d_latent = self.pre_activations.shape[-1]
-            active = self.indices[self.values != 0]
-            return torch.bincount(active, minlength=d_latent) > 0
-        return (self._codes != 0).reshape(-1, self._codes.shape[-1]).any(0)
+        if self._codes is not None:
+            return (self._codes != 0).reshape(-1, self._codes.shape[-1]).any(0)
+        active = self.values.reshape(-1) != 0
+        return torch.bincount(self.pattern.cols[active], minlength=self.pattern.d_latent) > 0
 
 
 def squared_error(reconstruction: Tensor, target: Tensor) -> Tensor:

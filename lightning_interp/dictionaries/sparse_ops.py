@@ -29,58 +29,96 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 
 
 class SparsePattern:
-    """The positions ``(row, indices[row, j])`` of a ``[N, k]`` selection, in two layouts.
+    """Selected entries ``(rows[j], cols[j])`` of an ``[N, d_latent]`` code matrix.
 
-    Row-major CSR (for sampling ``g @ W.T`` at the selected entries) and latent-major CSR
-    (for ``W`` gradients: one sparse ``[d_latent, N]`` times dense ``[N, d]`` product).
+    Entries are kept row-major with columns ascending within each row (what CSR needs),
+    in two CSR layouts: by row (for sampling ``g @ W.T`` at the entries, and for decoding
+    with ``embedding_bag``) and by latent (for ``W`` gradients: one sparse
+    ``[d_latent, N]`` times dense ``[N, d]`` product). Rows may hold different numbers of
+    entries (BatchTopK) or exactly ``k`` each (TopK, see :meth:`from_topk`).
 
     Args:
-        indices: Selected latent ids ``[N, k]``; sorted within each row here (CSR needs it).
+        rows: Row of each entry, ``[nnz]``, non-decreasing.
+        cols: Latent of each entry, ``[nnz]``, ascending within a row.
+        num_rows: ``N``.
         d_latent: Number of latents.
 
     Attributes:
-        indices: The sorted indices ``[N, k]``.
-        order: Permutation that sorted each row (apply to values gathered with the
-            original order).
+        indices: For a fixed ``k`` per row, the latents as ``[N, k]``; else ``None``.
     """
 
-    def __init__(self, indices: Tensor, d_latent: int) -> None:
-        indices, self.order = indices.sort(dim=-1)
-        self.indices = indices
-        self.d_latent = d_latent
+    def __init__(self, rows: Tensor, cols: Tensor, num_rows: int, d_latent: int) -> None:
+        self.rows, self.cols = rows, cols
+        self.num_rows, self.d_latent = num_rows, d_latent
+        self.indices: Tensor | None = None
+        self.crow = self._offsets(rows, num_rows)
+        self.by_latent_order = torch.argsort(cols, stable=True)
+        self.by_latent_rows = rows[self.by_latent_order]
+        self.crow_by_latent = self._offsets(cols, d_latent)
+
+    @staticmethod
+    def _offsets(ids: Tensor, size: int) -> Tensor:
+        offsets = torch.zeros(size + 1, dtype=torch.long, device=ids.device)
+        offsets[1:] = torch.bincount(ids, minlength=size).cumsum(0)
+        return offsets
+
+    @classmethod
+    def from_topk(cls, indices: Tensor, d_latent: int) -> SparsePattern:
+        """``k`` latents per row, ``indices [N, k]`` (sorted within rows here)."""
+        indices = indices.sort(dim=-1).values
         n, k = indices.shape
-        flat = indices.reshape(-1)
-        device = indices.device
-        self.crow = torch.arange(0, n * k + 1, k, device=device)
-        self.flat = flat
-        self.by_latent_order = torch.argsort(flat, stable=True)
-        self.by_latent_rows = torch.div(self.by_latent_order, k, rounding_mode="floor")
-        counts = torch.bincount(flat, minlength=d_latent)
-        self.crow_by_latent = torch.zeros(d_latent + 1, dtype=torch.long, device=device)
-        self.crow_by_latent[1:] = counts.cumsum(0)
-        self.shape = (n, k)
+        rows = torch.arange(n, device=indices.device).repeat_interleave(k)
+        pattern = cls(rows, indices.reshape(-1), n, d_latent)
+        pattern.indices = indices
+        return pattern
+
+    @classmethod
+    def from_flat(cls, flat: Tensor, num_rows: int, d_latent: int) -> SparsePattern:
+        """Entries given as flat positions ``row * d_latent + col`` (any order)."""
+        flat = flat.sort().values
+        return cls(flat // d_latent, flat % d_latent, num_rows, d_latent)
+
+    @property
+    def nnz(self) -> int:
+        """Number of selected entries."""
+        return self.cols.numel()
+
+    def gather(self, dense: Tensor) -> Tensor:
+        """The entries of a dense ``[N, d_latent]`` matrix, ``[nnz]``."""
+        if self.indices is not None:
+            return dense.gather(-1, self.indices).reshape(-1)
+        return dense[self.rows, self.cols]
+
+    def bag(self, weight: Tensor, values: Tensor) -> Tensor:
+        """``sum_j values[j] * weight[cols[j]]`` per row, ``[N, d]`` (an ``embedding_bag``)."""
+        return F.embedding_bag(
+            self.cols, weight, self.crow[:-1], per_sample_weights=values, mode="sum"
+        )
 
     def by_row(self, values: Tensor) -> Tensor:
-        """CSR ``[N, d_latent]`` with ``values [N, k]`` at the selected entries."""
-        n, _ = self.shape
+        """CSR ``[N, d_latent]`` holding ``values [nnz]`` at the entries."""
         return torch.sparse_csr_tensor(
             self.crow,
-            self.flat,
+            self.cols,
             values.reshape(-1),
-            size=(n, self.d_latent),
-            check_invariants=False,
+            size=(self.num_rows, self.d_latent),
+            check_invariants=False,  # valid by construction; checking costs a pass
         )
 
     def by_latent(self, values: Tensor) -> Tensor:
         """CSR ``[d_latent, N]``: the transpose of :meth:`by_row`, built directly."""
-        n, _ = self.shape
         return torch.sparse_csr_tensor(
             self.crow_by_latent,
             self.by_latent_rows,
             values.reshape(-1)[self.by_latent_order],
-            size=(self.d_latent, n),
-            check_invariants=False,  # valid by construction; checking costs a pass
+            size=(self.d_latent, self.num_rows),
+            check_invariants=False,
         )
+
+    def dense(self, values: Tensor) -> Tensor:
+        """The ``[N, d_latent]`` matrix with ``values`` at the entries (differentiable)."""
+        zeros = values.new_zeros(self.num_rows, self.d_latent)
+        return zeros.index_put((self.rows, self.cols), values.reshape(-1))
 
 
 class _GatherEncoder(torch.autograd.Function):
@@ -98,7 +136,7 @@ class _GatherEncoder(torch.autograd.Function):
         ctx.save_for_backward(x_in, w_enc)
         ctx.pattern = pattern
         ctx.dtypes = (x.dtype, None if b_dec is None else b_dec.dtype, b_enc.dtype)
-        return pre.gather(-1, pattern.indices)
+        return pattern.gather(pre)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -108,15 +146,13 @@ class _GatherEncoder(torch.autograd.Function):
         grad = grad.to(w_enc.dtype)
         grad_x = grad_b_dec = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            # Sum of the k selected encoder columns, weighted by their gradients.
-            grad_x = F.embedding_bag(
-                pattern.indices, w_enc.T.contiguous(), per_sample_weights=grad, mode="sum"
-            ).to(x_dtype)
+            # Sum of the selected encoder columns, weighted by their gradients.
+            grad_x = pattern.bag(w_enc.T.contiguous(), grad).to(x_dtype)
         if ctx.needs_input_grad[2]:
             grad_w = (pattern.by_latent(grad) @ x_in.to(w_enc.dtype)).T
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             per_latent = torch.zeros(pattern.d_latent, dtype=w_enc.dtype, device=grad.device)
-            per_latent.index_add_(0, pattern.flat, grad.reshape(-1))
+            per_latent.index_add_(0, pattern.cols, grad)
             if ctx.needs_input_grad[3]:
                 grad_b = per_latent.to(b_enc_dtype)
             if ctx.needs_input_grad[1]:
@@ -125,14 +161,15 @@ class _GatherEncoder(torch.autograd.Function):
 
 
 class _SparseDecode(torch.autograd.Function):
-    """``sum_j values[n, j] * W_dec[indices[n, j]]`` with sparse gradients."""
+    """``sum_j values[j] * W_dec[cols[j]]`` per row, with sparse gradients."""
 
     @staticmethod
     def forward(ctx, values, w_dec, pattern):  # noqa: D102
-        values = values.to(w_dec.dtype)
+        ctx.values_shape = values.shape
+        values = values.reshape(-1).to(w_dec.dtype)
         ctx.save_for_backward(values, w_dec)
         ctx.pattern = pattern
-        return F.embedding_bag(pattern.indices, w_dec, per_sample_weights=values, mode="sum")
+        return pattern.bag(w_dec, values)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -145,7 +182,7 @@ class _SparseDecode(torch.autograd.Function):
             sampled = torch.sparse.sampled_addmm(
                 pattern.by_row(torch.zeros_like(values)), grad, w_dec.T
             )
-            grad_values = sampled.values().view(pattern.shape)
+            grad_values = sampled.values().view(ctx.values_shape)
         if ctx.needs_input_grad[1]:
             grad_w = pattern.by_latent(values) @ grad
         return grad_values, grad_w, None
@@ -159,7 +196,7 @@ def gather_encoder(
     pre: Tensor,
     pattern: SparsePattern,
 ) -> Tensor:
-    """Selected pre-activations ``[N, k]``, differentiable w.r.t. every encoder input.
+    """Selected pre-activations ``[nnz]``, differentiable w.r.t. every encoder input.
 
     Args:
         x: Input ``[N, d_in]``.
@@ -173,5 +210,5 @@ def gather_encoder(
 
 
 def sparse_decode(values: Tensor, w_dec: Tensor, pattern: SparsePattern) -> Tensor:
-    """``[N, d_out]`` decoded from ``values [N, k]`` at ``pattern``, without ``b_dec``."""
+    """``[N, d_out]`` decoded from ``values [nnz]`` at ``pattern``, without ``b_dec``."""
     return _SparseDecode.apply(values, w_dec, pattern)

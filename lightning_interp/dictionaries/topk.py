@@ -60,9 +60,25 @@ def keep_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class _TopKFamily(Dictionary):
-    """Shared AuxK loss of TopK-style dictionaries."""
+    """Shared AuxK loss and sparse-path plumbing of TopK-style dictionaries."""
 
     config: TopKConfig
+
+    def __init__(self, config: TopKConfig) -> None:
+        super().__init__(config)
+        #: Train through the sparse kernels (same results as the dense path, far fewer
+        #: FLOPs). Set to False to use plain dense autograd, e.g. to compare the two.
+        self.sparse_training = True
+
+    def _use_sparse_path(self) -> bool:
+        return self.sparse_training and torch.is_grad_enabled()
+
+    def _sparse_forward(
+        self, x: Tensor, pre: Tensor, pattern: SparsePattern
+    ) -> tuple[Tensor, Tensor]:
+        """Codes at ``pattern`` (ReLU'd) and the reconstruction, through the sparse kernels."""
+        values = torch.relu(self._gather_encoder(x, pre, pattern))
+        return values, sparse_decode(values, self.W_dec, pattern) + self.b_dec
 
     def sparsity_losses(
         self,
@@ -93,7 +109,7 @@ class _TopKFamily(Dictionary):
         self, x: Tensor, out: DictionaryOutput, dead_mask: Tensor, aux_k: int
     ) -> Tensor:
         # Decoded without b_dec: the residual is already centred by the main path.
-        if out.indices is None:
+        if out.pattern is None:
             dead_pre = out.pre_activations.masked_fill(~dead_mask, float("-inf"))
             values, indices = dead_pre.topk(aux_k, dim=-1, sorted=False)
             codes = torch.zeros_like(out.pre_activations).scatter_(-1, indices, torch.relu(values))
@@ -101,7 +117,7 @@ class _TopKFamily(Dictionary):
         dead_ids = dead_mask.nonzero().squeeze(1)
         with torch.no_grad():
             local = out.pre_activations.index_select(-1, dead_ids).topk(aux_k, dim=-1).indices
-        pattern = SparsePattern(dead_ids[local], self.d_latent)
+        pattern = SparsePattern.from_topk(dead_ids[local], self.d_latent)
         values = torch.relu(self._gather_encoder(x, out.pre_activations, pattern))
         return sparse_decode(values, self.W_dec, pattern)
 
@@ -121,30 +137,23 @@ class TopKSAE(_TopKFamily):
         """Per-row top-k then ReLU."""
         return keep_topk(pre, self.config.k)[0]
 
-    def __init__(self, config: TopKConfig) -> None:
-        super().__init__(config)
-        #: Train through the sparse kernels (same results as the dense path, far fewer
-        #: FLOPs). Set to False to use plain dense autograd, e.g. to compare the two.
-        self.sparse_training = True
-
     def forward_train(self, x: Tensor) -> DictionaryOutput:
         """Training forward pass on ``[N, d_in]``; sparse unless ``sparse_training`` is off.
 
         The sparse path returns codes as ``indices``/``values`` and only materialises the
         dense codes if asked; gradients reach only the ``k`` selected latents per row.
         """
-        if not (self.sparse_training and torch.is_grad_enabled()):
+        if not self._use_sparse_path():
             pre = self.encode_pre(x)
             codes, _, _ = keep_topk(pre, self.config.k)
             return DictionaryOutput(self.decode(codes), codes, pre)
         with torch.no_grad():
             pre = self.encode_pre(x).reshape(-1, self.d_latent)
-            pattern = SparsePattern(pre.topk(self.config.k, dim=-1).indices, self.d_latent)
-        values = torch.relu(self._gather_encoder(x, pre, pattern))
-        reconstruction = sparse_decode(values, self.W_dec, pattern) + self.b_dec
-        return DictionaryOutput(
-            reconstruction, pre_activations=pre, indices=pattern.indices, values=values
-        )
+            indices = pre.topk(self.config.k, dim=-1).indices
+            pattern = SparsePattern.from_topk(indices, self.d_latent)
+        values, reconstruction = self._sparse_forward(x, pre, pattern)
+        values = values.view(-1, self.config.k)
+        return DictionaryOutput(reconstruction, pre_activations=pre, pattern=pattern, values=values)
 
 
 @dataclass(kw_only=True)
@@ -199,12 +208,26 @@ class BatchTopKSAE(_TopKFamily):
         return pre * (pre > self.threshold.to(pre.dtype))
 
     def forward_train(self, x: Tensor) -> DictionaryOutput:
-        """Batch-level top-k; updates the threshold estimate when in training mode."""
-        pre = self.encode_pre(x).reshape(-1, self.d_latent)
-        codes = batch_topk(pre, self.config.k)
+        """Batch-level top-k; updates the threshold estimate when in training mode.
+
+        Sparse unless ``sparse_training`` is off: rows then hold different numbers of
+        active latents, which the sparse pattern carries as CSR row offsets.
+        """
+        if not self._use_sparse_path():
+            pre = self.encode_pre(x).reshape(-1, self.d_latent)
+            codes = batch_topk(pre, self.config.k)
+            if self.training:
+                self._update_threshold(codes)
+            return DictionaryOutput(self.decode(codes), codes, pre)
+        with torch.no_grad():
+            pre = self.encode_pre(x).reshape(-1, self.d_latent)
+            flat = torch.relu(pre).flatten()
+            selected = flat.topk(min(self.config.k * pre.shape[0], flat.numel()), sorted=False)
+            pattern = SparsePattern.from_flat(selected.indices, pre.shape[0], self.d_latent)
+        values, reconstruction = self._sparse_forward(x, pre, pattern)
         if self.training:
-            self._update_threshold(codes)
-        return DictionaryOutput(self.decode(codes), codes, pre)
+            self._update_threshold(values)
+        return DictionaryOutput(reconstruction, pre_activations=pre, pattern=pattern, values=values)
 
     @torch.no_grad()
     def _update_threshold(self, codes: Tensor) -> None:

@@ -9,9 +9,9 @@ from lightning_interp import create_dictionary
 from lightning_interp.dictionaries.sparse_ops import SparsePattern, gather_encoder, sparse_decode
 
 
-def pair(**kwargs):
+def pair(architecture="topk", **kwargs):
     torch.manual_seed(0)
-    sparse = create_dictionary("topk", **{"d_in": 16, "d_latent": 96, "k": 5, **kwargs})
+    sparse = create_dictionary(architecture, **{"d_in": 16, "d_latent": 96, "k": 5, **kwargs})
     with torch.no_grad():
         for p in sparse.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -40,9 +40,10 @@ def step(dictionary, x, target=None, dead_mask=None, steps=3):
     return history
 
 
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 @pytest.mark.parametrize("dead_fraction", [0.0, 0.3, 1.0])
-def test_sparse_path_equals_dense_path(dead_fraction):
-    sparse, dense = pair(aux_k=12)
+def test_sparse_path_equals_dense_path(architecture, dead_fraction):
+    sparse, dense = pair(architecture, aux_k=12)
     x = torch.randn(64, 16) + 0.5
     dead = torch.rand(96, generator=torch.Generator().manual_seed(1)) < dead_fraction
     for (s_losses, s_grads), (d_losses, d_grads) in zip(
@@ -56,6 +57,9 @@ def test_sparse_path_equals_dense_path(dead_fraction):
         torch.testing.assert_close(dict(sparse.named_parameters())[name], p, rtol=1e-4, atol=1e-6)
     if dead_fraction > 0:
         assert float(s_losses["auxk_loss"]) > 0
+    if architecture == "batchtopk":
+        torch.testing.assert_close(sparse.threshold, dense.threshold)
+        assert float(sparse.threshold) > 0
 
 
 def test_sparse_path_equals_dense_path_for_a_transcoder():
@@ -107,7 +111,7 @@ def test_sparse_kernels_against_dense_formulas():
     w_dec = torch.randn(f, d)
     leaves = [t.requires_grad_(True) for t in (x, w_enc, b_enc, b_dec, w_dec)]
     pre = (x - b_dec) @ w_enc + b_enc
-    pattern = SparsePattern(pre.detach().topk(k, dim=-1).indices, f)
+    pattern = SparsePattern.from_topk(pre.detach().topk(k, dim=-1).indices, f)
     values = gather_encoder(x, b_dec, w_enc, b_enc, pre, pattern)
     decoded = sparse_decode(values, w_dec, pattern)
     grads = torch.autograd.grad(decoded.pow(2).sum(), leaves)
@@ -128,3 +132,15 @@ def test_bf16_autocast_runs_the_sparse_path():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = dense.loss(x, dense.forward_train(x))["mse_loss"]
     torch.testing.assert_close(losses["mse_loss"], reference, rtol=0.05, atol=0.05)
+
+
+def test_batchtopk_sparse_rows_hold_different_counts():
+    sparse, dense = pair("batchtopk")
+    x = torch.randn(32, 16) * torch.linspace(0.2, 3.0, 32)[:, None]
+    out, reference = sparse.forward_train(x), dense.forward_train(x)
+    assert out.indices is None and out.values.shape == (5 * 32,)
+    counts = out.l0_per_row()
+    assert counts.min() != counts.max()
+    torch.testing.assert_close(counts, reference.l0_per_row())
+    torch.testing.assert_close(out.codes, reference.codes)
+    torch.testing.assert_close(out.fired_latents(), reference.fired_latents())
