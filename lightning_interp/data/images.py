@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
+from lightning_interp.data import sharding
 from lightning_interp.data.buffer import ShufflingBuffer
 from lightning_interp.errors import ConfigError
 
@@ -91,12 +92,7 @@ class ImageActivations(IterableDataset):
             len(self.images), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         )
         groups = list(order.split(self.images_per_capture))
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        worker = torch.utils.data.get_worker_info()
-        if worker is not None:
-            rank, world = rank * worker.num_workers + worker.id, world * worker.num_workers
+        rank, world = sharding.shard()
         return groups[rank::world]
 
     def _capture(self, indices: Tensor) -> Tensor:

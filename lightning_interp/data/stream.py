@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
+from lightning_interp.data import sharding
 from lightning_interp.data.buffer import ShufflingBuffer
 from lightning_interp.data.tokens import (
     Separator,
@@ -179,16 +180,15 @@ class ActivationStream(IterableDataset):
     def __len__(self) -> int:
         if self.total_tokens is None:
             raise TypeError("an ActivationStream has a length only when total_tokens is set")
-        return self._batches_per_rank(_world()[1])
+        return self._batches_per_rank(sharding.world()[1])
 
     def _batches_per_rank(self, ranks: int) -> int:
         assert self.total_tokens is not None
         return self.total_tokens // self.batch_size // ranks
 
     def _shard(self) -> tuple[int, int, int | None]:
-        rank, ranks = _world()
-        worker_info = torch.utils.data.get_worker_info()
-        worker, workers = (worker_info.id, worker_info.num_workers) if worker_info else (0, 1)
+        rank, ranks = sharding.world()
+        worker, workers = sharding.workers()
         limit = None
         if self.total_tokens is not None:
             per_rank = self._batches_per_rank(ranks)
@@ -449,9 +449,3 @@ def _stable_seed(*values: int) -> int:
     # Not hash(): the same in every process and Python version, so a resumed run agrees.
     digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**62 - 1)
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
+from lightning_interp.data import sharding
 from lightning_interp.errors import ConfigError, ShapeMismatchError
 
 
@@ -187,19 +188,10 @@ class SyntheticActivations(IterableDataset):
     def __len__(self) -> int:
         return self.num_batches
 
-    def _shard(self) -> tuple[int, int]:
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        worker = torch.utils.data.get_worker_info()
-        if worker is not None:
-            rank, world = rank * worker.num_workers + worker.id, world * worker.num_workers
-        return rank, world
-
     def __iter__(self) -> Iterator[Tensor]:
         epoch = self.epoch
         self.epoch += 1
-        shard, shards = self._shard()
+        shard, shards = sharding.shard()
         for index in range(shard, self.num_batches, shards):
             seed = hash((self.seed, epoch, index)) & (2**62 - 1)
             generator = torch.Generator().manual_seed(seed)

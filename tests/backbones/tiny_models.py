@@ -79,103 +79,60 @@ def pixel_inputs(batch: int = 2) -> dict[str, torch.Tensor]:
     }
 
 
-# Per family: (builder, site prefix, inputs, module paths of layer 1's parts, as a reader
-# would hook them by hand), independent of the library's own table.
+def parts(block: str, attn: str, out_proj: str, mlp_in: str, mlp_out: str) -> dict:
+    """Module paths of layer 1's parts, as a reader would hook them by hand."""
+    return {
+        "block": block,
+        "attn_out": (f"{block}.{attn}", "output"),
+        "attn_z": (f"{block}.{out_proj}", "input"),
+        "mlp_in": (f"{block}.{mlp_in}", "input"),
+        "mlp_out": (f"{block}.{mlp_out}", "output"),
+    }
+
+
+LLAMA_LIKE = parts("model.layers.1", "self_attn", "self_attn.o_proj", "mlp", "mlp")
+
+# Per family: (builder, site prefix, inputs, layer 1's parts), independent of the
+# library's own table.
 FAMILIES = {
     "gpt2": (
         "gpt2",
         "",
         token_inputs,
-        {
-            "block": "transformer.h.1",
-            "attn_out": ("transformer.h.1.attn", "output"),
-            "attn_z": ("transformer.h.1.attn.c_proj", "input"),
-            "mlp_in": ("transformer.h.1.mlp", "input"),
-            "mlp_out": ("transformer.h.1.mlp", "output"),
-        },
+        parts("transformer.h.1", "attn", "attn.c_proj", "mlp", "mlp"),
     ),
     "gpt_neox": (
         "gpt_neox",
         "",
         token_inputs,
-        {
-            "block": "gpt_neox.layers.1",
-            "attn_out": ("gpt_neox.layers.1.attention", "output"),
-            "attn_z": ("gpt_neox.layers.1.attention.dense", "input"),
-            "mlp_in": ("gpt_neox.layers.1.mlp", "input"),
-            "mlp_out": ("gpt_neox.layers.1.mlp", "output"),
-        },
+        parts("gpt_neox.layers.1", "attention", "attention.dense", "mlp", "mlp"),
     ),
-    "llama": (
-        "llama",
-        "",
-        token_inputs,
-        {
-            "block": "model.layers.1",
-            "attn_out": ("model.layers.1.self_attn", "output"),
-            "attn_z": ("model.layers.1.self_attn.o_proj", "input"),
-            "mlp_in": ("model.layers.1.mlp", "input"),
-            "mlp_out": ("model.layers.1.mlp", "output"),
-        },
-    ),
-    "qwen2": (
-        "qwen2",
-        "",
-        token_inputs,
-        {
-            "block": "model.layers.1",
-            "attn_out": ("model.layers.1.self_attn", "output"),
-            "attn_z": ("model.layers.1.self_attn.o_proj", "input"),
-            "mlp_in": ("model.layers.1.mlp", "input"),
-            "mlp_out": ("model.layers.1.mlp", "output"),
-        },
-    ),
-    "gemma2": (
-        "gemma2",
-        "",
-        token_inputs,
-        {
-            "block": "model.layers.1",
-            "attn_out": ("model.layers.1.self_attn", "output"),
-            "attn_z": ("model.layers.1.self_attn.o_proj", "input"),
-            "mlp_in": ("model.layers.1.mlp", "input"),
-            "mlp_out": ("model.layers.1.mlp", "output"),
-        },
-    ),
+    "llama": ("llama", "", token_inputs, LLAMA_LIKE),
+    "qwen2": ("qwen2", "", token_inputs, LLAMA_LIKE),
+    "gemma2": ("gemma2", "", token_inputs, LLAMA_LIKE),
     "bert": (
         "bert",
         "",
         token_inputs,
-        {
-            "block": "encoder.layer.1",
-            "attn_out": ("encoder.layer.1.attention.output.dense", "output"),
-            "attn_z": ("encoder.layer.1.attention.output.dense", "input"),
-            "mlp_in": ("encoder.layer.1.intermediate", "input"),
-            "mlp_out": ("encoder.layer.1.output.dense", "output"),
-        },
+        # Post-norm: sub-layer outputs are read before the residual add and LayerNorm.
+        parts(
+            "encoder.layer.1",
+            "attention.output.dense",
+            "attention.output.dense",
+            "intermediate",
+            "output.dense",
+        ),
     ),
     "clip_text": (
         "clip",
         "text.",
         token_inputs,
-        {
-            "block": "text_model.encoder.layers.1",
-            "attn_out": ("text_model.encoder.layers.1.self_attn", "output"),
-            "attn_z": ("text_model.encoder.layers.1.self_attn.out_proj", "input"),
-            "mlp_in": ("text_model.encoder.layers.1.mlp", "input"),
-            "mlp_out": ("text_model.encoder.layers.1.mlp", "output"),
-        },
+        parts("text_model.encoder.layers.1", "self_attn", "self_attn.out_proj", "mlp", "mlp"),
     ),
     "clip_vision": (
         "clip",
         "vision.",
         pixel_inputs,
-        {
-            "block": "vision_model.encoder.layers.1",
-            "attn_out": ("vision_model.encoder.layers.1.self_attn", "output"),
-            "attn_z": ("vision_model.encoder.layers.1.self_attn.out_proj", "input"),
-            "mlp_in": ("vision_model.encoder.layers.1.mlp", "input"),
-            "mlp_out": ("vision_model.encoder.layers.1.mlp", "output"),
-        },
+        parts("vision_model.encoder.layers.1", "self_attn", "self_attn.out_proj", "mlp", "mlp"),
     ),
 }

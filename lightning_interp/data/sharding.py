@@ -1,0 +1,25 @@
+"""Which share of a stream this process serves, under DDP and data-loader workers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, or ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def workers() -> tuple[int, int]:
+    """``(worker id, number of workers)`` inside a DataLoader worker, else ``(0, 1)``."""
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def shard() -> tuple[int, int]:
+    """``(shard, num_shards)`` over every (rank, worker) pair: take items ``shard::num_shards``."""
+    rank, ranks = world()
+    worker, count = workers()
+    return rank * count + worker, ranks * count
