@@ -1,0 +1,280 @@
+"""Downstream metrics: CE loss recovered and spliced KL, by splicing into tiny models."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_interp import create_dictionary
+from lightning_interp.backbones import Backbone
+from lightning_interp.errors import ConfigError
+from lightning_interp.metrics.downstream import (
+    CrossEntropyLossRecovered,
+    SplicedKLDivergence,
+    has_lm_head,
+    splice_evaluation,
+)
+from tests.backbones import tiny_models
+
+SITE = "layers.1.resid_post"
+D = 32
+V = tiny_models.VOCAB
+
+
+def successor_batch(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """Sequences counting up through 1..63 (0 is the tiny GPT-2's BOS/EOS, never used)."""
+    starts = torch.randint(1, V, (batch, 1), generator=torch.Generator().manual_seed(seed))
+    ids = (starts - 1 + torch.arange(seq)) % (V - 1) + 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run these tiny models on one thread.
+
+    Their matmuls are too small to split, and when other processes share the two cores,
+    a second spinning OpenMP thread made training 100x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained_gpt2(one_thread):
+    """A tiny GPT-2 trained for a second to predict ``t + 1``: clean CE far below ablation."""
+    torch.manual_seed(0)
+    model = tiny_models.gpt2()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(60):
+        ids = successor_batch(16, 12, seed=step)["input_ids"]
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return Backbone(model)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return Backbone(tiny_models.build("llama"))
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def backbone(request, trained_gpt2, llama):
+    return trained_gpt2 if request.param == "gpt2" else llama
+
+
+class Scaled(nn.Module):
+    """A stand-in dictionary reconstructing ``scale * x`` from ``[N, d]`` rows."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        assert x.ndim == 2  # the splice hands dictionaries [N, d] rows
+        return self.scale * x
+
+
+def exact_topk(d: int):
+    """A real TopK SAE that reconstructs exactly: codes [relu(x), relu(-x)], k = d."""
+    sae = create_dictionary("topk", d_in=d, d_latent=2 * d, k=d)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+def evaluate(backbone, dictionary, *batches, **kwargs):
+    ce, kl = CrossEntropyLossRecovered(), SplicedKLDivergence()
+    for batch in batches:
+        splice_evaluation(backbone, dictionary, SITE, batch, ce_metric=ce, kl_metric=kl, **kwargs)
+    return ce, kl
+
+
+def test_the_trained_model_depends_on_the_site(trained_gpt2):
+    ce, _ = evaluate(trained_gpt2, Scaled(1.0), successor_batch(8, 12, seed=100))
+    values = ce.compute_all()
+    assert values["ce_clean"] < 1.0 < values["ce_zero_ablation"] - 1.0
+
+
+@pytest.mark.parametrize("dictionary", [Scaled(1.0), exact_topk(D)], ids=["identity", "topk"])
+def test_perfect_reconstruction_recovers_everything(backbone, dictionary):
+    batch = successor_batch(4, 10, seed=1)
+    x = torch.randn(5, D)
+    assert torch.equal(dictionary(x), x)
+    ce, kl = evaluate(backbone, dictionary, batch)
+    values = ce.compute_all()
+    assert float(values["ce_loss_recovered"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(values["delta_lm_loss"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl.compute()) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_zeroing_dictionary_recovers_nothing(backbone):
+    ce, kl = evaluate(backbone, Scaled(0.0), successor_batch(4, 10, seed=2))
+    assert float(ce.compute()) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl.compute()) > 0
+
+
+def test_partial_reconstruction_lands_strictly_between(trained_gpt2):
+    torch.manual_seed(0)
+
+    def noisy(x):
+        return x + 0.5 * x.std() * torch.randn_like(x)
+
+    ce, kl = evaluate(trained_gpt2, noisy, successor_batch(8, 12, seed=3))
+    assert 0.0 < float(ce.compute()) < 1.0
+    assert float(kl.compute()) > 0
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_matches_a_hand_computation(backbone, exclude):
+    batch = tiny_models.token_inputs(3, 9)  # random ids: Llama's BOS 1 / EOS 2 occur
+    ids = batch["input_ids"]
+    scale = 0.6
+    logits = backbone(batch).logits
+    with backbone.splice(SITE, torch.zeros_like):
+        zero = backbone(batch).logits
+    with backbone.splice(SITE, lambda a: scale * a):
+        spliced = backbone(batch).logits
+    if exclude:
+        special = torch.stack([ids[0, 0], ids[1, 3], ids[2, 8]]).tolist()
+        # Special positions keep their clean activation; only predictions between two
+        # ordinary tokens count.
+        ordinary = ~torch.isin(ids, torch.tensor(special))
+        with backbone.splice(SITE, lambda a: torch.where(ordinary[..., None], 0 * a, a)):
+            zero = backbone(batch).logits
+        with backbone.splice(SITE, lambda a: torch.where(ordinary[..., None], scale * a, a)):
+            spliced = backbone(batch).logits
+        keep = ordinary[:, :-1] & ordinary[:, 1:]
+        assert 0 < int(keep.sum()) < keep.numel() - 3
+    else:
+        keep = torch.ones_like(ids[:, 1:], dtype=torch.bool)
+
+    def ce(values):
+        return F.cross_entropy(values[:, :-1][keep], ids[:, 1:][keep]).double()
+
+    expected = (ce(zero) - ce(spliced)) / (ce(zero) - ce(logits))
+    p, q = logits[:, :-1][keep].log_softmax(-1), spliced[:, :-1][keep].log_softmax(-1)
+    expected_kl = (p.exp() * (p - q)).sum(-1).mean()
+
+    ce_metric, kl_metric = evaluate(
+        backbone,
+        Scaled(scale),
+        batch,
+        exclude_special_tokens=exclude,
+        special_token_ids=special if exclude else None,
+    )
+    values = ce_metric.compute_all()
+    assert int(ce_metric.count) == int(keep.sum())
+    assert float(values["ce_clean"]) == pytest.approx(float(ce(logits)), rel=1e-5)
+    assert float(values["ce_spliced"]) == pytest.approx(float(ce(spliced)), rel=1e-5)
+    assert float(values["ce_zero_ablation"]) == pytest.approx(float(ce(zero)), rel=1e-5)
+    assert float(values["ce_loss_recovered"]) == pytest.approx(float(expected), rel=1e-4)
+    assert float(kl_metric.compute()) == pytest.approx(float(expected_kl), rel=1e-4, abs=1e-7)
+
+
+def test_padding_is_excluded(trained_gpt2):
+    batch = successor_batch(3, 10, seed=4)
+    pad = 5
+    padded_ids = torch.cat([batch["input_ids"], torch.full((3, pad), 7)], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.zeros(3, pad, dtype=torch.long)], dim=1)
+    # An extra row with a single real token predicts nothing.
+    padded = {
+        "input_ids": torch.cat([padded_ids, torch.full((1, 10 + pad), 9)]),
+        "attention_mask": torch.cat([mask, torch.tensor([[1] + [0] * (9 + pad)])]),
+    }
+    plain_ce, plain_kl = evaluate(trained_gpt2, Scaled(0.5), batch)
+    padded_ce, padded_kl = evaluate(trained_gpt2, Scaled(0.5), padded)
+    assert int(plain_ce.count) == int(padded_ce.count) == 3 * 9
+    for name, value in plain_ce.compute_all().items():
+        assert float(padded_ce.compute_all()[name]) == pytest.approx(float(value), rel=1e-5)
+    assert float(padded_kl.compute()) == pytest.approx(float(plain_kl.compute()), rel=1e-5)
+
+
+def test_batches_pool_rather_than_average(trained_gpt2):
+    first, second = successor_batch(2, 12, seed=5), successor_batch(6, 12, seed=6)
+    both = {k: torch.cat([first[k], second[k]]) for k in first}
+    split_ce, split_kl = evaluate(trained_gpt2, Scaled(0.5), first, second)
+    joint_ce, joint_kl = evaluate(trained_gpt2, Scaled(0.5), both)
+    assert float(split_ce.compute()) == pytest.approx(float(joint_ce.compute()), rel=1e-6)
+    assert float(split_kl.compute()) == pytest.approx(float(joint_kl.compute()), rel=1e-6)
+    ratios = [float(evaluate(trained_gpt2, Scaled(0.5), b)[0].compute()) for b in (first, second)]
+    assert not math.isclose(sum(ratios) / 2, float(joint_ce.compute()), rel_tol=1e-4)
+
+
+def test_metric_states_are_summed_float64_without_autograd(trained_gpt2):
+    ce, kl = evaluate(trained_gpt2, Scaled(0.5), successor_batch(2, 8, seed=7))
+    for metric in (ce, kl):
+        for name, reduce in metric._reductions.items():
+            state = getattr(metric, name)
+            assert state.dtype == torch.float64 and not state.requires_grad, name
+            assert reduce is not None and reduce.__name__ == "dim_zero_sum", name
+
+
+def test_encoders_raise_a_typed_error():
+    bert = Backbone(tiny_models.build("bert"))
+    assert not has_lm_head(bert)
+    assert not has_lm_head(Backbone(tiny_models.build("clip")))
+    with pytest.raises(ConfigError, match="causal language model.*FractionOfVarianceUnexplained"):
+        splice_evaluation(bert, Scaled(1.0), SITE, tiny_models.token_inputs())
+
+
+def test_has_lm_head_on_decoders(trained_gpt2, llama):
+    assert has_lm_head(trained_gpt2) and has_lm_head(llama.model)
+    assert not has_lm_head(tiny_models.build("gpt_neox").gpt_neox)  # the bare decoder
+
+
+def test_default_special_tokens_come_from_the_config(llama):
+    batch = tiny_models.token_inputs(3, 9)
+    batch["input_ids"][0, 0], batch["input_ids"][2, 4] = 1, 2  # Llama's BOS and EOS
+    default, _ = evaluate(llama, Scaled(0.5), batch)
+    explicit, _ = evaluate(llama, Scaled(0.5), batch, special_token_ids=[1, 2])
+    everything, _ = evaluate(llama, Scaled(0.5), batch, exclude_special_tokens=False)
+    assert int(default.count) == int(explicit.count) == 3 * 8 - 3 < int(everything.count)
+    assert float(default.compute()) == float(explicit.compute())
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from lightning_interp.data.offline import SMOLLM2_GGUF, smollm2_folder
+
+    return Backbone.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_GGUF)
+
+
+@pytest.mark.integration
+def test_smollm2_on_wikipedia(smollm2):
+    from lightning_interp.data import pack_texts
+    from lightning_interp.data.offline import wikipedia_articles
+
+    contexts = pack_texts(wikipedia_articles(), smollm2.tokenizer, 64)
+    ids = torch.stack([next(contexts) for _ in range(4)])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    site = "layers.5.resid_post"
+    generator = torch.Generator().manual_seed(0)
+
+    def noisy(x):
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        return x + 0.3 * x.std(-1, keepdim=True) * noise
+
+    ce, kl = CrossEntropyLossRecovered(), SplicedKLDivergence()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a real model: here the second core pays (see one_thread)
+    try:
+        counted = splice_evaluation(smollm2, noisy, site, batch, ce_metric=ce, kl_metric=kl)
+    finally:
+        torch.set_num_threads(threads)
+    values = {name: round(float(v), 4) for name, v in ce.compute_all().items()}
+    print(f"\nSmolLM2 {site}, {counted} tokens: {values}, kl={float(kl.compute()):.4f}")
+    assert counted == 4 * 63 - 4  # BOS at position 0 of every context is left out
+    assert values["ce_clean"] < 4.0
+    assert values["ce_zero_ablation"] > values["ce_clean"] + 2.0
+    assert 0.0 < values["ce_loss_recovered"] < 1.0
+    assert float(kl.compute()) > 0
