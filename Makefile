@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean
+.PHONY: demo demo-minilm test lint format install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The offline quickstart: a TopK SAE on SmolLM2-135M's residual stream (about 6-8 min on 2 cores).
 demo: $(STAMP)
+	$(VENV)/bin/lightning-interp fit --config recipes/quickstart.yaml
+
+# A shorter demo: MiniLM activations over news text, and the ground-truth recovery table.
+demo-minilm: $(STAMP)
 	$(PY) docs/examples/demo.py
 
 test: $(STAMP)

@@ -17,11 +17,11 @@ class InterpCLI(LightningCLI):
     """LightningCLI with the library's defaults (omegaconf parsing, overwriting config saves)."""
 
 
-def main(args: list[str] | None = None) -> InterpCLI:
-    """Entry point of the ``lightning-interp`` console script.
+def build_cli(args: list[str] | None = None) -> InterpCLI:
+    """Parse ``args`` (default: ``sys.argv``) and run the subcommand; returns the CLI object.
 
     Args:
-        args: Command-line arguments (default: ``sys.argv``); tests pass a list.
+        args: Command-line arguments; tests pass a list.
     """
     return InterpCLI(
         DictionaryModule,
@@ -31,6 +31,11 @@ def main(args: list[str] | None = None) -> InterpCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main() -> None:
+    """Entry point of the ``lightning-interp`` console script (exit status 0 on success)."""
+    build_cli()
 
 
 if __name__ == "__main__":

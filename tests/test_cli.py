@@ -8,7 +8,7 @@ import transformers as T
 import yaml
 
 from lightning_interp import load_dictionary
-from lightning_interp.cli import main
+from lightning_interp.cli import build_cli as main
 from tests.data.test_tokens import BOS, EOS, make_tokenizer, random_texts
 
 
