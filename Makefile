@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The offline quickstart: a TopK SAE on SmolLM2-135M's residual stream (about 6-8 min on 2 cores).
+# The offline quickstart: a TopK SAE on SmolLM2-135M's residual stream (about 4-5 min on 2 cores).
 demo: $(STAMP)
 	$(VENV)/bin/lightning-interp fit --config recipes/quickstart.yaml
 
