@@ -46,18 +46,14 @@ def _worker_ours(torch, x, args, dead_ids) -> dict:
     dead_mask[dead_ids] = True
     with torch.no_grad():
         sae.b_enc[dead_ids] = DEAD_BIAS
+    from train_step import make_train_step  # ours runs in our venv, beside this file
+
     optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4, fused=True)
+    train_step = make_train_step(sae, optimizer, x, dead_mask)
     auxk = []
 
     def step(_: int) -> None:
-        out = sae.forward_train(x)
-        losses = sae.loss(x, out, dead_mask=dead_mask)
-        losses["loss"].backward()
-        sae.remove_parallel_decoder_grad_()
-        optimizer.step()
-        sae.normalize_decoder_()
-        optimizer.zero_grad(set_to_none=True)
-        auxk.append(losses["auxk_loss"].detach())
+        auxk.append(train_step()["auxk_loss"].detach())
 
     ms, times = _median_ms(step, args.steps, args.warmup)
     return {"version": __version__, "ms": ms, "times": times, "auxk": float(auxk[-1])}

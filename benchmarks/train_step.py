@@ -59,6 +59,25 @@ def median_ms(fn, steps: int, warmup: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def make_train_step(dictionary, optimizer, x, dead_mask):
+    """The step DictionaryModule runs per batch, as a closure returning its loss terms.
+
+    Shared with compare_steps.py so both benchmarks time exactly the same step.
+    """
+
+    def train_step() -> dict:
+        out = dictionary.forward_train(x)
+        losses = dictionary.loss(x, out, dead_mask=dead_mask)
+        losses["loss"].backward()
+        dictionary.remove_parallel_decoder_grad_()
+        optimizer.step()
+        dictionary.normalize_decoder_()
+        optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    return train_step
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -74,14 +93,7 @@ def main() -> None:
         n_dead = max(1, int(args.dead_fraction * args.d_latent))
         dead_mask[torch.randperm(args.d_latent)[:n_dead]] = True
 
-    def train_step() -> None:
-        out = dictionary.forward_train(x)
-        losses = dictionary.loss(x, out, dead_mask=dead_mask)
-        losses["loss"].backward()
-        dictionary.remove_parallel_decoder_grad_()
-        optimizer.step()
-        dictionary.normalize_decoder_()
-        optimizer.zero_grad(set_to_none=True)
+    train_step = make_train_step(dictionary, optimizer, x, dead_mask)
 
     # Check once that AuxK really is (or is not) part of the step being timed.
     auxk = dictionary.loss(x, dictionary.forward_train(x), dead_mask=dead_mask)["auxk_loss"]
