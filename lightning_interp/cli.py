@@ -3,14 +3,24 @@
 ``lightning-interp fit --config recipes/quickstart.yaml`` trains; ``validate``, ``test`` and
 ``--print_config`` work as in any LightningCLI. Configs are parsed in omegaconf mode, so
 ``${model.dictionary.init_args.config.d_in}``-style interpolation resolves.
+
+Commands that are not training runs (zoo publishing, conversion, ...) are plain functions
+registered in :data:`EXTRA_COMMANDS`; :func:`main` dispatches to them before LightningCLI
+parses anything, so each keeps its own small argparse parser and imports lazily.
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_interp.modules import DictionaryModule
+
+# name -> "module:function"; the function takes the remaining argv and returns an exit code.
+EXTRA_COMMANDS: dict[str, str] = {}
 
 
 class InterpCLI(LightningCLI):
@@ -33,9 +43,27 @@ def build_cli(args: list[str] | None = None) -> InterpCLI:
     )
 
 
-def main() -> None:
-    """Entry point of the ``lightning-interp`` console script (exit status 0 on success)."""
-    build_cli()
+def run_extra_command(name: str, args: list[str]) -> int:
+    """Run the registered non-training command ``name`` with ``args``; returns its exit code."""
+    module_name, function_name = EXTRA_COMMANDS[name].split(":")
+    command = getattr(importlib.import_module(module_name), function_name)
+    return int(command(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-interp`` console script (exit status 0 on success).
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in EXTRA_COMMANDS:
+        sys.exit(run_extra_command(args[0], args[1:]))
+    if args and args[0] in ("-h", "--help"):
+        extra = ", ".join(sorted(EXTRA_COMMANDS)) or "none"
+        print(f"lightning-interp: training subcommands below; other commands: {extra}\n")
+    # LightningCLI reads sys.argv itself when given None (and warns when given both).
+    build_cli(argv)
 
 
 if __name__ == "__main__":
