@@ -1,27 +1,30 @@
-"""LightningModule that trains any registered dictionary on batches of activations."""
+"""LightningModules that train registered dictionaries on batches of activations.
+
+:class:`DictionaryTrainingModule` holds what every such loop shares (one
+:class:`~lightning_interp.modules.learner.DictionaryLearner` per dictionary, the optimizer
+and schedules, decoder constraints, throughput and metric logging);
+:class:`DictionaryModule` trains one dictionary, and
+:class:`~lightning_interp.modules.multi_module.MultiDictionaryModule` several from the same
+batches.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import Metric
 
 from lightning_interp.dictionaries import Dictionary, create_dictionary
-from lightning_interp.dictionaries.base import DictionaryOutput, batch_fvu
 from lightning_interp.errors import ConfigError, ShapeMismatchError
-from lightning_interp.metrics import (
-    L0,
-    DeadLatentFraction,
-    DenseLatentFraction,
-    FractionOfVarianceUnexplained,
-    MeanSquaredError,
-)
+from lightning_interp.modules.learner import DictionaryLearner
 from lightning_interp.modules.schedules import linear_warmup, warmup_then_decay
 
 
@@ -58,7 +61,186 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     return inputs, targets
 
 
-class DictionaryModule(L.LightningModule):
+def as_dictionary(value: Dictionary | Mapping[str, Any]) -> Dictionary:
+    """A Dictionary, or one built from its config dict (as checkpoints store it)."""
+    if isinstance(value, Mapping):
+        value = create_dictionary(**value)
+    if not isinstance(value, Dictionary):
+        raise ConfigError(
+            f"expected a Dictionary, got {type(value).__name__}; build one with "
+            f"lightning_interp.create_dictionary or a class_path in the config"
+        )
+    return value
+
+
+def merge_optimizers(optimizers: Sequence[torch.optim.Optimizer]) -> torch.optim.Optimizer:
+    """One optimizer holding the parameter groups (and hyperparameters) of several.
+
+    Adam-style state is per parameter, so this trains every group exactly as its own
+    optimizer would, while Lightning's automatic optimization (precision scaling,
+    gradient clipping and accumulation, one ``global_step`` per batch) stays intact.
+    """
+    first = optimizers[0]
+    if len(optimizers) == 1:
+        return first
+    kinds = {type(optimizer).__name__ for optimizer in optimizers}
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"all dictionaries of one run must use the same optimizer class, got "
+            f"{sorted(kinds)}; vary the learning rate per dictionary with learning_rates"
+        )
+    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+    return type(first)(groups, **first.defaults)
+
+
+class DictionaryTrainingModule(L.LightningModule):
+    """Base of the modules that train one or more dictionaries (not used directly).
+
+    Subclasses put their learners in ``self.learners`` and implement ``training_step``
+    and ``_evaluate``; this class builds the optimizer and schedule, keeps decoders on the
+    unit sphere, and logs throughput (``tok/s`` in the progress bar).
+    """
+
+    def __init__(
+        self,
+        learners: Mapping[str, DictionaryLearner],
+        *,
+        optimizer: OptimizerCallable | None,
+        lr_scheduler: LRSchedulerCallable | None,
+        warmup_steps: int,
+        decay_fraction: float,
+        sparsity_warmup_steps: int,
+        learning_rates: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
+        if warmup_steps < 0 or sparsity_warmup_steps < 0:
+            raise ConfigError("warmup_steps and sparsity_warmup_steps must be >= 0")
+        unknown = sorted(set(learning_rates or {}) - set(learners))
+        if unknown:
+            raise ConfigError(
+                f"learning_rates names {unknown}, which are not dictionaries of this run "
+                f"({sorted(learners)})"
+            )
+        self.learners = nn.ModuleDict(dict(learners))
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=2e-4, fused=True)
+        self.lr_scheduler_factory = lr_scheduler
+        self.learning_rates = dict(learning_rates or {})
+        self.warmup_steps = warmup_steps
+        self.decay_fraction = decay_fraction
+        self.sparsity_warmup_steps = sparsity_warmup_steps
+        self._step_started: float | None = None
+        self._tokens_per_second: float | None = None
+
+    def named_learners(self) -> Iterator[tuple[str | None, DictionaryLearner]]:
+        """``(name, learner)`` pairs; the name is ``None`` for a single-dictionary module.
+
+        Callbacks use the name for log keys (``val/<name>/...``) and output folders.
+        """
+        yield from self.learners.items()
+
+    def sparsity_scale(self) -> float:
+        """Current multiplier of the sparsity penalty (sparsity warm-up)."""
+        return linear_warmup(self.global_step, self.sparsity_warmup_steps)
+
+    def reduce(self, tensor: Tensor, op: str) -> Tensor:
+        """Reduce ``tensor`` across DDP ranks (``op``: ``"sum"`` or ``"mean"``)."""
+        return self.trainer.strategy.reduce(tensor, reduce_op=op)
+
+    # ------------------------------------------------------------------ logging
+    def _log_training(self, prefix: str, logged: Mapping[str, Tensor], learner: Any) -> None:
+        self.log_dict({f"{prefix}/{name}": value for name, value in logged.items()})
+        self.log(f"{prefix}/tokens_seen", learner.tokens_seen.float())
+
+    def _log_evaluation(self, prefix: str, metrics: Mapping[str, Metric]) -> None:
+        for name, metric in metrics.items():
+            self.log(
+                f"{prefix}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "fvu"
+            )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Start the clock of this step (for ``tok/s``)."""
+        self._step_started = time.perf_counter()
+
+    def _log_throughput(self, rows: int) -> None:
+        # Measured per step (data wait excluded: the stream captures inside next(), before
+        # on_train_batch_start) and smoothed, so the bar shows a steady training rate.
+        if self._step_started is None:
+            return
+        seconds = max(time.perf_counter() - self._step_started, 1e-9)
+        rate = rows * self.trainer.world_size / seconds
+        previous = self._tokens_per_second
+        self._tokens_per_second = rate if previous is None else 0.9 * previous + 0.1 * rate
+        self.log("tok/s", self._tokens_per_second, prog_bar=True, logger=False)
+        self.log("train/tokens_per_second", rate, prog_bar=False)
+
+    # ------------------------------------------------------------------ optimisation
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove the decoder-gradient component that only changes row norms."""
+        for learner in self.learners.values():
+            learner.before_optimizer_step()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step, then put decoder rows back on the unit sphere."""
+        super().optimizer_step(*args, **kwargs)
+        for learner in self.learners.values():
+            learner.after_optimizer_step()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        optimizers = []
+        for name, learner in self.learners.items():
+            optimizer = self.optimizer_factory(learner.dictionary.parameters())
+            if name in self.learning_rates:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.learning_rates[name]
+            optimizers.append(optimizer)
+        return merge_optimizers(optimizers)
+
+    def configure_optimizers(self) -> Any:
+        """The optimizer, and the schedule stepped every optimizer step."""
+        optimizer = self._build_optimizer()
+        if self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        else:
+            decay_steps = 0
+            total = self.trainer.estimated_stepping_batches
+            # Lightning answers inf, or -1 (max_steps unset), for an endless loader.
+            known_length = math.isfinite(total) and total > 0
+            if self.decay_fraction > 0:
+                if not known_length:
+                    raise ConfigError(
+                        "decay_fraction > 0 needs a known run length; set trainer.max_steps "
+                        "or use a data loader with a length"
+                    )
+                decay_steps = int(self.decay_fraction * total)
+            total_steps = int(total) if known_length else 0
+            schedule = partial(
+                warmup_then_decay,
+                warmup_steps=self.warmup_steps,
+                decay_steps=decay_steps,
+                total_steps=total_steps,
+            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, batch: Any, prefix: str) -> None:
+        raise NotImplementedError
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Accumulate reconstruction and sparsity metrics over the validation set."""
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Same metrics as validation, logged under ``test/``."""
+        self._evaluate(batch, "test")
+
+
+class DictionaryModule(DictionaryTrainingModule):
     """Trains a :class:`~lightning_interp.dictionaries.Dictionary` with Lightning.
 
     Handles the optimizer and schedules, the unit-norm decoder constraint, ``b_dec``
@@ -102,169 +284,73 @@ class DictionaryModule(L.LightningModule):
         dead_tokens_threshold: int = 10_000_000,
         dense_threshold: float = 0.1,
     ) -> None:
-        super().__init__()
-        if isinstance(dictionary, Mapping):
-            dictionary = create_dictionary(**dictionary)
-        if not isinstance(dictionary, Dictionary):
-            raise ConfigError(
-                f"dictionary must be a Dictionary, got {type(dictionary).__name__}; build one "
-                f"with lightning_interp.create_dictionary"
-            )
-        if not 0.0 <= decay_fraction <= 1.0:
-            raise ConfigError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
-        if warmup_steps < 0 or sparsity_warmup_steps < 0 or dead_tokens_threshold <= 0:
-            raise ConfigError(
-                "warmup_steps and sparsity_warmup_steps must be >= 0 and dead_tokens_threshold > 0"
-            )
+        dictionary = as_dictionary(dictionary)
+        if dead_tokens_threshold <= 0:
+            raise ConfigError(f"dead_tokens_threshold must be > 0, got {dead_tokens_threshold}")
+        learner = DictionaryLearner(
+            dictionary, dead_tokens_threshold=dead_tokens_threshold, dense_threshold=dense_threshold
+        )
+        super().__init__(
+            {"main": learner},
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            warmup_steps=warmup_steps,
+            decay_fraction=decay_fraction,
+            sparsity_warmup_steps=sparsity_warmup_steps,
+        )
         # Callables stay out of hparams: checkpoints must load with weights_only=True, which
         # refuses pickled functions. load_from_checkpoint then uses the default optimizer;
         # resuming a run (fit ckpt_path=...) restores the optimizer state itself.
         self.save_hyperparameters(ignore=["dictionary", "optimizer", "lr_scheduler"])
         # Stored as a plain config so load_from_checkpoint can rebuild the dictionary.
         self.hparams["dictionary"] = dictionary.config.to_dict()
-        self.dictionary = dictionary
-        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=2e-4, fused=True)
-        self.lr_scheduler_factory = lr_scheduler
-        self.warmup_steps = warmup_steps
-        self.decay_fraction = decay_fraction
-        self.sparsity_warmup_steps = sparsity_warmup_steps
         self.dead_tokens_threshold = dead_tokens_threshold
-        d_latent = dictionary.d_latent
-        # Training state that checkpoints must carry, so it lives in buffers.
-        self.register_buffer("tokens_since_fired", torch.zeros(d_latent, dtype=torch.long))
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
-        self.register_buffer(
-            "b_dec_initialized", torch.tensor(dictionary.config.b_dec_init == "zeros")
-        )
-        self.val_fvu = FractionOfVarianceUnexplained(num_features=dictionary.d_out)
-        self.val_mse = MeanSquaredError()
-        self.val_l0 = L0()
-        self.val_dead = DeadLatentFraction(d_latent)
-        self.val_dense = DenseLatentFraction(d_latent, threshold=dense_threshold)
 
-    # ------------------------------------------------------------------ training
-    def sparsity_scale(self) -> float:
-        """Current multiplier of the sparsity penalty (sparsity warm-up)."""
-        return linear_warmup(self.global_step, self.sparsity_warmup_steps)
+    @property
+    def learner(self) -> DictionaryLearner:
+        """The dictionary's training state."""
+        return self.learners["main"]
+
+    @property
+    def dictionary(self) -> Dictionary:
+        """The dictionary being trained."""
+        return self.learner.dictionary
+
+    @property
+    def tokens_seen(self) -> Tensor:
+        """Training rows seen, over all ranks."""
+        return self.learner.tokens_seen
+
+    @property
+    def tokens_since_fired(self) -> Tensor:
+        """Training rows since each latent last fired."""
+        return self.learner.tokens_since_fired
+
+    @property
+    def b_dec_initialized(self) -> Tensor:
+        """Whether ``b_dec`` was set from the first batch."""
+        return self.learner.b_dec_initialized
+
+    def named_learners(self) -> Iterator[tuple[str | None, DictionaryLearner]]:
+        """The one learner, unnamed (logs under ``train/`` and ``val/``)."""
+        yield None, self.learner
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired for ``dead_tokens_threshold`` training tokens."""
-        return self.tokens_since_fired >= self.dead_tokens_threshold
-
-    @torch.no_grad()
-    def _initialize_b_dec(self, sample: Tensor) -> None:
-        self.dictionary.initialize_b_dec_(sample)
-        # Every DDP rank saw a different first batch; agree on one centre.
-        b_dec = self.trainer.strategy.reduce(
-            self.dictionary.b_dec.detach().clone(), reduce_op="mean"
-        )
-        self.dictionary.b_dec.copy_(b_dec)
-        self.b_dec_initialized.fill_(True)
-
-    @torch.no_grad()
-    def _track_firing(self, out: DictionaryOutput) -> None:
-        fired = out.fired_latents().float()
-        rows = torch.tensor(float(out.reconstruction.shape[0]), device=fired.device)
-        fired = self.trainer.strategy.reduce(fired, reduce_op="sum") > 0
-        rows = int(self.trainer.strategy.reduce(rows, reduce_op="sum"))
-        self.tokens_since_fired += rows
-        self.tokens_since_fired[fired] = 0
-        self.tokens_seen += rows
+        return self.learner.dead_mask()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One optimisation step on a batch of activations."""
         inputs, targets = split_batch(batch)
-        self.dictionary.check_input(inputs)
-        if not bool(self.b_dec_initialized):
-            self._initialize_b_dec(inputs if targets is None else targets)
-        out = self.dictionary.forward_train(inputs)
-        dead = self.dead_mask()
-        losses = self.dictionary.loss(
-            inputs, out, target=targets, sparsity_scale=self.sparsity_scale(), dead_mask=dead
+        loss, logged = self.learner.training_loss(
+            inputs, targets, sparsity_scale=self.sparsity_scale(), reduce=self.reduce
         )
-        self._track_firing(out)
-        with torch.no_grad():
-            target = inputs if targets is None else targets
-            logged = {f"train/{name}": value.detach() for name, value in losses.items()}
-            logged["train/fvu"] = batch_fvu(out.reconstruction.float(), target.float())
-            logged["train/l0"] = out.l0_per_row().float().mean()
-            logged["train/dead_fraction"] = dead.float().mean()
-            logged["train/sparsity_scale"] = torch.tensor(self.sparsity_scale())
-        self.log_dict(logged, prog_bar=False)
-        self.log("train/tokens_seen", self.tokens_seen.float(), prog_bar=False)
-        self.log("loss", losses["loss"].detach(), prog_bar=True, logger=False)
-        return losses["loss"]
+        logged["sparsity_scale"] = torch.tensor(self.sparsity_scale())
+        self._log_training("train", logged, self.learner)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        self._log_throughput(inputs.shape[0])
+        return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Remove the decoder-gradient component that only changes row norms."""
-        if self.dictionary.config.normalize_decoder:
-            self.dictionary.remove_parallel_decoder_grad_()
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Step, then put decoder rows back on the unit sphere."""
-        super().optimizer_step(*args, **kwargs)
-        if self.dictionary.config.normalize_decoder:
-            self.dictionary.normalize_decoder_()
-
-    def configure_optimizers(self) -> Any:
-        """The optimizer, and the schedule stepped every optimizer step."""
-        optimizer = self.optimizer_factory(self.dictionary.parameters())
-        if self.lr_scheduler_factory is not None:
-            scheduler = self.lr_scheduler_factory(optimizer)
-        else:
-            decay_steps = 0
-            total = self.trainer.estimated_stepping_batches
-            # Lightning answers inf, or -1 (max_steps unset), for an endless loader.
-            known_length = math.isfinite(total) and total > 0
-            if self.decay_fraction > 0:
-                if not known_length:
-                    raise ConfigError(
-                        "decay_fraction > 0 needs a known run length; set trainer.max_steps "
-                        "or use a data loader with a length"
-                    )
-                decay_steps = int(self.decay_fraction * total)
-            total_steps = int(total) if known_length else 0
-            schedule = partial(
-                warmup_then_decay,
-                warmup_steps=self.warmup_steps,
-                decay_steps=decay_steps,
-                total_steps=total_steps,
-            )
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
-
-    # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: Any, prefix: str) -> None:
         inputs, targets = split_batch(batch)
-        target = inputs if targets is None else targets
-        # Evaluate the inference form (a BatchTopK dictionary uses its threshold here).
-        codes = self.dictionary.encode(inputs)
-        reconstruction = self.dictionary.decode(codes).float()
-        target = target.float()
-        self.val_fvu(reconstruction, target)
-        self.val_mse(reconstruction, target)
-        self.val_l0(codes)
-        self.val_dead(codes)
-        self.val_dense(codes)
-        metrics = {
-            "fvu": self.val_fvu,
-            "mse": self.val_mse,
-            "l0": self.val_l0,
-            "dead_fraction": self.val_dead,
-            "dense_fraction": self.val_dense,
-        }
-        for name, metric in metrics.items():
-            self.log(
-                f"{prefix}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "fvu"
-            )
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Accumulate reconstruction and sparsity metrics over the validation set."""
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Same metrics as validation, logged under ``test/``."""
-        self._evaluate(batch, "test")
+        self._log_evaluation(prefix, self.learner.update_metrics(inputs, targets))

@@ -169,5 +169,5 @@ def test_wrong_width_batches_fail_with_the_dictionary_error():
 
 
 def test_rejects_a_non_dictionary():
-    with pytest.raises(ConfigError, match="must be a Dictionary"):
+    with pytest.raises(ConfigError, match="expected a Dictionary"):
         DictionaryModule(torch.nn.Linear(2, 2))
