@@ -2,7 +2,10 @@
 
 ``lightning-interp fit --config recipes/quickstart.yaml`` trains; ``validate``, ``test`` and
 ``--print_config`` work as in any LightningCLI. Configs are parsed in omegaconf mode, so
-``${model.dictionary.init_args.config.d_in}``-style interpolation resolves.
+``${model.init_args.dictionary.init_args.config.d_in}``-style interpolation resolves. The
+model and the data are chosen by ``class_path`` (subclass mode): a
+:class:`~lightning_interp.modules.DictionaryModule`, a
+:class:`~lightning_interp.modules.MultiDictionaryModule`, or any LightningModule.
 
 Commands that are not training runs (zoo publishing, conversion, ...) are plain functions
 registered in :data:`EXTRA_COMMANDS`; :func:`main` dispatches to them before LightningCLI
@@ -16,8 +19,6 @@ import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
-
-from lightning_interp.modules import DictionaryModule
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit code.
 EXTRA_COMMANDS: dict[str, str] = {}
@@ -34,8 +35,9 @@ def build_cli(args: list[str] | None = None) -> InterpCLI:
         args: Command-line arguments; tests pass a list.
     """
     return InterpCLI(
-        DictionaryModule,
+        L.LightningModule,
         L.LightningDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},

@@ -1,14 +1,23 @@
-"""Callbacks that evaluate and export the dictionary a DictionaryModule trains."""
+"""Callbacks that evaluate and export the dictionaries a training module trains.
+
+Both work with :class:`~lightning_interp.modules.DictionaryModule` (one dictionary: logs
+``val/...``, writes ``<dirpath>/dictionary/``) and
+:class:`~lightning_interp.modules.MultiDictionaryModule` (logs ``val/<name>/...``, writes
+``<dirpath>/<name>/dictionary/``), through the module's ``named_learners()``.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
+from lightning_interp.dictionaries import Dictionary
+from lightning_interp.dictionaries.serialization import atomic_write
 from lightning_interp.metrics.downstream import (
     CrossEntropyLossRecovered,
     SplicedKLDivergence,
@@ -17,47 +26,85 @@ from lightning_interp.metrics.downstream import (
 )
 
 
+def _dictionaries(
+    pl_module: L.LightningModule,
+) -> Iterator[tuple[str | None, Dictionary, Any]]:
+    """``(name, dictionary, learner)`` of every dictionary the module trains."""
+    for name, learner in pl_module.named_learners():
+        yield name, learner.dictionary, learner
+
+
+def _sites(dictionary: Dictionary, data: Any) -> tuple[str | None, str | None]:
+    """``(site, site_out)`` of a dictionary: its provenance, else the data module's sites.
+
+    A data module yielding ``(inputs, targets)`` pairs (two sites, ``batch_format:
+    auto``) trains a transcoder from its first site to its second.
+    """
+    provenance = dictionary.config.provenance
+    site, site_out = provenance.site, provenance.site_out
+    backbone = getattr(data, "backbone", None)
+    if site is None and backbone is not None:
+        sites = backbone.resolve_sites(data.hparams.get("sites") or data.site)
+        pairs = len(sites) == 2 and data.hparams.get("batch_format", "auto") == "auto"
+        site, site_out = (sites[0], sites[1]) if pairs else (data.site, None)
+    return site, site_out
+
+
 class DownstreamMetrics(L.Callback):
-    """After each validation, splice the dictionary into the backbone and log CE metrics.
+    """After each validation, splice each dictionary into the backbone and log CE metrics.
 
     Needs a datamodule with ``backbone``, ``site`` and ``downstream_inputs()`` (such as
     :class:`~lightning_interp.data.lm_datamodule.LanguageModelActivations`) whose backbone
-    has an LM head; otherwise it logs nothing and says why once.
+    has an LM head; otherwise it logs nothing and says why once (encoders such as BERT
+    or MiniLM get the reconstruction metrics only). Transcoders are skipped too: their
+    reconstruction replaces a different site than the one they read.
     """
 
     def __init__(self) -> None:
-        self._warned = False
+        self._warned: set[str] = set()
+
+    def _skip(self, pl_module: L.LightningModule, reason: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            pl_module.print(f"downstream metrics skipped: {reason}")
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Log ``val/ce_loss_recovered``, ``val/delta_lm_loss`` and ``val/kl_divergence``."""
+        """Log ``ce_loss_recovered``, ``delta_lm_loss`` and ``kl_divergence`` per dictionary."""
+        if trainer.sanity_checking:
+            return
         data = trainer.datamodule
         backbone = getattr(data, "backbone", None)
         if backbone is None or not hasattr(data, "downstream_inputs") or not has_lm_head(backbone):
-            if not self._warned:
-                self._warned = True
-                pl_module.print("downstream metrics skipped: no causal-LM backbone in the data")
+            self._skip(pl_module, "no causal-LM backbone in the data (reconstruction only)")
             return
-        ce, kl = CrossEntropyLossRecovered(), SplicedKLDivergence()
-        was_training = pl_module.dictionary.training
-        pl_module.dictionary.eval()
-        for inputs in data.downstream_inputs():
-            splice_evaluation(
-                backbone, pl_module.dictionary, data.site, inputs, ce_metric=ce, kl_metric=kl
-            )
-        pl_module.dictionary.train(was_training)
-        values = ce.compute_all()
-        pl_module.log("val/ce_loss_recovered", float(values["ce_loss_recovered"]))
-        pl_module.log("val/delta_lm_loss", float(values["delta_lm_loss"]))
-        pl_module.log("val/kl_divergence", float(kl.compute()))
+        inputs = data.downstream_inputs()
+        for name, dictionary, _ in _dictionaries(pl_module):
+            site, site_out = _sites(dictionary, data)
+            if site_out is not None or dictionary.d_out != dictionary.d_in:
+                self._skip(pl_module, f"{name or 'dictionary'} is a transcoder")
+                continue
+            prefix = "val" if name is None else f"val/{name}"
+            ce, kl = CrossEntropyLossRecovered(), SplicedKLDivergence()
+            was_training = dictionary.training
+            dictionary.eval()
+            for batch in inputs:
+                splice_evaluation(backbone, dictionary, site, batch, ce_metric=ce, kl_metric=kl)
+            dictionary.train(was_training)
+            values = ce.compute_all()
+            pl_module.log(f"{prefix}/ce_loss_recovered", float(values["ce_loss_recovered"]))
+            pl_module.log(f"{prefix}/delta_lm_loss", float(values["delta_lm_loss"]))
+            pl_module.log(f"{prefix}/kl_divergence", float(kl.compute()))
 
 
 class ExportDictionary(L.Callback):
-    """At the end of fit, save the dictionary and its final validation metrics.
+    """At the end of fit, save each dictionary and its final validation metrics.
 
     Writes ``<dirpath>/dictionary/`` (``config.json`` + ``model.safetensors``, loadable with
     :func:`lightning_interp.load_dictionary`, provenance filled from the datamodule) and
     ``<dirpath>/metrics.json`` with ``fvu``, ``l0``, ``dead_fraction``,
-    ``ce_loss_recovered`` (null without an LM head) and ``tokens_trained``.
+    ``ce_loss_recovered`` (null without an LM head), ``delta_lm_loss`` and
+    ``tokens_trained``. A multi-dictionary run writes the same under
+    ``<dirpath>/<name>/`` for each dictionary.
 
     Args:
         dirpath: Output folder.
@@ -70,32 +117,35 @@ class ExportDictionary(L.Callback):
         """Save (on global rank 0 only)."""
         if not trainer.is_global_zero:
             return
-        dictionary = pl_module.dictionary
         data = trainer.datamodule
         hparams: Any = getattr(data, "hparams", {})
-        if getattr(data, "backbone", None) is not None:
-            provenance = dictionary.config.provenance
-            provenance.backbone = provenance.backbone or hparams.get("model")
-            provenance.site = provenance.site or data.site
-            provenance.dataset = provenance.dataset or hparams.get("text")
-            provenance.context_size = provenance.context_size or hparams.get("context_size")
-        dictionary.save_pretrained(self.dirpath / "dictionary")
         metrics = trainer.callback_metrics
+        for name, dictionary, learner in _dictionaries(pl_module):
+            folder = self.dirpath if name is None else self.dirpath / name
+            prefix = "val" if name is None else f"val/{name}"
+            if getattr(data, "backbone", None) is not None:
+                provenance = dictionary.config.provenance
+                provenance.backbone = provenance.backbone or hparams.get("model")
+                provenance.site, provenance.site_out = _sites(dictionary, data)
+                provenance.dataset = provenance.dataset or hparams.get("text")
+                provenance.context_size = provenance.context_size or hparams.get("context_size")
+            dictionary.save_pretrained(folder / "dictionary")
 
-        def value(name: str) -> float | None:
-            if name not in metrics:
-                return None
-            number = float(metrics[name])
-            return None if math.isnan(number) else number
+            def value(key: str, prefix: str = prefix) -> float | None:
+                if f"{prefix}/{key}" not in metrics:
+                    return None
+                number = float(metrics[f"{prefix}/{key}"])
+                return None if math.isnan(number) else number
 
-        summary = {
-            "fvu": value("val/fvu"),
-            "l0": value("val/l0"),
-            "dead_fraction": value("val/dead_fraction"),
-            "ce_loss_recovered": value("val/ce_loss_recovered"),
-            "delta_lm_loss": value("val/delta_lm_loss"),
-            "tokens_trained": int(pl_module.tokens_seen),
-        }
-        (self.dirpath / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"dictionary: {self.dirpath / 'dictionary'}")
-        print(f"metrics: {self.dirpath / 'metrics.json'} {json.dumps(summary)}")
+            summary = {
+                "fvu": value("fvu"),
+                "l0": value("l0"),
+                "dead_fraction": value("dead_fraction"),
+                "ce_loss_recovered": value("ce_loss_recovered"),
+                "delta_lm_loss": value("delta_lm_loss"),
+                "tokens_trained": int(learner.tokens_seen),
+            }
+            text = json.dumps(summary, indent=2) + "\n"
+            atomic_write(folder / "metrics.json", lambda p, text=text: p.write_text(text))
+            print(f"dictionary: {folder / 'dictionary'}")
+            print(f"metrics: {folder / 'metrics.json'} {json.dumps(summary)}")

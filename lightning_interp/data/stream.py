@@ -89,6 +89,8 @@ class ActivationStream(IterableDataset):
             callable returning a fresh iterator.
         sites: One site (batches are tensors ``[batch_size, d]``), two (``(inputs,
             targets)`` pairs, as a transcoder needs) or more (dicts by site); globs work.
+        batch_format: ``"auto"`` (as just described) or ``"dict"``: always a dict by
+            canonical site name (what a multi-dictionary run reads).
         batch_size: Rows per batch.
         context_size: Tokens per context (BOS included).
         contexts_per_capture: Contexts per backbone forward.
@@ -130,8 +132,12 @@ class ActivationStream(IterableDataset):
         device: str | torch.device = "cpu",
         autocast_dtype: str | torch.dtype | None = None,
         tokenizer: Any = None,
+        batch_format: str = "auto",
     ) -> None:
         super().__init__()
+        if batch_format not in ("auto", "dict"):
+            raise ConfigError(f"batch_format must be 'auto' or 'dict', got {batch_format!r}")
+        self.batch_format = batch_format
         for name, value in (
             ("batch_size", batch_size),
             ("context_size", context_size),
@@ -267,6 +273,8 @@ class ActivationStream(IterableDataset):
         return {site: acts[site][keep.to(acts[site].device)] for site in self.sites}
 
     def _format(self, rows: dict[str, Tensor]) -> Batch:
+        if self.batch_format == "dict":
+            return {site: rows[site] for site in self.sites}
         if len(self.sites) == 1:
             return rows[self.sites[0]]
         if len(self.sites) == 2:

@@ -1,5 +1,6 @@
 """LightningModules: training loops around dictionaries (and, later, concept heads)."""
 
 from lightning_interp.modules.dictionary_module import DictionaryModule, split_batch
+from lightning_interp.modules.multi_module import MultiDictionaryModule
 
-__all__ = ["DictionaryModule", "split_batch"]
+__all__ = ["DictionaryModule", "MultiDictionaryModule", "split_batch"]

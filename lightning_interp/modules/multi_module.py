@@ -1,0 +1,163 @@
+"""Train several dictionaries from one pass of the backbone (SAELens's multi-SAE runner)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from lightning_interp.dictionaries import Dictionary
+from lightning_interp.errors import ConfigError
+from lightning_interp.modules.dictionary_module import (
+    DictionaryTrainingModule,
+    as_dictionary,
+    split_batch,
+)
+from lightning_interp.modules.learner import DictionaryLearner
+
+
+def _check_name(name: str) -> None:
+    # Names become module keys, log keys and folder names.
+    if not name or any(char in name for char in "./\\ "):
+        raise ConfigError(
+            f"dictionary name {name!r} may not be empty or contain '.', '/', '\\' or spaces "
+            f"(it names a submodule, a log key and an output folder); try "
+            f"{name.replace('.', '_').replace('/', '_') or 'sae'!r}"
+        )
+
+
+class MultiDictionaryModule(DictionaryTrainingModule):
+    """Trains several dictionaries on the same batches, each with its own state and metrics.
+
+    Each dictionary reads the site named in its ``config.provenance.site`` (and
+    ``site_out`` for a transcoder) from dict batches keyed by site, as
+    :class:`~lightning_interp.data.lm_datamodule.LanguageModelActivations` yields with
+    ``batch_format: dict``; with plain tensor (or ``(inputs, targets)``) batches every
+    dictionary sees the whole batch, e.g. several widths or ``k`` on one site. So the
+    backbone runs once per batch however many dictionaries train.
+
+    Every dictionary has its own parameter group (its learning rate from
+    ``learning_rates``, its own Adam moments), decoder constraint, ``b_dec``
+    initialisation, dead-latent counter and metrics, logged as ``train/<name>/...`` and
+    ``val/<name>/...``; :class:`~lightning_interp.callbacks.ExportDictionary` writes each
+    to ``<dirpath>/<name>/``. The groups share one torch optimizer because Lightning's
+    manual optimization would count one ``global_step`` per optimizer per batch; Adam's
+    state is per parameter, so the update of each dictionary is what its own optimizer
+    would give.
+
+    Args:
+        dictionaries: Name -> dictionary (or config dict with ``architecture``).
+        optimizer: Optimizer callable, applied to each dictionary's parameters.
+        lr_scheduler: Scheduler callable (replaces the built-in warm-up/decay).
+        learning_rates: Name -> learning rate, overriding the optimizer's for that one.
+        warmup_steps: Linear learning-rate warm-up steps.
+        decay_fraction: Share of the run over which the learning rate decays to zero.
+        sparsity_warmup_steps: Steps over which sparsity penalties ramp up.
+        dead_tokens_threshold: Tokens without firing after which a latent is dead.
+        dense_threshold: Firing frequency above which a latent counts as dense.
+
+    Example:
+        >>> import lightning as L, torch
+        >>> from lightning_interp import create_dictionary
+        >>> module = MultiDictionaryModule({
+        ...     "k2": create_dictionary("topk", d_in=8, d_latent=32, k=2),
+        ...     "k4": create_dictionary("topk", d_in=8, d_latent=64, k=4),
+        ... })
+        >>> loader = torch.utils.data.DataLoader(torch.randn(256, 8), batch_size=64)
+        >>> L.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+        ...           enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
+        >>> sorted(module.dictionaries)
+        ['k2', 'k4']
+    """
+
+    def __init__(
+        self,
+        dictionaries: Mapping[str, Dictionary],
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        learning_rates: dict[str, float] | None = None,
+        warmup_steps: int = 0,
+        decay_fraction: float = 0.0,
+        sparsity_warmup_steps: int = 0,
+        dead_tokens_threshold: int = 10_000_000,
+        dense_threshold: float = 0.1,
+    ) -> None:
+        if not dictionaries:
+            raise ConfigError("dictionaries is empty; name at least one dictionary to train")
+        if dead_tokens_threshold <= 0:
+            raise ConfigError(f"dead_tokens_threshold must be > 0, got {dead_tokens_threshold}")
+        built = {}
+        for name, dictionary in dictionaries.items():
+            _check_name(name)
+            built[name] = as_dictionary(dictionary)
+        learners = {
+            name: DictionaryLearner(
+                dictionary,
+                dead_tokens_threshold=dead_tokens_threshold,
+                dense_threshold=dense_threshold,
+            )
+            for name, dictionary in built.items()
+        }
+        super().__init__(
+            learners,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            warmup_steps=warmup_steps,
+            decay_fraction=decay_fraction,
+            sparsity_warmup_steps=sparsity_warmup_steps,
+            learning_rates=learning_rates,
+        )
+        self.save_hyperparameters(ignore=["dictionaries", "optimizer", "lr_scheduler"])
+        self.hparams["dictionaries"] = {
+            name: dictionary.config.to_dict() for name, dictionary in built.items()
+        }
+
+    @property
+    def dictionaries(self) -> dict[str, Dictionary]:
+        """Name -> dictionary being trained."""
+        return {name: learner.dictionary for name, learner in self.learners.items()}
+
+    def named_learners(self) -> Iterator[tuple[str | None, DictionaryLearner]]:
+        """``(name, learner)`` for every dictionary, in config order."""
+        yield from self.learners.items()
+
+    def select(self, batch: Any, name: str) -> tuple[Tensor, Tensor | None]:
+        """The ``(inputs, targets)`` dictionary ``name`` trains on in ``batch``."""
+        if not isinstance(batch, Mapping) or "activations" in batch or "inputs" in batch:
+            return split_batch(batch)
+        provenance = self.learners[name].dictionary.config.provenance
+        wanted = [provenance.site] + ([provenance.site_out] if provenance.site_out else [])
+        missing = [site for site in wanted if site not in batch]
+        if provenance.site is None or missing:
+            raise ConfigError(
+                f"dictionary {name!r} reads site {provenance.site!r}"
+                + (f" -> {provenance.site_out!r}" if provenance.site_out else "")
+                + f" but the batch holds {sorted(batch)}; set "
+                f"config.provenance.site (and site_out for a transcoder) of {name!r} to one "
+                f"of them, and list every site in the data module's sites"
+            )
+        return split_batch(tuple(batch[site] for site in wanted))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One step of every dictionary (their losses add; parameters are disjoint)."""
+        total: Tensor | None = None
+        rows = 0
+        scale = self.sparsity_scale()
+        for name, learner in self.learners.items():
+            inputs, targets = self.select(batch, name)
+            loss, logged = learner.training_loss(
+                inputs, targets, sparsity_scale=scale, reduce=self.reduce
+            )
+            self._log_training(f"train/{name}", logged, learner)
+            total = loss if total is None else total + loss
+            rows = max(rows, inputs.shape[0])
+        self.log("loss", total.detach(), prog_bar=True, logger=False)
+        self._log_throughput(rows)
+        return total
+
+    def _evaluate(self, batch: Any, prefix: str) -> None:
+        for name, learner in self.learners.items():
+            inputs, targets = self.select(batch, name)
+            self._log_evaluation(f"{prefix}/{name}", learner.update_metrics(inputs, targets))
