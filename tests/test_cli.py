@@ -30,7 +30,9 @@ def tiny_recipe(tmp_path):
     recipe["trainer"]["default_root_dir"] = str(tmp_path / "run")
     recipe["trainer"]["enable_progress_bar"] = False
     recipe["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(tmp_path / "run")
-    recipe["model"]["dictionary"]["init_args"]["config"].update(d_in=32, d_latent=128, k=4)
+    recipe["model"]["init_args"]["dictionary"]["init_args"]["config"].update(
+        d_in=32, d_latent=128, k=4
+    )
     recipe["data"]["init_args"].update(
         model=str(model_dir),
         sites="layers.1.resid_post",
@@ -66,7 +68,9 @@ def test_fit_writes_a_loadable_dictionary_and_metrics(tiny_recipe):
 def test_config_errors_name_the_key(tiny_recipe, capsys):
     recipe, _ = tiny_recipe
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(recipe), "--model.dictionary.init_args.config.k=many"])
+        main(
+            ["fit", "--config", str(recipe), "--model.init_args.dictionary.init_args.config.k=many"]
+        )
     assert "k" in capsys.readouterr().err
 
 
@@ -75,5 +79,5 @@ def test_print_config_resolves_the_recipe(capsys):
         main(["fit", "--config", "recipes/quickstart.yaml", "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["dictionary"]["init_args"]["config"]["d_latent"] == 9216
+    assert printed["model"]["init_args"]["dictionary"]["init_args"]["config"]["d_latent"] == 9216
     assert printed["data"]["init_args"]["model"] == "offline:smollm2"
