@@ -35,10 +35,8 @@ TINY_WIDTH = 32  # hidden size of every tiny model
 TINY_LAYERS = 4
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    """Tiny models of each family saved to disk, and a small text file."""
-    root = tmp_path_factory.mktemp("tiny-world")
+def make_tiny_world(root: Path, documents: int = 120) -> tuple[dict[str, Path], Path]:
+    """Tiny models of each family saved under ``root``, and a text file of ``documents``."""
     folders = {}
     for family in set(FAMILY_OF_MODEL.values()):
         folder = root / family
@@ -49,8 +47,14 @@ def tiny_world(tmp_path_factory):
             make_tokenizer().save_pretrained(folder)
         folders[family] = folder
     text = root / "texts.txt"
-    text.write_text("\n".join(random_texts(120, seed=0)) + "\n")
+    text.write_text("\n".join(random_texts(documents, seed=0)) + "\n")
     return folders, text
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """Tiny models of each family saved to disk, and a small text file."""
+    return make_tiny_world(tmp_path_factory.mktemp("tiny-world"))
 
 
 def _shrink_dictionary_config(config: dict) -> None:
