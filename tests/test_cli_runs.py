@@ -105,29 +105,41 @@ def test_killed_run_resumes_to_the_same_final_weights(tiny_world, tmp_path):
     assert metrics["tokens_trained"] == 64 * steps
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_world, tmp_path):
-    steps = 30
-    single = write_recipe(tiny_world, tmp_path / "single", 128 * steps, batch_size=128)
-    one = lightning_interp("fit", "--config", str(single), cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
+DDP_STEPS = 30
 
-    # Each of the two ranks draws 64-row batches: the same 128-row global batch.
-    double = write_recipe(tiny_world, tmp_path / "double", 128 * steps, batch_size=64)
-    two = lightning_interp(
+
+def ddp_args(recipe: Path) -> list[str]:
+    return [
         "fit",
         "--config",
-        str(double),
+        str(recipe),
         "--config",
         str(REPO / "recipes" / "ddp.yaml"),
         "--trainer.devices=2",
         "--trainer.accelerator=cpu",
-        cwd=tmp_path,
-    )
+    ]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_world, tmp_path_factory):
+    """An uninterrupted 2-process run; each rank draws 64-row batches (global 128)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    recipe = write_recipe(tiny_world, folder / "double", 128 * DDP_STEPS, batch_size=64)
+    two = lightning_interp(*ddp_args(recipe), cwd=folder)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "distributed_backend=gloo" in two.stderr + two.stdout
+    return folder / "double" / "run"
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
+    tiny_world, ddp_run, tmp_path
+):
+    single = write_recipe(tiny_world, tmp_path / "single", 128 * DDP_STEPS, batch_size=128)
+    one = lightning_interp("fit", "--config", str(single), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
     one_metrics = json.loads((tmp_path / "single" / "run" / "metrics.json").read_text())
-    two_metrics = json.loads((tmp_path / "double" / "run" / "metrics.json").read_text())
-    assert two_metrics["tokens_trained"] == one_metrics["tokens_trained"] == 128 * steps
+    two_metrics = json.loads((ddp_run / "metrics.json").read_text())
+    assert two_metrics["tokens_trained"] == one_metrics["tokens_trained"] == 128 * DDP_STEPS
     # Different rows reach each run (ranks shard the captures), so agreement is statistical.
     # (Measured: FVU 0.40969 vs 0.40969, L0 8 vs 8.)
     assert abs(two_metrics["fvu"] - one_metrics["fvu"]) < 0.01
@@ -135,3 +147,23 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_wor
     # A tiny random LM barely notices zero ablation, so CE *recovered* (a ratio over that
     # gap) is ill-conditioned here; the spliced loss change itself must agree.
     assert abs(two_metrics["delta_lm_loss"] - one_metrics["delta_lm_loss"]) < 0.05
+
+
+def test_killed_ddp_run_resumes_every_rank_exactly(tiny_world, ddp_run, tmp_path):
+    recipe = write_recipe(tiny_world, tmp_path / "double", 128 * DDP_STEPS, batch_size=64)
+    killed = lightning_interp(
+        *ddp_args(recipe),
+        "--trainer.callbacks+=tests.test_cli_runs.KillAtStep",
+        "--trainer.callbacks.step=13",
+        cwd=tmp_path,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "double" / "run"
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    # Both ranks' stream positions are in the checkpoint rank 0 wrote.
+    assert len(last["LanguageModelActivations"]["train_stream"]["ranks"]) == 2
+    resumed = lightning_interp(*ddp_args(recipe), "--ckpt_path", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, actual = weights(ddp_run), weights(run)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)

@@ -203,7 +203,21 @@ class ActivationStream(IterableDataset):
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        """Where the stream stands: after the last batch it yielded (no activations)."""
+        """Where the stream stands: after the last batch it yielded (no activations).
+
+        Under DDP every rank must call it (Lightning does, when it saves a checkpoint): the
+        ranks' states are gathered, because only rank 0 writes the checkpoint and each
+        rank's stream stands somewhere else.
+        """
+        state = self._local_state_dict()
+        rank, ranks = sharding.world()
+        if ranks == 1:
+            return state
+        gathered: list[Any] = [None] * ranks
+        torch.distributed.all_gather_object(gathered, state)
+        return {"version": _STATE_VERSION, "ranks": gathered}
+
+    def _local_state_dict(self) -> dict[str, Any]:
         if self._active is not None:
             return self._active.state_dict()
         if self._pending_state is not None:
@@ -215,8 +229,17 @@ class ActivationStream(IterableDataset):
         """Resume from ``state`` in the next iteration (restored at its first batch).
 
         Raises:
-            ConfigError: When the state comes from a stream with other settings.
+            ConfigError: When the state comes from a stream with other settings, or from a
+                run with another number of DDP ranks.
         """
+        if "ranks" in state:
+            rank, ranks = sharding.world()
+            if len(state["ranks"]) != ranks:
+                raise ConfigError(
+                    f"the checkpoint holds the stream positions of {len(state['ranks'])} DDP "
+                    f"ranks but this run has {ranks}; resume with the same number of devices"
+                )
+            state = state["ranks"][rank]
         if state.get("version") != _STATE_VERSION:
             raise ConfigError(f"unknown ActivationStream state version {state.get('version')}")
         saved, current = state["config"], self._fingerprint()
