@@ -21,7 +21,13 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 # name -> "module:function"; the function takes the remaining argv and returns an exit code.
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {
+    "publish": "lightning_interp.zoo.commands:publish",
+    "pull": "lightning_interp.zoo.commands:pull",
+    "card": "lightning_interp.zoo.commands:card",
+    "convert": "lightning_interp.zoo.commands:convert",
+    "zoo": "lightning_interp.zoo.commands:zoo",
+}
 
 
 class InterpCLI(LightningCLI):

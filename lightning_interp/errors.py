@@ -34,3 +34,38 @@ class DictionaryNotFoundError(LightningInterpError, FileNotFoundError):
 
 class CorruptFileError(LightningInterpError, ValueError):
     """A file exists but cannot be parsed, or its contents contradict its config."""
+
+
+class UnknownConceptError(LightningInterpError, KeyError):
+    """A concept name is not in the concept bank (or head) it was looked up in."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class EmptyConceptBankError(ConfigError):
+    """A concept bank has no concepts left (often: every concept was filtered out)."""
+
+
+class SiteSelectionError(LightningInterpError, LookupError):
+    """A source holds several dictionaries and no site, or an unknown site, was asked for."""
+
+
+class HubError(LightningInterpError, OSError):
+    """The Hugging Face Hub could not be reached, or answered with an error."""
+
+
+class CatalogueError(LightningInterpError, ValueError):
+    """A zoo catalogue entry is malformed, or a ``zoo:`` id names no entry."""
+
+
+class UnknownFormatError(LightningInterpError, ValueError):
+    """A folder matches no known dictionary file format, several at once, or an unknown name."""
+
+
+class UnsupportedFormatError(LightningInterpError, ValueError):
+    """A foreign dictionary uses a feature that cannot be represented faithfully here."""
+
+
+class UnsafeFileError(CorruptFileError):
+    """A file would need unpickling arbitrary objects to be read; it is refused."""

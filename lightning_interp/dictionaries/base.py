@@ -97,7 +97,8 @@ class Dictionary(nn.Module):
     :meth:`forward_train` for codes, pre-activations and the loss inputs.
 
     Tensors follow SAELens's layout: ``W_enc [d_in, d_latent]``, ``b_enc [d_latent]``,
-    ``W_dec [d_latent, d_out]``, ``b_dec [d_out]``.
+    ``W_dec [d_latent, d_out]``, ``b_dec [d_out]``, and with ``config.skip_connection``
+    ``W_skip [d_out, d_in]`` (reconstruction ``decode(codes) + x @ W_skip.T``).
 
     Args:
         config: The architecture's config dataclass.
@@ -123,6 +124,8 @@ class Dictionary(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
         if self.has_encoder_bias:
             self.b_enc = nn.Parameter(torch.zeros(d_latent, dtype=dtype))
+        if config.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, dtype=dtype))
         self.reset_parameters()
 
     # ------------------------------------------------------------------ initialisation
@@ -146,6 +149,9 @@ class Dictionary(nn.Module):
         self.b_dec.zero_()
         if self.has_encoder_bias:
             self.b_enc.zero_()
+        if self.config.skip_connection:
+            # A zero skip starts as a plain dictionary; training grows it where it helps.
+            self.W_skip.zero_()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -222,9 +228,19 @@ class Dictionary(nn.Module):
             )
         return codes @ self.W_dec + self.b_dec
 
+    def with_skip(self, x: Tensor, reconstruction: Tensor) -> Tensor:
+        """``reconstruction + x @ W_skip.T`` with a skip connection, else ``reconstruction``.
+
+        The skip reads the raw input (not centred on ``b_dec``), as SAELens and sparsify do.
+        """
+        if not self.config.skip_connection:
+            return reconstruction
+        x = self._prepare_input(x)
+        return reconstruction + (x @ self.W_skip.T).to(reconstruction.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruct ``x`` (for a transcoder: predict the output site)."""
-        return self.decode(self.encode(x))
+        return self.with_skip(x, self.decode(self.encode(x)))
 
     def forward_train(self, x: Tensor) -> DictionaryOutput:
         """One training forward pass on ``[N, d_in]`` activations.
@@ -234,7 +250,7 @@ class Dictionary(nn.Module):
         """
         pre = self.encode_pre(x)
         codes = self.activation(pre)
-        return DictionaryOutput(self.decode(codes), codes, pre)
+        return DictionaryOutput(self.with_skip(x, self.decode(codes)), codes, pre)
 
     # ------------------------------------------------------------------ losses
     def loss(
@@ -429,6 +445,49 @@ class Dictionary(nn.Module):
                 f"lightning_interp.load_dictionary"
             )
         return dictionary
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        site: str | None = None,
+        private: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        card_data: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        commit_message: str | None = None,
+    ) -> Any:
+        """Publish this dictionary (inference form) with a model card, in one commit.
+
+        Args:
+            repo_id: Target Hub repo (``org/name``), created if missing.
+            site: Repo folder to publish into (default: the repo root); other sites
+                already in the repo stay and are listed in the regenerated card.
+            private: Create the repo private.
+            revision: Branch to commit to (created from ``main`` if missing).
+            token: Hub token (default: the logged-in one).
+            card_data: Card metadata to set or override (e.g. ``{"license": "mit"}``).
+            metrics: Evaluation results (``fvu``, ``l0``, ``dead_fraction``,
+                ``ce_loss_recovered``, ``tokens_trained``) for the card.
+            commit_message: Commit summary.
+
+        Returns:
+            A :class:`~lightning_interp.zoo.publish.PublishResult` (repo, commit sha, URL).
+        """
+        from lightning_interp.zoo.publish import push_to_hub
+
+        return push_to_hub(
+            self,
+            repo_id,
+            site=site,
+            metrics=metrics,
+            private=private,
+            revision=revision,
+            token=token,
+            card_data=card_data,
+            commit_message=commit_message,
+        )
 
     def extra_repr(self) -> str:
         """Shapes and dtype, shown in ``repr``."""

@@ -89,6 +89,9 @@ class DictionaryConfig:
             removed before the step).
         apply_b_dec_to_input: Subtract ``b_dec`` from the input before encoding (only
             meaningful for autoencoders, where input and output live in the same space).
+        skip_connection: Add a learned linear skip ``x @ W_skip.T`` (``W_skip [d_out,
+            d_in]``) to the reconstruction, as skip-transcoders do (SAELens
+            ``skip_transcoder``, sparsify ``skip_connection``, Gemma Scope 2 affine skip).
         b_dec_init: How training initialises ``b_dec`` from the first batch:
             ``"geometric_median"``, ``"mean"`` or ``"zeros"``.
         provenance: Where the training activations came from.
@@ -102,6 +105,7 @@ class DictionaryConfig:
     dtype: str = "float32"
     normalize_decoder: bool = True
     apply_b_dec_to_input: bool = True
+    skip_connection: bool = False
     b_dec_init: BDecInit = "geometric_median"
     provenance: Provenance = field(default_factory=Provenance)
 

@@ -74,7 +74,9 @@ class GatedSAE(Dictionary):
         """Forward pass keeping the magnitude path for inspection."""
         gate, magnitude = self._paths(x)
         codes = self._combine(gate, magnitude)
-        return DictionaryOutput(self.decode(codes), codes, gate, {"magnitude": magnitude})
+        return DictionaryOutput(
+            self.with_skip(x, self.decode(codes)), codes, gate, {"magnitude": magnitude}
+        )
 
     def sparsity_losses(
         self,

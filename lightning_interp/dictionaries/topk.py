@@ -78,7 +78,7 @@ class _TopKFamily(Dictionary):
     ) -> tuple[Tensor, Tensor]:
         """Codes at ``pattern`` (ReLU'd) and the reconstruction, through the sparse kernels."""
         values = torch.relu(self._gather_encoder(x, pre, pattern))
-        return values, sparse_decode(values, self.W_dec, pattern) + self.b_dec
+        return values, self.with_skip(x, sparse_decode(values, self.W_dec, pattern) + self.b_dec)
 
     def sparsity_losses(
         self,
@@ -146,7 +146,7 @@ class TopKSAE(_TopKFamily):
         if not self._use_sparse_path():
             pre = self.encode_pre(x)
             codes, _, _ = keep_topk(pre, self.config.k)
-            return DictionaryOutput(self.decode(codes), codes, pre)
+            return DictionaryOutput(self.with_skip(x, self.decode(codes)), codes, pre)
         with torch.no_grad():
             pre = self.encode_pre(x).reshape(-1, self.d_latent)
             indices = pre.topk(self.config.k, dim=-1).indices
@@ -218,7 +218,7 @@ class BatchTopKSAE(_TopKFamily):
             codes = batch_topk(pre, self.config.k)
             if self.training:
                 self._update_threshold(codes)
-            return DictionaryOutput(self.decode(codes), codes, pre)
+            return DictionaryOutput(self.with_skip(x, self.decode(codes)), codes, pre)
         with torch.no_grad():
             pre = self.encode_pre(x).reshape(-1, self.d_latent)
             flat = torch.relu(pre).flatten()
@@ -261,6 +261,7 @@ class BatchTopKSAE(_TopKFamily):
                 dtype=cfg.dtype,
                 normalize_decoder=cfg.normalize_decoder,
                 apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+                skip_connection=cfg.skip_connection,
                 b_dec_init=cfg.b_dec_init,
                 initial_threshold=max(float(self.threshold), 1e-12),
                 provenance=provenance,

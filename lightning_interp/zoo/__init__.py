@@ -1,5 +1,22 @@
-"""Save, load and (later) publish dictionaries: the one entry point is :func:`load_dictionary`."""
+"""The zoo: load dictionaries from anywhere, publish them to the Hub, browse known releases.
 
+:func:`load_dictionary` reads a local folder, a Hub repo or a ``zoo:`` catalogue id in any
+known format (:mod:`lightning_interp.zoo.formats`); :func:`publish_run` and
+:meth:`Dictionary.push_to_hub <lightning_interp.Dictionary.push_to_hub>` publish with a
+model card (:mod:`lightning_interp.zoo.card`); :mod:`lightning_interp.zoo.catalogue` lists
+well-known public releases.
+"""
+
+from lightning_interp.zoo.catalogue import get_release, list_releases
 from lightning_interp.zoo.load import load_dictionary
+from lightning_interp.zoo.publish import PublishResult, publish_run, push_to_hub, render_card
 
-__all__ = ["load_dictionary"]
+__all__ = [
+    "PublishResult",
+    "get_release",
+    "list_releases",
+    "load_dictionary",
+    "publish_run",
+    "push_to_hub",
+    "render_card",
+]

@@ -1,35 +1,57 @@
-"""One function to load a dictionary from wherever it lives."""
+"""One function to load a dictionary from wherever it lives: a folder, the Hub, the catalogue."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
 from lightning_interp.dictionaries.base import Dictionary
-from lightning_interp.dictionaries.serialization import load_folder
-from lightning_interp.errors import DictionaryNotFoundError
+from lightning_interp.errors import DictionaryNotFoundError, HubError, SiteSelectionError
+from lightning_interp.zoo.layout import DictionaryFolder, find_dictionary_folders, select_folder
+
+ZOO_PREFIX = "zoo:"
+HF_PREFIX = "hf://"
 
 
 def load_dictionary(
     source: str | os.PathLike[str],
     *,
+    site: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    format: str = "auto",  # noqa: A002 - mirrors read_folder's keyword
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    token: str | bool | None = None,
 ) -> Dictionary:
-    """Load a dictionary saved with :meth:`Dictionary.save_pretrained`.
+    """Load a dictionary from a local folder, a Hub repo or a catalogue entry.
 
     Args:
-        source: A local folder holding ``config.json`` and ``model.safetensors``.
+        source: A local folder; a Hub repo id (``"org/name"``, or ``"hf://org/name"``); or
+            a catalogue id (``"zoo:<release>/<id>"``, see ``lightning-interp zoo list``).
+        site: Which dictionary of a multi-dictionary source to load (a folder name such as
+            ``"layers.8.resid_post"``). Needed when the source holds several.
+        subfolder: The exact folder inside the repo or tree, instead of ``site``.
+        revision: Hub branch, tag or commit sha (default: the default branch, or the
+            revision pinned by a catalogue entry).
+        format: ``"auto"`` (detected from file names) or a format name
+            (``"native"``, ``"saelens"``, ``"sparsify"``, ...).
         device: Device for the parameters (default CPU).
         dtype: Convert the parameters to this dtype (default: as saved).
+        token: Hub token (default: the logged-in token, as huggingface_hub does).
 
     Returns:
-        The dictionary in eval mode.
+        The dictionary in eval mode. Loaded from the Hub, its
+        ``config.provenance.revision`` holds the commit sha it came from.
 
     Raises:
-        DictionaryNotFoundError: ``source`` is not an existing folder, or lacks a file.
+        DictionaryNotFoundError: the folder, repo, revision or file does not exist (or is
+            not cached while ``HF_HUB_OFFLINE=1``).
+        SiteSelectionError: several dictionaries and no (or an unknown) ``site``.
+        HubError: the Hub failed or the connection dropped.
         CorruptFileError: a file is unreadable or contradicts its config.
 
     Example:
@@ -41,11 +63,139 @@ def load_dictionary(
         >>> load_dictionary(folder).config.k
         2
     """
-    path = Path(source)
-    if not path.is_dir():
-        raise DictionaryNotFoundError(
-            f"{str(source)!r} is not a local folder; pass the folder written by "
-            f"Dictionary.save_pretrained (loading from the Hugging Face Hub is not part of "
-            f"this release yet)"
+    text = os.fspath(source)
+    if text.startswith(ZOO_PREFIX):
+        from lightning_interp.zoo.catalogue import resolve_catalogue_id
+
+        target = resolve_catalogue_id(text, site=site)
+        return load_dictionary(
+            target.repo,
+            subfolder=target.path,
+            revision=revision or target.revision,
+            format=target.format if format == "auto" else format,
+            device=device,
+            dtype=dtype,
+            token=token,
         )
-    return load_folder(path, device=device, dtype=dtype)
+    path = Path(text)
+    if path.is_dir():
+        return load_local(
+            path, site=site, subfolder=subfolder, format=format, device=device, dtype=dtype
+        )
+    # A Path object, an absolute path or ./ ~ can only mean a local folder: never ask the Hub.
+    if not isinstance(source, str) or os.path.isabs(text) or text.startswith((".", "~")):
+        raise DictionaryNotFoundError(
+            f"{text!r} is not a local folder (nothing exists there); pass the folder written "
+            f"by Dictionary.save_pretrained, a Hub repo id ('org/name') or a catalogue id "
+            f"('zoo:<release>/<id>')"
+        )
+    repo_id = text.removeprefix(HF_PREFIX).strip("/")
+    if not _looks_like_repo_id(repo_id):
+        raise DictionaryNotFoundError(
+            f"{text!r} is neither a local folder nor a Hub repo id ('org/name') nor a "
+            f"catalogue id ('zoo:<release>/<id>'); check the path"
+        )
+    try:
+        return load_from_hub(
+            repo_id,
+            site=site,
+            subfolder=subfolder,
+            revision=revision,
+            format=format,
+            device=device,
+            dtype=dtype,
+            token=token,
+        )
+    except (DictionaryNotFoundError, HubError) as err:
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        from lightning_interp.zoo.hub import transport_errors
+
+        unreachable = isinstance(err.__cause__, (RepositoryNotFoundError, *transport_errors()))
+        if text.startswith(HF_PREFIX) or not unreachable:
+            raise
+        # "runs/sae" is a valid repo id too: say that reading it locally failed as well.
+        raise type(err)(f"{err}; no local folder {text!r} exists either") from err
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+
+
+def _read(
+    folder: Path,
+    fmt: str,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype | None,
+) -> Dictionary:
+    from lightning_interp.zoo.formats import read_folder
+
+    return read_folder(folder, format=fmt, device=device, dtype=dtype)
+
+
+def load_local(
+    root: Path,
+    *,
+    site: str | None = None,
+    subfolder: str | None = None,
+    format: str = "auto",  # noqa: A002
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Dictionary:
+    """Load from a local folder: a dictionary folder, or a tree with one folder per site."""
+    files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    folders = find_dictionary_folders(files, format)
+    if not folders and site is None and subfolder is None:
+        # Not a recognised layout: let the reader name the missing files.
+        return _read(root, format, device, dtype)
+    chosen = select_folder(folders, source=str(root), site=site, subfolder=subfolder)
+    return _read(root / chosen.path, chosen.format, device, dtype)
+
+
+def load_from_hub(
+    repo_id: str,
+    *,
+    site: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    format: str = "auto",  # noqa: A002
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    token: str | bool | None = None,
+) -> Dictionary:
+    """Load one dictionary from a Hub repo, downloading only the files it needs.
+
+    Lists the revision's files, finds the folder for ``site``, detects its format from
+    the file names and downloads only that adapter's files. See :func:`load_dictionary`.
+    """
+    from lightning_interp.zoo.hub import download_files, list_revision, snapshot_sha
+
+    listing = list_revision(repo_id, revision, token)
+    folders = find_dictionary_folders(listing.files, format)
+    where = f"Hub repo {repo_id}@{listing.revision}" + (" (local cache)" if listing.offline else "")
+    try:
+        chosen: DictionaryFolder = select_folder(
+            folders, source=where, site=site, subfolder=subfolder
+        )
+    except (SiteSelectionError, DictionaryNotFoundError) as err:
+        if not listing.offline:
+            raise
+        # Offline, only cached files are known: the site may well exist on the Hub.
+        raise DictionaryNotFoundError(
+            f"{err}. With HF_HUB_OFFLINE=1 only dictionaries already in the local cache can "
+            f"be loaded; load this one once online, or unset HF_HUB_OFFLINE"
+        ) from err
+    snapshot = download_files(listing, list(chosen.files), token)
+    dictionary = _read(snapshot / chosen.path, chosen.format, device, dtype)
+    provenance = dataclasses.replace(
+        dictionary.config.provenance,
+        revision=snapshot_sha(snapshot),
+        extra={
+            **dictionary.config.provenance.extra,
+            "hub_repo_id": repo_id,
+            "hub_subfolder": chosen.path,
+        },
+    )
+    dictionary.config = dictionary.config.replace(provenance=provenance)
+    return dictionary

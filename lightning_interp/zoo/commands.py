@@ -1,0 +1,236 @@
+"""``lightning-interp publish | pull | card | convert | zoo``: the zoo's command-line tools.
+
+Each command is a function taking its argv (without the command name) and returning an
+exit code; :mod:`lightning_interp.cli` dispatches to them. Library errors become one line
+on stderr and exit code 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from lightning_interp.errors import LightningInterpError
+
+Command = Callable[[list[str]], int]
+
+
+def _command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Command]:
+    """Wrap ``run(args)`` with argument parsing and typed-error reporting."""
+
+    def decorate(run: Callable[[argparse.Namespace], int]) -> Command:
+        @functools.wraps(run)
+        def command(argv: list[str]) -> int:
+            parser = PARSERS[name]()
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as exit_:  # --help, or a usage error (already printed)
+                return int(exit_.code or 0)
+            try:
+                return run(args)
+            except LightningInterpError as err:
+                message = str(err).splitlines()[0] if str(err) else type(err).__name__
+                print(f"lightning-interp {name}: error: {message}", file=sys.stderr)
+                return 2
+
+        return command
+
+    return decorate
+
+
+def _card_data(args: argparse.Namespace) -> dict[str, str]:
+    return {"license": args.license} if args.license else {}
+
+
+# ---------------------------------------------------------------------------- parsers
+def _publish_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-interp publish",
+        description="Publish a training run (or dictionary folder) to the Hugging Face Hub as "
+        "one commit: a folder per site, config.json + model.safetensors each, and a card.",
+    )
+    parser.add_argument("dir", help="run folder (<run>/dictionary or <run>/<name>/dictionary)")
+    parser.add_argument("--repo-id", required=True, help="target repo, org/name")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", help="branch to commit to (created if missing)")
+    parser.add_argument("--token", help="Hub token (default: the logged-in one)")
+    parser.add_argument("--license", help="license id for the card, e.g. apache-2.0")
+    parser.add_argument("--message", help="commit message")
+    return parser
+
+
+def _pull_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-interp pull",
+        description="Download one dictionary (Hub repo, zoo: id or folder) and save it as a "
+        "native folder.",
+    )
+    parser.add_argument("source", help="org/name, zoo:<release>/<id>, or a local folder")
+    parser.add_argument("dir", nargs="?", help="output folder (default: ./<name>[/<site>])")
+    parser.add_argument("--site", help="which dictionary of a multi-site source")
+    parser.add_argument("--subfolder", help="exact folder inside the repo")
+    parser.add_argument("--revision", help="branch, tag or commit sha")
+    parser.add_argument("--format", default="auto", help="source format (default: detect)")
+    parser.add_argument("--token", help="Hub token (default: the logged-in one)")
+    return parser
+
+
+def _card_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-interp card",
+        description="Render the model card publishing DIR would write (stdout, or --output).",
+    )
+    parser.add_argument("dir", help="run or dictionary folder")
+    parser.add_argument("--repo-id", default="<org>/<repo>", help="repo the card is for")
+    parser.add_argument("--license", help="license id for the card")
+    parser.add_argument("--output", "-o", help="write the card to this file")
+    return parser
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-interp convert",
+        description="Convert a dictionary folder between formats (never unpickles).",
+    )
+    parser.add_argument("src", help="source dictionary folder")
+    parser.add_argument("dst", help="output folder")
+    parser.add_argument("--from", dest="from_format", default="auto", help="default: detect")
+    parser.add_argument("--to", dest="to_format", default="native", help="default: native")
+    return parser
+
+
+def _zoo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-interp zoo", description="Browse the catalogue of public releases."
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="one line per release")
+    show = sub.add_parser("show", help="a release's dictionaries and published metrics")
+    show.add_argument("id", help="release id (or zoo:<release>)")
+    return parser
+
+
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "publish": _publish_parser,
+    "pull": _pull_parser,
+    "card": _card_parser,
+    "convert": _convert_parser,
+    "zoo": _zoo_parser,
+}
+
+
+# ---------------------------------------------------------------------------- commands
+@_command("publish")
+def publish(args: argparse.Namespace) -> int:
+    """``lightning-interp publish DIR --repo-id ORG/NAME``."""
+    from lightning_interp.zoo.publish import publish_run
+
+    result = publish_run(
+        args.dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        token=args.token,
+        card_data=_card_data(args),
+        commit_message=args.message,
+    )
+    print(f"published {args.dir} to {result.repo_id} @ {result.commit}")
+    print(result.url)
+    return 0
+
+
+def _default_pull_dir(args: argparse.Namespace) -> Path:
+    """``./<repo name>[/<site>]``, or ``./<release>/<id>`` for a catalogue id."""
+    if args.source.startswith("zoo:"):
+        release, _, name = args.source.removeprefix("zoo:").partition("/")
+        folder = Path(release)
+    else:
+        folder = Path(args.source.removeprefix("hf://").rstrip("/").rsplit("/", 1)[-1])
+        name = ""
+    name = args.site or args.subfolder or name
+    return folder / name.replace("/", "_") if name else folder
+
+
+@_command("pull")
+def pull(args: argparse.Namespace) -> int:
+    """``lightning-interp pull SOURCE [DIR] [--site SITE]``."""
+    from lightning_interp.zoo.formats import write_folder
+    from lightning_interp.zoo.load import load_dictionary
+
+    dictionary = load_dictionary(
+        args.source,
+        site=args.site,
+        subfolder=args.subfolder,
+        revision=args.revision,
+        format=args.format,
+        token=args.token,
+    )
+    folder = write_folder(dictionary, Path(args.dir) if args.dir else _default_pull_dir(args))
+    revision = dictionary.config.provenance.revision
+    print(
+        f"saved {dictionary.architecture} (d_in={dictionary.d_in}, d_latent={dictionary.d_latent})"
+    )
+    print(f"{folder}" + (f"  (revision {revision})" if revision else ""))
+    return 0
+
+
+@_command("card")
+def card(args: argparse.Namespace) -> int:
+    """``lightning-interp card DIR [--repo-id ORG/NAME] [--output README.md]``."""
+    from lightning_interp.dictionaries.serialization import atomic_write
+    from lightning_interp.zoo.publish import render_card
+
+    text = render_card(args.dir, repo_id=args.repo_id, card_data=_card_data(args))
+    if args.output:
+        output = Path(args.output)
+        atomic_write(output, lambda p: p.write_text(text, encoding="utf-8"))
+        print(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+@_command("convert")
+def convert(args: argparse.Namespace) -> int:
+    """``lightning-interp convert SRC DST --from FORMAT --to FORMAT``."""
+    from lightning_interp.zoo.formats import convert as convert_folder
+
+    folder = convert_folder(
+        args.src, args.dst, from_format=args.from_format, to_format=args.to_format
+    )
+    print(f"wrote {args.to_format} dictionary to {folder}")
+    return 0
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:g}"
+
+
+@_command("zoo")
+def zoo(args: argparse.Namespace) -> int:
+    """``lightning-interp zoo list`` and ``lightning-interp zoo show RELEASE``."""
+    from lightning_interp.zoo.catalogue import get_release, list_releases
+
+    if args.action == "list":
+        for entry in list_releases():
+            count = f"{len(entry.sites):>3} dictionaries"
+            print(f"{entry.release:<32} {count}  {entry.format:<12} {entry.title}")
+        return 0
+    entry = get_release(args.id.removeprefix("zoo:").split("/")[0])
+    print(f"{entry.release}: {entry.title}")
+    print(f"  repo {entry.repo}@{entry.revision}  format {entry.format}  backbone {entry.backbone}")
+    if entry.license:
+        print(f"  license {entry.license}")
+    for label, url in entry.links.items():
+        print(f"  {label}: {url}")
+    print(f"\n  {'id':<36} {'site':<24} {'L0':>7} {'FVU':>7}  path")
+    for site in entry.sites:
+        print(
+            f"  {site.id:<36} {site.site or '–':<24} {_number(site.l0):>7} "
+            f"{_number(site.fvu):>7}  {site.path}"
+        )
+    print(f"\nload one with: load_dictionary('zoo:{entry.release}/{entry.sites[0].id}')")
+    return 0

@@ -1,0 +1,252 @@
+"""Pieces every format adapter shares: safe file readers and one way to build a dictionary.
+
+Readers here never unpickle: JSON with :mod:`json`, weights with safetensors,
+``.npz`` with ``allow_pickle=False`` and foreign ``.pt`` state dicts with
+``torch.load(..., weights_only=True)``. Each failure becomes a typed error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_interp.dictionaries.base import Dictionary
+from lightning_interp.dictionaries.config import Provenance, dtype_from_name, dtype_name
+from lightning_interp.dictionaries.registry import get_dictionary_class
+from lightning_interp.dictionaries.serialization import check_tensors, read_weights
+from lightning_interp.errors import (
+    ConfigError,
+    CorruptFileError,
+    DictionaryNotFoundError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+)
+
+
+class FormatAdapter:
+    """One on-disk dictionary format: how to recognise, read and (maybe) write it.
+
+    Attributes:
+        name: The format's name, as given to ``read_folder(format=...)``.
+        allow_patterns: File names a dictionary folder of this format needs; a Hub loader
+            downloads only these.
+        can_write: Whether :meth:`write` is implemented.
+    """
+
+    name: str = ""
+    allow_patterns: list[str] = []
+    can_write: bool = False
+
+    def detect(self, filenames: set[str]) -> bool:
+        """Whether a folder holding ``filenames`` (base names) is in this format."""
+        raise NotImplementedError
+
+    def read(
+        self,
+        folder: Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Dictionary:
+        """Read the dictionary in ``folder`` into a native :class:`Dictionary`."""
+        raise NotImplementedError
+
+    def write(self, dictionary: Dictionary, folder: Path) -> Path:
+        """Write ``dictionary`` to ``folder`` in this format and return the folder."""
+        raise UnsupportedFormatError(
+            f"the {self.name!r} format is read-only here; write with format='native' or "
+            f"format='saelens'"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+def require_file(folder: Path, name: str, fmt: str) -> Path:
+    """Return ``folder / name``, or raise :class:`DictionaryNotFoundError` listing the folder."""
+    path = folder / name
+    if not path.is_file():
+        present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise DictionaryNotFoundError(
+            f"{path} is missing (folder holds: {present or 'nothing'}); a {fmt} dictionary "
+            f"folder needs it; re-download the complete folder"
+        )
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object from ``path`` with typed errors."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise DictionaryNotFoundError(f"{path} is missing") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{path} is not valid JSON ({err}); re-download it") from err
+    if not isinstance(values, dict):
+        raise CorruptFileError(f"{path} holds a JSON {type(values).__name__}, not an object")
+    return values
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Read a safetensors file; a truncated file or a lying header is a CorruptFileError."""
+    return read_weights(path)
+
+
+def read_pt_state_dict(path: Path) -> dict[str, Any]:
+    """Read a foreign ``.pt`` state dict with ``torch.load(weights_only=True)``.
+
+    Raises:
+        UnsafeFileError: the file needs arbitrary unpickling (a crafted or exotic file).
+        CorruptFileError: the file is not a readable torch archive, or not a dict.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only=True refuses any global outside torch's allow-list, before running it.
+        raise UnsafeFileError(
+            f"{path} asks to unpickle objects other than tensors and plain containers, "
+            f"which could run code; it is refused. Convert it to safetensors where it was "
+            f"made, from a trusted source ({str(err).splitlines()[0]})"
+        ) from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise CorruptFileError(
+            f"{path} is not a readable torch state dict ({err}); re-download it"
+        ) from err
+    if not isinstance(state, dict):
+        raise CorruptFileError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def read_npz(path: Path) -> dict[str, Tensor]:
+    """Read an ``.npz`` of arrays with ``allow_pickle=False``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: torch.from_numpy(np.array(data[key])) for key in data.files}
+    except ValueError as err:  # object arrays need pickling: refused
+        raise UnsafeFileError(f"{path} holds object arrays that need unpickling ({err})") from err
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise CorruptFileError(f"{path} is not a readable .npz file ({err})") from err
+
+
+def require_keys(values: dict[str, Any], keys: list[str], path: Path) -> None:
+    """Raise CorruptFileError naming the keys of ``keys`` that ``values`` lacks."""
+    missing = [k for k in keys if k not in values]
+    if missing:
+        raise CorruptFileError(
+            f"{path} lacks required key(s) {missing} (has {sorted(values)}); re-download it "
+            f"or add them"
+        )
+
+
+def require_tensors(tensors: dict[str, Any], names: list[str], path: Path) -> None:
+    """Raise CorruptFileError naming the tensors of ``names`` missing from ``tensors``."""
+    missing = [n for n in names if not isinstance(tensors.get(n), Tensor)]
+    if missing:
+        present = sorted(k for k, v in tensors.items() if isinstance(v, Tensor))
+        raise CorruptFileError(
+            f"{path} lacks tensor(s) {missing} (has {present}); it is not a complete "
+            f"dictionary of this kind"
+        )
+
+
+def build_dictionary(
+    architecture: str,
+    fields: dict[str, Any],
+    tensors: dict[str, Tensor],
+    *,
+    weights_path: Path,
+    config_path: Path | None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Dictionary:
+    """Build a native dictionary from config fields and tensors in our names and layout.
+
+    Args:
+        architecture: A registered architecture name.
+        fields: Config fields (``d_in``, ``d_latent``, ...); ``dtype`` defaults to ``W_dec``'s.
+        tensors: Tensors named as :meth:`Dictionary.export_tensors` names them.
+        weights_path: File the tensors came from (named in errors).
+        config_path: File the fields came from (named in errors).
+        device: Target device (default CPU).
+        dtype: Target dtype (default: the file's).
+
+    Raises:
+        CorruptFileError: the fields are invalid, or contradict the tensors' names or shapes.
+    """
+    saved = dtype_name(tensors["W_dec"].dtype) if "W_dec" in tensors else "float32"
+    fields = {"dtype": saved, **fields}
+    source = config_path or weights_path
+    cls = get_dictionary_class(architecture)
+    try:
+        config = cls.config_class.from_dict(fields)
+    except ConfigError as err:
+        raise CorruptFileError(f"{source}: {err}; fix or re-download that file") from err
+    with torch.device("meta"):
+        dictionary = cls(config)
+    try:
+        check_tensors(dictionary, tensors, weights_path)
+    except CorruptFileError as err:
+        where = f" and {config_path}" if config_path else ""
+        raise CorruptFileError(
+            f"{err}. {weights_path}{where} disagree (d_in={config.d_in}, "
+            f"d_latent={config.d_latent}, d_out={config.output_width}); re-download the "
+            f"folder, or correct the config to the tensors' shapes"
+        ) from err
+    target = dtype_from_name(dtype) if dtype is not None else dtype_from_name(config.dtype)
+    converted = {
+        k: v.to(target).contiguous() if v.is_floating_point() else v for k, v in tensors.items()
+    }
+    dictionary.import_tensors(converted, assign=True)
+    dictionary = dictionary.to(device=device or "cpu")
+    dictionary.config = config.replace(dtype=dtype_name(target))
+    return dictionary.eval()
+
+
+def provenance(
+    *,
+    trained_as: str,
+    backbone: str | None = None,
+    site: str | None = None,
+    site_out: str | None = None,
+    dataset: str | None = None,
+    context_size: int | None = None,
+    normalization: str = "none",
+    extra: dict[str, Any] | None = None,
+) -> Provenance:
+    """A :class:`Provenance` with ``None`` for unknown values and JSON-safe ``extra``."""
+    return Provenance(
+        backbone=backbone or None,
+        site=site,
+        site_out=site_out,
+        dataset=dataset or None,
+        context_size=int(context_size) if context_size else None,
+        normalization=normalization,
+        trained_as=trained_as,
+        extra={k: v for k, v in (extra or {}).items() if v is not None},
+    )
+
+
+def record_input_normalization(dictionary: Dictionary, kind: str, source: Path) -> Dictionary:
+    """Record (and warn) that ``dictionary`` expects per-input normalised activations.
+
+    Per-input normalisations (SAELens ``layer_norm`` / ``constant_norm_rescale``, OpenAI's
+    TopK layer norm) rescale each input by its own statistics and undo it on the output:
+    not a linear map, so no weight folding can absorb them.
+    """
+    warnings.warn(
+        f"{source}: the dictionary was trained on inputs normalised with {kind!r}, which "
+        f"cannot be folded into its weights; normalise inputs yourself before encoding (and "
+        f"undo it on the reconstruction). Recorded in config.provenance.normalization.",
+        stacklevel=3,
+    )
+    prov = Provenance(**{**vars(dictionary.config.provenance), "normalization": kind})
+    dictionary.config = dictionary.config.replace(provenance=prov)
+    return dictionary

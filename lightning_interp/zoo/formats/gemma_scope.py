@@ -1,0 +1,146 @@
+"""Gemma Scope (Google DeepMind) JumpReLU SAEs and transcoders.
+
+- v1 (Gemma 2): ``params.npz`` with ``W_enc [d, F], b_enc, W_dec [F, d], b_dec, threshold``
+  and no config. Read with ``numpy.load(allow_pickle=False)``.
+- v2 (Gemma Scope 2, Gemma 3): ``params.safetensors`` with lower-case ``w_enc, w_dec``
+  (same layout), ``b_enc, b_dec, threshold`` and, for affine transcoders,
+  ``affine_skip_connection [d_in, d_out]``, plus ``config.json`` (``model_name, width, l0,
+  architecture: "jump_relu", type: "sae"|"transcoder", hf_hook_point_in/out,
+  affine_connection``).
+
+Both encode ``relu(pre) * (pre > threshold)`` with ``pre = x @ W_enc + b_enc`` (no input
+centring) and decode ``codes @ W_dec + b_dec``; Gemma Scope 2's reference forward adds
+``x @ affine_skip_connection``, so our ``W_skip [d_out, d_in]`` is its transpose. Copying
+the tensor unchanged into a ``W_skip`` applied as ``x @ W_skip.T`` (as a plain key rename
+would) transposes the skip: it is only right for a symmetric matrix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_interp.dictionaries.base import Dictionary
+from lightning_interp.errors import UnsupportedFormatError
+from lightning_interp.zoo.formats import sitenames
+from lightning_interp.zoo.formats._common import (
+    FormatAdapter,
+    build_dictionary,
+    provenance,
+    read_json,
+    read_npz,
+    read_safetensors,
+    require_file,
+    require_tensors,
+)
+
+V1_WEIGHTS = "params.npz"
+V2_WEIGHTS = "params.safetensors"
+V2_CONFIG = "config.json"
+_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+
+
+def _canonical_names(raw: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``w_enc``/``w_dec`` (v2, some v1 files) -> ``W_enc``/``W_dec``."""
+    return {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in raw.items()}
+
+
+class GemmaScopeFormat(FormatAdapter):
+    """Gemma Scope v1 (``params.npz``) and v2 (``params.safetensors`` + ``config.json``)."""
+
+    name = "gemma_scope"
+    allow_patterns = [V1_WEIGHTS, V2_WEIGHTS, V2_CONFIG]
+
+    def detect(self, filenames: set[str]) -> bool:
+        """``params.npz``, or ``params.safetensors``."""
+        return V1_WEIGHTS in filenames or V2_WEIGHTS in filenames
+
+    def read(
+        self,
+        folder: Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Dictionary:
+        """Read either version into a native JumpReLU dictionary."""
+        if (folder / V2_WEIGHTS).is_file():
+            return self._read_v2(folder, device=device, dtype=dtype)
+        weights_path = require_file(folder, V1_WEIGHTS, self.name)
+        tensors = _canonical_names(read_npz(weights_path))
+        require_tensors(tensors, list(_NAMES), weights_path)
+        fields = self._fields(tensors, transcoder=False)
+        fields["provenance"] = provenance(
+            trained_as=f"{self.name}:v1",
+            extra={"format": self.name, "version": 1, "folder": folder.name},
+        )
+        return build_dictionary(
+            "jumprelu",
+            fields,
+            {k: tensors[k] for k in _NAMES},
+            weights_path=weights_path,
+            config_path=None,
+            device=device,
+            dtype=dtype,
+        )
+
+    def _read_v2(
+        self, folder: Path, *, device: str | torch.device | None, dtype: str | torch.dtype | None
+    ) -> Dictionary:
+        weights_path = folder / V2_WEIGHTS
+        cfg_path = require_file(folder, V2_CONFIG, self.name)
+        cfg = read_json(cfg_path)
+        if cfg.get("architecture", "jump_relu") != "jump_relu":
+            raise UnsupportedFormatError(
+                f"{cfg_path}: architecture {cfg['architecture']!r} is not supported "
+                f"(only jump_relu)"
+            )
+        raw = _canonical_names(read_safetensors(weights_path))
+        require_tensors(raw, list(_NAMES), weights_path)
+        tensors = {k: raw[k] for k in _NAMES}
+        hook_in, hook_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out")
+        transcoder = cfg.get("type") == "transcoder" or (hook_out not in (None, hook_in))
+        fields = self._fields(tensors, transcoder=transcoder)
+        if "affine_skip_connection" in raw:
+            # Gemma Scope applies x @ A with A [d_in, d_out]; ours is x @ W_skip.T.
+            tensors["W_skip"] = raw["affine_skip_connection"].T
+            fields["skip_connection"] = True
+        fields["provenance"] = provenance(
+            trained_as=f"{self.name}:v2-{cfg.get('type', 'sae')}",
+            backbone=cfg.get("model_name"),
+            site=sitenames.from_hf_module(hook_in),
+            site_out=sitenames.from_hf_module(hook_out) if transcoder else None,
+            extra={
+                "format": self.name,
+                "version": 2,
+                "hf_hook_point_in": hook_in,
+                "hf_hook_point_out": hook_out,
+                "l0": cfg.get("l0"),
+                "width": cfg.get("width"),
+            },
+        )
+        return build_dictionary(
+            "jumprelu",
+            fields,
+            tensors,
+            weights_path=weights_path,
+            config_path=cfg_path,
+            device=device,
+            dtype=dtype,
+        )
+
+    @staticmethod
+    def _fields(tensors: dict[str, Tensor], *, transcoder: bool) -> dict[str, Any]:
+        d_in, d_latent = tensors["W_enc"].shape
+        return {
+            "d_in": int(d_in),
+            "d_latent": int(d_latent),
+            "d_out": int(tensors["W_dec"].shape[-1]) if transcoder else None,
+            "apply_b_dec_to_input": False,  # Gemma Scope never centres the input
+            "normalize_decoder": False,
+        }
+
+
+GEMMA_SCOPE = GemmaScopeFormat()

@@ -1,0 +1,45 @@
+"""Our own format: ``config.json`` + ``model.safetensors`` (see docs/format.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lightning_interp.dictionaries.base import Dictionary
+from lightning_interp.dictionaries.serialization import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_folder,
+    save_dictionary,
+)
+from lightning_interp.zoo.formats._common import FormatAdapter
+
+
+class NativeFormat(FormatAdapter):
+    """lightning-interp's folder layout, written by :meth:`Dictionary.save_pretrained`."""
+
+    name = "native"
+    allow_patterns = [CONFIG_NAME, WEIGHTS_NAME]
+    can_write = True
+
+    def detect(self, filenames: set[str]) -> bool:
+        """``model.safetensors`` beside ``config.json``."""
+        return {CONFIG_NAME, WEIGHTS_NAME} <= filenames
+
+    def read(
+        self,
+        folder: Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Dictionary:
+        """Load with :func:`~lightning_interp.dictionaries.serialization.load_folder`."""
+        return load_folder(folder, device=device, dtype=dtype)
+
+    def write(self, dictionary: Dictionary, folder: Path) -> Path:
+        """Save the inference form, as :meth:`Dictionary.save_pretrained` does."""
+        return save_dictionary(dictionary.to_inference().with_scale_folded(), folder)
+
+
+NATIVE = NativeFormat()

@@ -1,0 +1,111 @@
+"""OpenAI ``sparse_autoencoder`` state dicts (``<layer>.pt``), read without unpickling.
+
+Checked against ``sparse_autoencoder/model.py``: ``encoder.weight [F, d]`` (no bias),
+``latent_bias [F]``, ``pre_bias [d]`` (subtracted from the input and added back after
+decoding), ``decoder.weight [d, F]`` (absent when tied: the decoder is then the encoder's
+transpose), ``activation`` (``"ReLU"`` or ``"TopK"``) and ``activation_state_dict``
+(``{"k", "postact_fn"}``). ``Autoencoder.from_state_dict`` switches on per-input layer
+norm exactly when the activation is TopK; that cannot be folded into weights, so it is
+recorded in ``provenance.normalization`` with a warning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_interp.dictionaries.base import Dictionary
+from lightning_interp.errors import DictionaryNotFoundError, UnsupportedFormatError
+from lightning_interp.zoo.formats._common import (
+    FormatAdapter,
+    build_dictionary,
+    provenance,
+    read_pt_state_dict,
+    record_input_normalization,
+    require_tensors,
+)
+
+# Other libraries' .pt files that are not OpenAI autoencoders.
+_FOREIGN_PT = {"ae.pt", "trainer_state.pt"}
+
+
+def _pt_files(filenames: set[str]) -> list[str]:
+    return sorted(n for n in filenames if n.endswith(".pt") and n not in _FOREIGN_PT)
+
+
+class OpenAIFormat(FormatAdapter):
+    """A folder holding one OpenAI sparse autoencoder state dict."""
+
+    name = "openai"
+    allow_patterns = ["*.pt"]
+
+    def detect(self, filenames: set[str]) -> bool:
+        """A ``.pt`` file that is not dictionary_learning's ``ae.pt``."""
+        return bool(_pt_files(filenames)) and "ae.pt" not in filenames
+
+    def read(
+        self,
+        folder: Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Dictionary:
+        """Read the folder's single ``.pt`` state dict into a standard or TopK dictionary."""
+        files = _pt_files({p.name for p in folder.iterdir()}) if folder.is_dir() else []
+        if len(files) != 1:
+            raise DictionaryNotFoundError(
+                f"{folder} should hold exactly one OpenAI autoencoder .pt file, found "
+                f"{files or 'none'}; pass the folder of a single autoencoder"
+            )
+        path = folder / files[0]
+        state = read_pt_state_dict(path)
+        require_tensors(state, ["encoder.weight", "latent_bias", "pre_bias"], path)
+        activation = state.get("activation", "ReLU")
+        act_state: dict[str, Any] = state.get("activation_state_dict") or {}
+        tensors = {
+            "W_enc": state["encoder.weight"].T,
+            "b_enc": state["latent_bias"],
+            # A tied decoder is the encoder's transpose: decoder(z) = z @ encoder.weight.
+            "W_dec": state["decoder.weight"].T
+            if "decoder.weight" in state
+            else state["encoder.weight"],
+            "b_dec": state["pre_bias"],
+        }
+        n_latents, d_in = state["encoder.weight"].shape
+        fields: dict[str, Any] = {
+            "d_in": int(d_in),
+            "d_latent": int(n_latents),
+            "normalize_decoder": False,
+        }
+        if activation == "TopK":
+            if act_state.get("postact_fn", "ReLU") != "ReLU" or "k" not in act_state:
+                raise UnsupportedFormatError(
+                    f"{path}: TopK needs activation_state_dict with k and postact_fn 'ReLU', "
+                    f"got {act_state}"
+                )
+            fields["k"] = int(act_state["k"])
+        elif activation != "ReLU":
+            raise UnsupportedFormatError(
+                f"{path}: activation {activation!r} is not supported (ReLU, TopK)"
+            )
+        fields["provenance"] = provenance(
+            trained_as=f"{self.name}:{activation}",
+            extra={"format": self.name, "file": path.name, "tied": "decoder.weight" not in state},
+        )
+        dictionary = build_dictionary(
+            "topk" if activation == "TopK" else "standard",
+            fields,
+            tensors,
+            weights_path=path,
+            config_path=None,
+            device=device,
+            dtype=dtype,
+        )
+        if activation == "TopK":
+            return record_input_normalization(dictionary, "layer_norm", path)
+        return dictionary
+
+
+OPENAI = OpenAIFormat()

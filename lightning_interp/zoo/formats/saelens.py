@@ -1,0 +1,370 @@
+"""SAELens folders: ``cfg.json`` + ``sae_weights.safetensors`` (read all architectures, write v6).
+
+Checked against SAELens 6.18 (``sae_lens/saes/*.py``, ``loading/pretrained_sae_loaders.py``):
+tensors already use our names and layout (``W_enc [d_in, F]``, ``W_dec [F, d_out]``), so
+reading is a matter of mapping the config:
+
+- ``standard``/``topk``/``jumprelu``/``gated`` map to ours; BatchTopK and Matryoshka SAEs are
+  saved by SAELens as ``jumprelu`` with a constant threshold, and load as such.
+- ``transcoder``/``skip_transcoder``/``jumprelu_transcoder`` never subtract ``b_dec`` from the
+  input (SAELens's ``Transcoder.process_sae_in`` skips it and its config rejects
+  ``apply_b_dec_to_input=True``); the skip adds ``x @ W_skip.T`` on the raw input.
+- TopK with ``rescale_acts_by_decoder_norm`` is folded on read (``W_enc``, ``b_enc`` times
+  the decoder norms, ``W_dec`` rows divided by them): the same codes and reconstruction.
+- Pre-6.0 flat configs (``hook_point``, ``activation_fn_str``, ``activation_fn_kwargs.k``,
+  boolean ``normalize_activations``, a ``scaling_factor`` tensor) are upgraded first, as
+  SAELens's ``handle_pre_6_0_config`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lightning_interp.dictionaries.base import Dictionary
+from lightning_interp.dictionaries.config import Provenance, dtype_name
+from lightning_interp.dictionaries.serialization import atomic_write
+from lightning_interp.errors import UnsupportedFormatError
+from lightning_interp.zoo.formats import sitenames
+from lightning_interp.zoo.formats._common import (
+    FormatAdapter,
+    build_dictionary,
+    provenance,
+    read_json,
+    read_safetensors,
+    record_input_normalization,
+    require_file,
+    require_keys,
+)
+
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae_weights.safetensors"
+SCALER_NAME = "activation_scaler.json"
+#: The SAELens release whose folder layout :meth:`SAELensFormat.write` reproduces.
+SAELENS_VERSION = "6.18.0"
+#: Metadata key under which we keep our full config, so native -> SAELens -> native is exact.
+STASH_KEY = "lightning_interp"
+
+# SAELens architecture -> ours. The transcoders are ReLU/JumpReLU dictionaries with d_out.
+_ARCHITECTURES = {
+    "standard": "standard",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+    "transcoder": "standard",
+    "skip_transcoder": "standard",
+    "jumprelu_transcoder": "jumprelu",
+}
+_TRANSCODERS = {"transcoder", "skip_transcoder", "jumprelu_transcoder"}
+# Keys SAELens moves from a flat pre-6.0 config into ``metadata`` (LLM_METADATA_KEYS).
+_METADATA_KEYS = {
+    "model_name", "hook_name", "model_class_name", "hook_head_index",
+    "model_from_pretrained_kwargs", "prepend_bos", "exclude_special_tokens",
+    "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path", "sae_lens_version",
+    "sae_lens_training_version", "hook_name_out", "hook_head_index_out",
+}  # fmt: skip
+
+
+def _major(version: Any) -> int:
+    match = re.match(r"\s*(\d+)", str(version or ""))
+    return int(match.group(1)) if match else 0
+
+
+def upgrade_config(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Return a v6-shaped config (``metadata`` nested) from a v6 or flat pre-6.0 ``cfg.json``."""
+    version = raw.get("sae_lens_version") or (raw.get("metadata") or {}).get("sae_lens_version")
+    if isinstance(raw.get("metadata"), dict) and _major(version) >= 6:
+        return dict(raw)
+    renames = {
+        "hook_point": "hook_name",
+        "hook_point_head_index": "hook_head_index",
+        "activation_fn_str": "activation_fn",
+    }
+    flat = {renames.get(k, k): v for k, v in raw.items() if k != "metadata"}
+    metadata = {
+        **(raw.get("metadata") or {}),
+        **{k: flat.pop(k) for k in list(flat) if k in _METADATA_KEYS},
+    }
+    activation = flat.get("activation_fn", "relu")
+    k = (flat.get("activation_fn_kwargs") or {}).get("k")
+    architecture = flat.get("architecture", "standard")
+    if activation == "topk" and k is not None:
+        architecture, flat["k"] = "topk", k
+    elif activation not in ("relu", None) and architecture == "standard":
+        raise UnsupportedFormatError(
+            f"{path}: activation_fn {activation!r} has no equivalent here (supported: relu, "
+            f"topk with activation_fn_kwargs.k)"
+        )
+    normalize = flat.get("normalize_activations")
+    if isinstance(normalize, bool) or normalize is None:
+        # Pre-6.0 stored a boolean: True meant the April-update expected-norm scaling.
+        normalize = "expected_average_only_in" if normalize else "none"
+    hook = metadata.get("hook_name") or ""
+    return {
+        **flat,
+        "architecture": architecture,
+        "normalize_activations": normalize,
+        "reshape_activations": flat.get(
+            "reshape_activations", "hook_z" if "hook_z" in hook else "none"
+        ),
+        "apply_b_dec_to_input": flat.get("apply_b_dec_to_input", True),
+        "metadata": metadata,
+    }
+
+
+def _fold_legacy_scaling(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Fold a pre-6.0 ``scaling_factor`` (codes times it before decoding) into ``W_dec`` rows."""
+    tensors = dict(tensors)
+    scale = tensors.pop("scaling_factor", None)
+    if scale is not None and not torch.all(scale == 1):
+        tensors["W_dec"] = tensors["W_dec"] * scale.to(tensors["W_dec"].dtype)[:, None]
+    return tensors
+
+
+def _fold_decoder_norm(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Fold ``rescale_acts_by_decoder_norm`` (SAELens TopK) into the weights.
+
+    SAELens ranks ``pre * ||W_dec_i||`` and decodes ``codes / ||W_dec_i||``; scaling
+    ``W_enc``/``b_enc`` by the norms and ``W_dec`` rows by their inverse gives a plain TopK SAE
+    with the same codes and reconstruction.
+    """
+    norms = tensors["W_dec"].norm(dim=-1)
+    return {
+        **tensors,
+        "W_enc": tensors["W_enc"] * norms,
+        "b_enc": tensors["b_enc"] * norms,
+        "W_dec": tensors["W_dec"] / norms[:, None],
+    }
+
+
+def _scaling_factor(folder: Path, cfg: dict[str, Any]) -> float | None:
+    if cfg.get("norm_scaling_factor") is not None:
+        return float(cfg["norm_scaling_factor"])
+    scaler = folder / SCALER_NAME
+    if scaler.is_file():
+        value = read_json(scaler).get("scaling_factor")
+        return None if value is None else float(value)
+    return None
+
+
+class SAELensFormat(FormatAdapter):
+    """SAELens's per-SAE folder, pre-6.0 and v6."""
+
+    name = "saelens"
+    allow_patterns = [CFG_NAME, WEIGHTS_NAME, SCALER_NAME]
+    can_write = True
+
+    def detect(self, filenames: set[str]) -> bool:
+        """``sae_weights.safetensors`` beside ``cfg.json``."""
+        return {CFG_NAME, WEIGHTS_NAME} <= filenames
+
+    def read(
+        self,
+        folder: Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Dictionary:
+        """Read a SAELens folder (any architecture) into a native dictionary."""
+        cfg_path = require_file(folder, CFG_NAME, self.name)
+        weights_path = require_file(folder, WEIGHTS_NAME, self.name)
+        cfg = upgrade_config(read_json(cfg_path), cfg_path)
+        require_keys(cfg, ["d_in", "d_sae"], cfg_path)
+        architecture = cfg.get("architecture", "standard")
+        if architecture not in _ARCHITECTURES:
+            raise UnsupportedFormatError(
+                f"{cfg_path}: SAELens architecture {architecture!r} is not supported; "
+                f"supported: {sorted(_ARCHITECTURES)}"
+            )
+        tensors = _fold_legacy_scaling(read_safetensors(weights_path))
+        metadata = cfg.get("metadata") or {}
+        stash = metadata.get(STASH_KEY)
+        if isinstance(stash, dict) and stash.get("architecture") == _ARCHITECTURES[architecture]:
+            # Written by us: the stash holds the exact config, training fields included.
+            fields = {k: v for k, v in stash.items() if k != "architecture"}
+            return build_dictionary(
+                stash["architecture"],
+                fields,
+                tensors,
+                weights_path=weights_path,
+                config_path=cfg_path,
+                device=device,
+                dtype=dtype,
+            )
+        fields = self._fields(cfg, architecture, tensors, cfg_path)
+        if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+            tensors = _fold_decoder_norm(tensors)
+        dictionary = build_dictionary(
+            _ARCHITECTURES[architecture],
+            fields,
+            tensors,
+            weights_path=weights_path,
+            config_path=cfg_path,
+            device=device,
+            dtype=dtype,
+        )
+        return self._normalized(dictionary, folder, cfg, cfg_path)
+
+    def _fields(
+        self, cfg: dict[str, Any], architecture: str, tensors: dict[str, Tensor], path: Path
+    ) -> dict[str, Any]:
+        metadata = cfg.get("metadata") or {}
+        transcoder = architecture in _TRANSCODERS
+        hook, hook_out = metadata.get("hook_name"), metadata.get("hook_name_out")
+        site_out = sitenames.from_transformerlens(hook_out) if transcoder else None
+        extra = {
+            "format": self.name,
+            "architecture": architecture,
+            "hook_name": hook,
+            "hook_name_out": hook_out,
+            "hook_head_index": metadata.get("hook_head_index"),
+            "sae_lens_version": metadata.get("sae_lens_version"),
+            "neuronpedia_id": metadata.get("neuronpedia_id"),
+            "prepend_bos": metadata.get("prepend_bos"),
+        }
+        if cfg.get("reshape_activations") == "hook_z":
+            # SAELens flattens hook_z's [..., n_heads, d_head] to d_in = n_heads * d_head:
+            # exactly our attn_z site (the concatenated heads entering the output projection).
+            extra["reshape_activations"] = "hook_z"
+        fields: dict[str, Any] = {
+            "d_in": cfg["d_in"],
+            "d_latent": cfg["d_sae"],
+            "d_out": cfg.get("d_out", tensors["W_dec"].shape[-1]) if transcoder else None,
+            "apply_b_dec_to_input": False
+            if transcoder
+            else bool(cfg.get("apply_b_dec_to_input", True)),
+            "skip_connection": architecture == "skip_transcoder",
+            # Foreign decoders make no unit-norm promise; do not renormalise when fine-tuning.
+            "normalize_decoder": False,
+        }
+        if architecture == "topk":
+            require_keys(cfg, ["k"], path)
+            fields["k"] = int(cfg["k"])
+            if cfg.get("rescale_acts_by_decoder_norm"):
+                extra["folded_decoder_norm"] = True  # done by read(), on the tensors
+        fields["provenance"] = provenance(
+            trained_as=f"{self.name}:{architecture}",
+            backbone=metadata.get("model_name"),
+            site=sitenames.from_transformerlens(hook),
+            site_out=site_out,
+            dataset=metadata.get("dataset_path"),
+            context_size=metadata.get("context_size"),
+            extra=extra,
+        )
+        return fields
+
+    def _normalized(
+        self,
+        dictionary: Dictionary,
+        folder: Path,
+        cfg: dict[str, Any],
+        cfg_path: Path,
+    ) -> Dictionary:
+        """Apply ``normalize_activations``: fold a known constant, report a per-input one."""
+        kind = cfg.get("normalize_activations") or "none"
+        if kind == "none":
+            return dictionary
+        if kind == "expected_average_only_in":
+            factor = _scaling_factor(folder, cfg)
+            if factor is not None:
+                prov = dictionary.config.provenance
+                scaled = Provenance(
+                    **{**vars(prov), "activation_scale": factor, "normalization": "expected_norm"}
+                )
+                dictionary.config = dictionary.config.replace(provenance=scaled)
+                return dictionary.with_scale_folded()
+        if kind == "expected_average_only_in":
+            kind = "expected_average_only_in (scaling factor unknown)"
+        return record_input_normalization(dictionary, kind, cfg_path)
+
+    # ---------------------------------------------------------------- writing
+    def write(self, dictionary: Dictionary, folder: Path) -> Path:
+        """Write a folder as SAELens v6's ``SAE.save_model`` does (inference form).
+
+        Raises:
+            UnsupportedFormatError: the dictionary has no SAELens equivalent (e.g. a TopK
+                transcoder); nothing is written.
+        """
+        dictionary = dictionary.to_inference().with_scale_folded()
+        cfg = self.saelens_config(dictionary)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in dictionary.export_tensors().items()}
+        text = json.dumps(cfg)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+        atomic_write(folder / CFG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+        return folder
+
+    def saelens_config(self, dictionary: Dictionary) -> dict[str, Any]:
+        """The ``cfg.json`` SAELens v6 would write for this dictionary, keys in its order."""
+        config = dictionary.config
+        architecture = self._saelens_architecture(dictionary)
+        transcoder = architecture in _TRANSCODERS
+        prov = config.provenance
+        hook = prov.extra.get("hook_name") or sitenames.to_transformerlens(prov.site) or prov.site
+        metadata: dict[str, Any] = {
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": SAELENS_VERSION,
+            "model_name": prov.backbone,
+            "hook_name": hook,
+            "hook_head_index": prov.extra.get("hook_head_index"),
+            "context_size": prov.context_size,
+            "dataset_path": prov.dataset,
+        }
+        if transcoder:
+            metadata["hook_name_out"] = (
+                prov.extra.get("hook_name_out")
+                or sitenames.to_transformerlens(prov.site_out)
+                or prov.site_out
+            )
+        metadata[STASH_KEY] = config_for_stash(dictionary)
+        cfg: dict[str, Any] = {
+            "d_in": config.d_in,
+            "d_sae": config.d_latent,
+            "dtype": dtype_name(dictionary.dtype),
+            "device": "cpu",
+            "apply_b_dec_to_input": bool(config.apply_b_dec_to_input) and not transcoder,
+            "normalize_activations": "none",
+            "reshape_activations": "hook_z" if str(hook or "").endswith("hook_z") else "none",
+            "metadata": metadata,
+        }
+        if architecture == "topk":
+            cfg.update(k=config.k, rescale_acts_by_decoder_norm=False)
+        if transcoder:
+            cfg["d_out"] = config.output_width
+        cfg["architecture"] = architecture
+        return cfg
+
+    @staticmethod
+    def _saelens_architecture(dictionary: Dictionary) -> str:
+        config, ours = dictionary.config, dictionary.architecture
+        transcoder = config.d_out is not None or config.skip_connection
+        if not transcoder:
+            if ours in ("standard", "topk", "jumprelu", "gated"):
+                return ours
+        elif config.apply_b_dec_to_input:
+            raise UnsupportedFormatError(
+                f"SAELens transcoders never subtract b_dec from the input, but this {ours} "
+                f"dictionary has apply_b_dec_to_input=True; save it with format='native'"
+            )
+        elif ours == "standard":
+            return "skip_transcoder" if config.skip_connection else "transcoder"
+        elif ours == "jumprelu" and not config.skip_connection:
+            return "jumprelu_transcoder"
+        raise UnsupportedFormatError(
+            f"SAELens has no architecture for a {ours} dictionary with d_out={config.d_out} "
+            f"and skip_connection={config.skip_connection}; save it with format='native'"
+        )
+
+
+def config_for_stash(dictionary: Dictionary) -> dict[str, Any]:
+    """Our config as JSON-ready data, as native ``config.json`` holds it."""
+    return dictionary.config_for_save().to_dict()
+
+
+SAELENS = SAELensFormat()

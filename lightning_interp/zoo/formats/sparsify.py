@@ -1,0 +1,134 @@
+"""EleutherAI sparsify folders: ``cfg.json`` + ``sae.safetensors``, one per hookpoint.
+
+Checked against sparsify's ``sparse_coder.py``: ``encoder`` is an ``nn.Linear`` (weight
+``[F, d]``), ``W_dec`` is ``[F, d]`` already (latent-major, no transpose), ``b_dec [d]``,
+optional ``W_skip [d, d]`` added as ``x @ W_skip.mT``. Encoding is
+``relu((x - b_dec) @ encoder.weight.T + encoder.bias)`` then top-k, with no ``b_dec``
+subtraction for a transcoder (``transcode``); ReLU then top-k gives the same codes as
+our top-k then ReLU.
+
+SAELens's ``sparsify_disk_loader`` (6.18) differs in ways that change outputs; we follow
+sparsify itself. It transposes ``W_dec`` to ``[d, F]`` although both libraries keep it
+``[F, d]``; it sets ``apply_b_dec_to_input = not normalize_decoder`` where sparsify
+subtracts ``b_dec`` whenever it is not transcoding; it drops ``W_skip`` and ``transcode``;
+and it calls every hookpoint ``blocks.{i}.hook_resid_post``, an MLP's too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_interp.dictionaries.base import Dictionary
+from lightning_interp.errors import CorruptFileError, UnsupportedFormatError
+from lightning_interp.zoo.formats import sitenames
+from lightning_interp.zoo.formats._common import (
+    FormatAdapter,
+    build_dictionary,
+    provenance,
+    read_json,
+    read_safetensors,
+    require_file,
+    require_keys,
+    require_tensors,
+)
+
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae.safetensors"
+
+
+class SparsifyFormat(FormatAdapter):
+    """A sparsify sparse coder (TopK SAE or transcoder, optional skip connection)."""
+
+    name = "sparsify"
+    allow_patterns = [CFG_NAME, WEIGHTS_NAME]
+
+    def detect(self, filenames: set[str]) -> bool:
+        """``sae.safetensors`` beside ``cfg.json``."""
+        return {CFG_NAME, WEIGHTS_NAME} <= filenames
+
+    def read(
+        self,
+        folder: Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Dictionary:
+        """Read a sparsify hookpoint folder into a native TopK dictionary."""
+        cfg_path = require_file(folder, CFG_NAME, self.name)
+        weights_path = require_file(folder, WEIGHTS_NAME, self.name)
+        cfg = read_json(cfg_path)
+        require_keys(cfg, ["d_in", "k"], cfg_path)
+        activation = cfg.get("activation", "topk")
+        if activation != "topk":
+            raise UnsupportedFormatError(
+                f"{cfg_path}: sparsify activation {activation!r} is not supported (only "
+                f"'topk'; 'groupmax' picks one latent per group, which no architecture here does)"
+            )
+        raw = read_safetensors(weights_path)
+        require_tensors(raw, ["encoder.weight", "encoder.bias", "W_dec", "b_dec"], weights_path)
+        d_in = int(cfg["d_in"])
+        num_latents = int(cfg.get("num_latents") or 0) or d_in * int(cfg.get("expansion_factor", 0))
+        if num_latents <= 0:
+            raise CorruptFileError(f"{cfg_path} sets neither num_latents nor expansion_factor")
+        transcode = bool(cfg.get("transcode", False))
+        skip = bool(cfg.get("skip_connection", False))
+        tensors = {
+            "W_enc": raw["encoder.weight"].T,
+            "b_enc": raw["encoder.bias"],
+            "W_dec": raw["W_dec"],  # already [F, d]: sparsify's decoder is latent-major
+            "b_dec": raw["b_dec"],
+        }
+        if "W_skip" in raw:
+            if not skip:
+                raise CorruptFileError(
+                    f"{weights_path} holds W_skip but {cfg_path} says skip_connection=false; "
+                    f"re-download the pair"
+                )
+            tensors["W_skip"] = raw["W_skip"]
+        fields: dict[str, Any] = {
+            "d_in": d_in,
+            "d_latent": num_latents,
+            # A transcoder predicts a different activation of the same width.
+            "d_out": d_in if transcode else None,
+            "k": int(cfg["k"]),
+            "apply_b_dec_to_input": not transcode,
+            "skip_connection": skip,
+            "normalize_decoder": bool(cfg.get("normalize_decoder", True)) and not transcode,
+            "provenance": self._provenance(folder, cfg, transcode),
+        }
+        return build_dictionary(
+            "topk",
+            fields,
+            tensors,
+            weights_path=weights_path,
+            config_path=cfg_path,
+            device=device,
+            dtype=dtype,
+        )
+
+    def _provenance(self, folder: Path, cfg: dict[str, Any], transcode: bool) -> Any:
+        hookpoint = folder.name
+        site, site_out = sitenames.from_sparsify(hookpoint, transcode=transcode)
+        # sparsify writes its run config (model, dataset, ctx_len) one level up.
+        run_cfg_path = folder.parent / "config.json"
+        run = read_json(run_cfg_path) if run_cfg_path.is_file() else {}
+        return provenance(
+            trained_as=f"{self.name}:{'transcoder' if transcode else 'topk'}",
+            backbone=run.get("model") if isinstance(run.get("model"), str) else None,
+            site=site,
+            site_out=site_out,
+            dataset=run.get("dataset") if isinstance(run.get("dataset"), str) else None,
+            context_size=run.get("ctx_len"),
+            extra={
+                "format": self.name,
+                "hookpoint": hookpoint,
+                "multi_topk": cfg.get("multi_topk"),
+                "expansion_factor": cfg.get("expansion_factor"),
+            },
+        )
+
+
+SPARSIFY = SparsifyFormat()

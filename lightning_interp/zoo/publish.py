@@ -1,0 +1,271 @@
+"""Publish dictionaries to the Hugging Face Hub: one folder per site, a card, one commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+from lightning_interp.dictionaries.base import Dictionary
+from lightning_interp.dictionaries.serialization import CONFIG_NAME, WEIGHTS_NAME, load_folder
+from lightning_interp.errors import ConfigError, DictionaryNotFoundError
+from lightning_interp.zoo.card import CardEntry, build_card
+
+METRICS_NAME = "metrics.json"
+RUN_CONFIG_NAME = "config.yaml"  # LightningCLI's saved config, beside a run's outputs
+TRAINING_CONFIG_NAME = "training_config.yaml"  # its name in a published repo
+
+
+@dataclass(frozen=True)
+class PublishItem:
+    """One dictionary to publish.
+
+    Attributes:
+        path: Folder inside the repo (``""`` for the root).
+        dictionary: The dictionary (saved in its inference form).
+        metrics: Evaluation results (``fvu``, ``l0``, ...), written as ``metrics.json``.
+    """
+
+    path: str
+    dictionary: Dictionary
+    metrics: dict[str, Any] | None = None
+
+    def card_entry(self) -> CardEntry:
+        """The entry the model card shows for this item."""
+        config = self.dictionary.to_inference().with_scale_folded().config_for_save().to_dict()
+        return CardEntry(self.path, config, self.metrics)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """Where a publication landed: the repo, the commit sha and its URL."""
+
+    repo_id: str
+    commit: str
+    url: str
+
+
+def _read_metrics(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def items_from_folder(root: str | os.PathLike[str]) -> list[PublishItem]:
+    """The dictionaries under a local folder, each with its repo folder and metrics.
+
+    ``root`` may be a dictionary folder, a training run (``<run>/dictionary/`` beside
+    ``<run>/metrics.json``) or a multi-dictionary run (``<run>/<name>/dictionary/``).
+    Each dictionary goes to a repo folder named by its site (``provenance.site``); without
+    sites, or when two share one, by its path in the run (``<name>``).
+    """
+    root = Path(root)
+    found = sorted(p.parent for p in root.rglob(CONFIG_NAME) if (p.parent / WEIGHTS_NAME).is_file())
+    if not found:
+        raise DictionaryNotFoundError(
+            f"{root} holds no dictionary folder ({CONFIG_NAME} + {WEIGHTS_NAME}); pass a folder "
+            f"written by Dictionary.save_pretrained or a training run's output folder"
+        )
+    loaded = []
+    for folder in found:
+        metrics = _read_metrics(folder / METRICS_NAME)
+        if metrics is None and (folder != root or folder.name == "dictionary"):
+            metrics = _read_metrics(folder.parent / METRICS_NAME)  # <run>/metrics.json
+        rel = folder.relative_to(root).as_posix()
+        rel = "" if rel in (".", "dictionary") else rel.removesuffix("/dictionary")
+        loaded.append((rel, load_folder(folder), metrics))
+    sites = [d.config.provenance.site for _, d, _ in loaded]
+    by_site = all(sites) and len(set(sites)) == len(sites)
+    return [
+        PublishItem(site if by_site else rel, dictionary, metrics)
+        for (rel, dictionary, metrics), site in zip(loaded, sites, strict=True)
+    ]
+
+
+def _items(source: Any) -> list[PublishItem]:
+    if isinstance(source, (str, os.PathLike)):
+        return items_from_folder(source)
+    if isinstance(source, Dictionary):
+        source = [source]
+    if isinstance(source, Mapping):
+        return [PublishItem(str(site), d) for site, d in source.items()]
+    if isinstance(source, Sequence):
+        sites = [d.config.provenance.site for d in source]
+        if not all(sites) or len(set(sites)) != len(sites):
+            raise ConfigError(
+                f"cannot name a repo folder for each dictionary: their sites are {sites}; pass "
+                f"a dict {{site: dictionary}} instead"
+            )
+        return [PublishItem(site, d) for site, d in zip(sites, source, strict=True)]
+    raise ConfigError(f"cannot publish a {type(source).__name__}; pass a folder or dictionaries")
+
+
+def _training_config(source: Any) -> str | None:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source) / RUN_CONFIG_NAME
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return None
+
+
+def render_card(source: Any, *, repo_id: str, card_data: dict[str, Any] | None = None) -> str:
+    """README text publishing ``source`` to a new repo ``repo_id`` would write."""
+    entries = [i.card_entry() for i in _items(source)]
+    training_config = _training_config(source)
+    return str(
+        build_card(entries, repo_id=repo_id, card_data=card_data, training_config=training_config)
+    )
+
+
+def _remote_state(
+    repo_id: str, revision: str | None, token: Any, skip: set[str]
+) -> tuple[list[str], list[CardEntry], str | None]:
+    """The repo's files, and what the card keeps: other native dictionaries, the run config."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return [], [], None
+
+    def fetch(filename: str) -> str:
+        path = hf_hub_download(repo_id, filename, revision=revision, token=token)
+        return Path(path).read_text(encoding="utf-8")
+
+    entries = []
+    for name in files:
+        folder = name.rpartition("/")[0]
+        prefix = f"{folder}/" if folder else ""
+        if name != f"{prefix}{CONFIG_NAME}" or folder in skip:
+            continue
+        if f"{prefix}{WEIGHTS_NAME}" not in files:
+            continue
+        has_metrics = f"{prefix}{METRICS_NAME}" in files
+        metrics = json.loads(fetch(f"{prefix}{METRICS_NAME}")) if has_metrics else None
+        entries.append(CardEntry(folder, json.loads(fetch(name)), metrics))
+    training_config = fetch(TRAINING_CONFIG_NAME) if TRAINING_CONFIG_NAME in files else None
+    return files, entries, training_config
+
+
+def _stale_files(remote_files: list[str], targets: set[str], uploading: set[str]) -> list[str]:
+    """Dictionary files left in a target folder by an earlier upload (maybe another format).
+
+    Left in place they would sit beside the new files and make the folder's format
+    ambiguous, so the commit deletes them.
+    """
+    from lightning_interp.zoo.formats import FORMATS
+
+    patterns = {p for adapter in FORMATS.values() for p in adapter.allow_patterns}
+    stale = []
+    for name in remote_files:
+        folder, _, base = name.rpartition("/")
+        if folder in targets and name not in uploading and any(fnmatch(base, p) for p in patterns):
+            stale.append(name)
+    return stale
+
+
+def _stage(items: list[PublishItem], folder: Path) -> None:
+    from lightning_interp.zoo.formats import write_folder
+
+    for item in items:
+        target = folder / item.path
+        write_folder(item.dictionary, target, format="native")
+        if item.metrics is not None:
+            (target / METRICS_NAME).write_text(json.dumps(item.metrics, indent=2) + "\n")
+
+
+def publish(
+    items: list[PublishItem],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    card_data: dict[str, Any] | None = None,
+    commit_message: str | None = None,
+    training_config: str | None = None,
+) -> PublishResult:
+    """Upload ``items`` and a regenerated README.md as ONE commit (creating repo/branch).
+
+    The card lists the new dictionaries and any native dictionaries already in the repo.
+    ``training_config`` (a run's LightningCLI ``config.yaml``) is uploaded as
+    ``training_config.yaml`` and shown in the card.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    from lightning_interp.zoo.hub import hub_errors
+
+    paths = [i.path for i in items]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"two dictionaries would share a repo folder: {paths}")
+    api = HfApi(token=token)
+    with hub_errors(repo_id, revision), tempfile.TemporaryDirectory() as tmp:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        remote_files, kept, remote_config = _remote_state(repo_id, revision, token, set(paths))
+        staged = Path(tmp)
+        _stage(items, staged)
+        if training_config is not None:
+            (staged / TRAINING_CONFIG_NAME).write_text(training_config, encoding="utf-8")
+        card = build_card(
+            kept + [i.card_entry() for i in items],
+            repo_id=repo_id,
+            card_data=card_data,
+            training_config=training_config or remote_config,
+        )
+        (staged / "README.md").write_text(str(card), encoding="utf-8")
+        uploads = {
+            p.relative_to(staged).as_posix(): p for p in sorted(staged.rglob("*")) if p.is_file()
+        }
+        operations: list[Any] = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+            for name, path in uploads.items()
+        ]
+        stale = _stale_files(remote_files, set(paths), set(uploads))
+        operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
+        where = ", ".join(p or "." for p in paths)
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message
+            or f"Publish {len(items)} dictionaries ({where}) with lightning-interp",
+            revision=revision,
+        )
+    return PublishResult(repo_id, info.oid, info.commit_url)
+
+
+def push_to_hub(
+    dictionary: Dictionary,
+    repo_id: str,
+    *,
+    site: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> PublishResult:
+    """Publish one dictionary (to the repo root, or to folder ``site``); see :func:`publish`."""
+    return publish([PublishItem((site or "").strip("/"), dictionary, metrics)], repo_id, **kwargs)
+
+
+def publish_run(
+    source: str | os.PathLike[str] | Mapping[str, Dictionary] | Sequence[Dictionary],
+    repo_id: str,
+    **kwargs: Any,
+) -> PublishResult:
+    """Publish a training run (or several dictionaries) as one repo, one folder per site.
+
+    Args:
+        source: A run folder (``<run>/dictionary/`` + ``metrics.json``, or one subfolder
+            per dictionary), a dictionary folder, ``{site: dictionary}``, or dictionaries
+            whose ``provenance.site`` differ.
+        repo_id: Target repo (created if missing).
+        **kwargs: ``private``, ``revision``, ``token``, ``card_data``, ``commit_message``.
+
+    Returns:
+        The repo id, commit sha and commit URL.
+    """
+    return publish(_items(source), repo_id, training_config=_training_config(source), **kwargs)

@@ -1,0 +1,64 @@
+"""The optional linear skip connection: reconstruction = decode(codes) + x @ W_skip.T."""
+
+import pytest
+import torch
+
+from lightning_interp import create_dictionary, load_dictionary
+from tests.helpers import ARCHITECTURE_KWARGS
+
+D_IN, D_OUT, F = 8, 6, 32
+
+
+def skip_dictionary(architecture, d_out=D_OUT):
+    torch.manual_seed(0)
+    kwargs = {**ARCHITECTURE_KWARGS[architecture], "d_out": d_out, "apply_b_dec_to_input": False}
+    dictionary = create_dictionary(
+        architecture, d_in=D_IN, d_latent=F, skip_connection=True, **kwargs
+    )
+    with torch.no_grad():
+        for p in dictionary.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return dictionary
+
+
+def test_off_by_default_and_zero_at_init():
+    plain = create_dictionary("topk", d_in=D_IN, d_latent=F, k=4)
+    assert not plain.config.skip_connection and "W_skip" not in plain.export_tensors()
+    skip = create_dictionary("topk", d_in=D_IN, d_latent=F, k=4, skip_connection=True)
+    assert skip.W_skip.shape == (D_IN, D_IN) and not skip.W_skip.any()
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_reconstruction_adds_the_skip(architecture, sparse):
+    dictionary = skip_dictionary(architecture)
+    if hasattr(dictionary, "sparse_training"):
+        dictionary.sparse_training = sparse
+    x = torch.randn(16, D_IN)
+    expected_eval = dictionary.decode(dictionary.encode(x)) + x @ dictionary.W_skip.T
+    torch.testing.assert_close(dictionary(x), expected_eval)
+    out = dictionary.forward_train(x)
+    torch.testing.assert_close(
+        out.reconstruction, dictionary.decode(out.codes) + x @ dictionary.W_skip.T
+    )
+    assert out.reconstruction.shape == (16, D_OUT)
+
+
+def test_skip_is_trained():
+    dictionary = skip_dictionary("topk")
+    x, target = torch.randn(16, D_IN), torch.randn(16, D_OUT)
+    dictionary.loss(x, dictionary.forward_train(x), target=target)["loss"].backward()
+    assert dictionary.W_skip.grad is not None and dictionary.W_skip.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "batchtopk"])
+def test_native_round_trip_keeps_the_skip(tmp_path, architecture):
+    dictionary = skip_dictionary(architecture)
+    if architecture == "batchtopk":
+        dictionary.train().forward_train(torch.randn(64, D_IN))
+    dictionary.eval().save_pretrained(tmp_path)
+    loaded = load_dictionary(tmp_path)
+    assert loaded.config.skip_connection
+    x = torch.randn(16, D_IN)
+    torch.testing.assert_close(loaded(x), dictionary.to_inference()(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.W_skip, dictionary.W_skip, rtol=0, atol=0)

@@ -1,0 +1,36 @@
+"""Small builders shared by the zoo tests."""
+
+import json
+
+import torch
+
+from lightning_interp import create_dictionary
+from lightning_interp.dictionaries.config import Provenance
+
+
+def make_sae(site="layers.1.resid_post", *, seed=0, d_in=8, d_latent=32, k=4, backbone="gpt2"):
+    """A TopK SAE with random (seeded) weights and a filled-in provenance."""
+    torch.manual_seed(seed)
+    provenance = Provenance(backbone=backbone, site=site, dataset="Skylion007/openwebtext")
+    sae = create_dictionary("topk", d_in=d_in, d_latent=d_latent, k=k, provenance=provenance)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return sae.eval()
+
+
+def write_run(root, saes_by_name, metrics_by_name=None):
+    """A multi-dictionary training run as ExportDictionary writes it."""
+    for name, sae in saes_by_name.items():
+        sae.save_pretrained(root / name / "dictionary")
+        metrics = (metrics_by_name or {}).get(name)
+        if metrics is not None:
+            (root / name / "metrics.json").write_text(json.dumps(metrics))
+    return root
+
+
+def assert_same_weights(a, b):
+    ta, tb = a.export_tensors(), b.export_tensors()
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        torch.testing.assert_close(ta[name], tb[name], rtol=0, atol=0)

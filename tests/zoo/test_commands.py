@@ -1,0 +1,104 @@
+"""The zoo's command-line tools, driven through the real `lightning-interp` entry point."""
+
+import json
+
+import pytest
+
+from lightning_interp import load_dictionary
+from lightning_interp.cli import main
+from lightning_interp.zoo.formats import read_folder, write_folder
+from tests.zoo.helpers import assert_same_weights, make_sae, write_run
+
+METRICS = {
+    "fvu": 0.2,
+    "l0": 4.0,
+    "dead_fraction": 0.0,
+    "ce_loss_recovered": None,
+    "tokens_trained": 4096,
+}
+
+
+def run(*argv):
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    return info.value.code
+
+
+def test_publish_pull_and_card(hub, tmp_path, capsys):
+    saes = {
+        "l0": make_sae("layers.0.resid_post", seed=3),
+        "l1": make_sae("layers.1.resid_post", seed=4),
+    }
+    run_dir = write_run(tmp_path / "run", saes, {"l0": METRICS, "l1": METRICS})
+    assert run("publish", str(run_dir), "--repo-id", "org/cli", "--license", "mit") == 0
+    out = capsys.readouterr().out
+    sha = hub.state.repos["org/cli"].branches["main"]
+    assert sha in out
+
+    assert run("card", str(run_dir), "--repo-id", "org/cli", "--license", "mit") == 0
+    card = capsys.readouterr().out
+    assert card == hub.state.repos["org/cli"].commits[sha]["README.md"].content.decode()
+
+    target = tmp_path / "pulled"
+    assert run("pull", "org/cli", str(target), "--site", "layers.1.resid_post") == 0
+    assert sha in capsys.readouterr().out
+    assert_same_weights(load_dictionary(target), saes["l1"])
+    assert json.loads((target / "config.json").read_text())["provenance"]["revision"] == sha
+
+
+def test_pull_default_folder(hub, tmp_path, monkeypatch, capsys):
+    make_sae().push_to_hub("org/solo")
+    monkeypatch.chdir(tmp_path)
+    assert run("pull", "org/solo") == 0
+    assert (tmp_path / "solo" / "model.safetensors").is_file()
+
+
+def test_convert_between_formats(tmp_path, capsys):
+    sae = make_sae()
+    write_folder(sae, tmp_path / "saelens", format="saelens")
+    assert (
+        run(
+            "convert",
+            str(tmp_path / "saelens"),
+            str(tmp_path / "native"),
+            "--from",
+            "saelens",
+            "--to",
+            "native",
+        )
+        == 0
+    )
+    assert_same_weights(read_folder(tmp_path / "native"), sae)
+
+
+def test_zoo_list_and_show(capsys):
+    assert run("zoo", "list") == 0
+    listing = capsys.readouterr().out
+    assert "gpt2-small-res-jb" in listing and "gemma-scope-2b-pt-res" in listing
+    assert run("zoo", "show", "gpt2-small-res-jb") == 0
+    shown = capsys.readouterr().out
+    assert "jbloom/GPT2-Small-SAEs-Reformatted@main" in shown
+    assert "blocks.8.hook_resid_pre" in shown and "layers.8.resid_pre" in shown
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("zoo", "show", "no-such-release"), "no catalogue release 'no-such-release'"),
+        (("pull", "org/missing"), "'org/missing' was not found"),
+        (("card", "does-not-exist"), "holds no dictionary folder"),
+        (("convert", "nowhere", "out", "--to", "pickle"), "unknown dictionary format 'pickle'"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(hub, argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert run(*argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_usage_errors_and_help(capsys):
+    assert run("publish", "some-dir") == 2  # --repo-id is required
+    assert "--repo-id" in capsys.readouterr().err
+    assert run("zoo", "--help") == 0
