@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-minilm test lint format install clean
+.PHONY: demo demo-minilm demo-concepts test lint format install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 # A shorter demo: MiniLM activations over news text, and the ground-truth recovery table.
 demo-minilm: $(STAMP)
 	$(PY) docs/examples/demo.py
+
+# A label-free concept bottleneck on MiniLM over real movie-review sentences (about 15 s).
+demo-concepts: $(STAMP)
+	$(PY) docs/examples/concepts_demo.py
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -6,6 +6,13 @@ dictionary into a frozen :class:`~lightning_interp.backbones.Backbone`.
 
 from torchmetrics import MeanSquaredError
 
+from lightning_interp.metrics.concepts import (
+    ConceptAccuracy,
+    ConceptAUROC,
+    FinalLayerSparsity,
+    InterventionAUC,
+    InterventionCurve,
+)
 from lightning_interp.metrics.downstream import (
     CrossEntropyLossRecovered,
     SplicedKLDivergence,
@@ -19,6 +26,11 @@ from lightning_interp.metrics.reconstruction import (
 from lightning_interp.metrics.sparsity import L0, DeadLatentFraction, DenseLatentFraction
 
 __all__ = [
+    "ConceptAUROC",
+    "ConceptAccuracy",
+    "FinalLayerSparsity",
+    "InterventionAUC",
+    "InterventionCurve",
     "CrossEntropyLossRecovered",
     "L0",
     "DeadLatentFraction",

@@ -1,0 +1,222 @@
+"""Base class of concept-bottleneck heads: outputs, a registry, save/load by name."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lightning_interp.dictionaries.serialization import atomic_write
+from lightning_interp.errors import (
+    ConfigError,
+    CorruptFileError,
+    DictionaryNotFoundError,
+    ShapeMismatchError,
+    UnknownArchitectureError,
+    UnknownConceptError,
+)
+
+HEAD_CONFIG = "config.json"
+HEAD_WEIGHTS = "model.safetensors"
+HEAD_FORMAT = "lightning-interp-concept-head"
+_HEADS: dict[str, type[ConceptHead]] = {}
+
+
+@dataclass
+class HeadOutput:
+    """What a head returns.
+
+    Attributes:
+        logits: Class scores ``[b, classes]``.
+        concepts: The bottleneck ``[b, concepts]`` the final layer reads (probabilities,
+            margins or standardised activations, by head).
+        concept_logits: Pre-sigmoid concept predictions where concepts are predicted.
+        attention: Concept-to-token attention ``[b, concepts, tokens]`` (concept transformer).
+    """
+
+    logits: Tensor
+    concepts: Tensor
+    concept_logits: Tensor | None = None
+    attention: Tensor | None = None
+
+
+def register_head(name: str):
+    """Class decorator: make a head loadable by ``name`` from a saved ``config.json``."""
+
+    def wrap(cls: type[ConceptHead]) -> type[ConceptHead]:
+        cls.head_type = name
+        _HEADS[name] = cls
+        return cls
+
+    return wrap
+
+
+def head_class(name: str) -> type[ConceptHead]:
+    """The head class registered as ``name``."""
+    if name not in _HEADS:
+        raise UnknownArchitectureError(
+            f"no concept head named {name!r}; known: {sorted(_HEADS)} (import the module "
+            f"that registers a custom head before loading it)"
+        )
+    return _HEADS[name]
+
+
+class ConceptHead(nn.Module):
+    """A head over frozen embeddings whose decision goes through named concepts.
+
+    Subclasses set ``self.config`` (JSON-serialisable constructor arguments, without the
+    names) and implement :meth:`forward` and :meth:`training_loss`. Heads with a final
+    linear layer over the concepts expose it as :attr:`final` so explanations and edits
+    work on every head alike.
+
+    Args:
+        d_in: Width of the embeddings the head reads.
+        concept_names: Names of the bottleneck units, in order.
+        class_names: Names of the classes, in order.
+    """
+
+    head_type: ClassVar[str] = ""
+    # "after": the head fits a closed-form part on all training data once training ends.
+    full_data_fit: ClassVar[str | None] = None
+
+    def __init__(self, d_in: int, concept_names: Sequence[str], class_names: Sequence[str]):
+        super().__init__()
+        if d_in <= 0:
+            raise ConfigError(f"d_in must be positive, got {d_in}")
+        if len(class_names) < 2:
+            raise ConfigError(f"a classifier needs at least two class names, got {class_names}")
+        self.d_in = int(d_in)
+        self.concept_names = [str(n) for n in concept_names]
+        self.class_names = [str(n) for n in class_names]
+        self.config: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ interface
+    @property
+    def num_concepts(self) -> int:
+        """Number of bottleneck units."""
+        return len(self.concept_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    @property
+    def final(self) -> nn.Linear | None:
+        """The linear layer from concepts to classes (``None`` if the head has none)."""
+        return None
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise :class:`ShapeMismatchError` if ``x``'s last dimension is not ``d_in``."""
+        if x.shape[-1] != self.d_in:
+            raise ShapeMismatchError(
+                f"{type(self).__name__} reads embeddings of width {self.d_in}, got "
+                f"{x.shape[-1]} (shape {tuple(x.shape)}); embed with the backbone and pooling "
+                f"the head was built for"
+            )
+
+    def concept_index(self, name: str) -> int:
+        """Position of concept ``name``; :class:`UnknownConceptError` names the options."""
+        if name not in self.concept_names:
+            close = difflib.get_close_matches(name, self.concept_names, n=5, cutoff=0.6)
+            raise UnknownConceptError(
+                f"{type(self).__name__} has no concept {name!r}"
+                + (f"; similar: {close}" if close else "; see head.concept_names")
+            )
+        return self.concept_names.index(name)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> HeadOutput:
+        """Class logits and concept activations for embeddings ``x``."""
+        raise NotImplementedError
+
+    def training_loss(
+        self, x: Tensor, y: Tensor, concepts: Tensor | None, *, epoch: int, mask: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Loss terms for one batch; ``"loss"`` is minimised."""
+        raise NotImplementedError
+
+    def fit_full_data(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Closed-form fit on all training rows (heads with ``full_data_fit``)."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, lr: float) -> None:
+        """Hook for proximal updates (soft-thresholding) after each optimizer step."""
+
+    # ------------------------------------------------------------------ storage
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``config.json`` (type, config, concept and class names) + ``model.safetensors``."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        config = {
+            "format": HEAD_FORMAT,
+            "head_type": self.head_type,
+            "d_in": self.d_in,
+            "concept_names": self.concept_names,
+            "class_names": self.class_names,
+            "config": self.config,
+        }
+        metadata = {"format": "pt", "head_type": self.head_type}
+        atomic_write(folder / HEAD_WEIGHTS, lambda p: save_file(tensors, str(p), metadata))
+        text = json.dumps(config, indent=2) + "\n"
+        atomic_write(folder / HEAD_CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str]) -> ConceptHead:
+        """Load a head written by :meth:`save_pretrained` (any registered head type)."""
+        folder = Path(directory)
+        config_path, weights_path = folder / HEAD_CONFIG, folder / HEAD_WEIGHTS
+        if not (config_path.is_file() and weights_path.is_file()):
+            raise DictionaryNotFoundError(
+                f"{folder} lacks {HEAD_CONFIG} or {HEAD_WEIGHTS}; write a head there with "
+                f"head.save_pretrained"
+            )
+        try:
+            saved = json.loads(config_path.read_text(encoding="utf-8"))
+            tensors = load_file(str(weights_path))
+        except (json.JSONDecodeError, SafetensorError) as error:
+            raise CorruptFileError(f"cannot read the concept head in {folder}: {error}") from None
+        if saved.get("format") != HEAD_FORMAT:
+            raise CorruptFileError(f"{config_path} is not a {HEAD_FORMAT} config")
+        head_cls = head_class(saved["head_type"])
+        if cls is not ConceptHead and not issubclass(head_cls, cls):
+            raise ConfigError(
+                f"{folder} holds a {head_cls.__name__}, not a {cls.__name__}; load it with "
+                f"ConceptHead.from_pretrained"
+            )
+        head = head_cls(
+            saved["d_in"], saved["concept_names"], saved["class_names"], **saved["config"]
+        )
+        _load_exact(head, tensors, folder)
+        return head
+
+
+def _load_exact(head: nn.Module, tensors: Mapping[str, Tensor], folder: Path) -> None:
+    expected = head.state_dict()
+    if set(expected) != set(tensors):
+        raise CorruptFileError(
+            f"{folder / HEAD_WEIGHTS} holds tensors {sorted(tensors)} but the config describes "
+            f"{sorted(expected)}"
+        )
+    for name, value in tensors.items():
+        if value.shape != expected[name].shape:
+            raise CorruptFileError(
+                f"tensor {name!r} in {folder} has shape {tuple(value.shape)}, config implies "
+                f"{tuple(expected[name].shape)}"
+            )
+    head.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+
+
+def elastic_net_penalty(weight: Tensor, alpha: float) -> Tensor:
+    """``alpha * |W|_1 + (1 - alpha) / 2 * |W|_2^2`` (the smooth part is what SGD sees)."""
+    weight = weight.float()
+    return alpha * weight.abs().sum() + 0.5 * (1 - alpha) * weight.square().sum()

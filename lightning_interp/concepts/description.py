@@ -1,0 +1,135 @@
+"""Classification by description (Menon & Vondrick, ICLR 2023): zero-shot, no training.
+
+Each class has descriptor phrases ("has a long neck", "is spotted"); each is embedded as
+``"{class}, which {descriptor}"`` and a class's score is the mean cosine similarity of an
+embedding to its descriptors. The descriptors are the explanation, and editing them
+(adding, removing, rewording) changes the classifier at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_interp.concepts.base import ConceptHead, HeadOutput, register_head
+from lightning_interp.errors import ConfigError
+
+SEPARATOR = ": "
+
+
+def descriptor_name(class_name: str, descriptor: str) -> str:
+    """The concept name of one class's descriptor, ``"class: descriptor"``."""
+    return f"{class_name}{SEPARATOR}{descriptor}"
+
+
+@register_head("description")
+class DescriptionClassifier(ConceptHead):
+    """Zero-shot classifier scoring classes by their descriptors.
+
+    Build it with :meth:`from_descriptors`; the constructor makes an empty shell of the
+    right shapes (used when loading).
+
+    Args:
+        d_in: Embedding width.
+        concept_names: ``"class: descriptor"`` names, grouped by class.
+        class_names: Class names.
+        template: How a descriptor is phrased for the text encoder.
+        scale: Multiplier of the mean similarities (a softmax temperature; CLIP uses 100).
+
+    Example:
+        >>> encode = lambda texts: torch.stack([torch.tensor([float("zebra" in t),
+        ...     float("stripe" in t), float("horse" in t)]) for t in texts])
+        >>> head = DescriptionClassifier.from_descriptors(
+        ...     {"zebra": ["has stripes"], "horse": ["has a mane"]}, encode)
+        >>> head(torch.tensor([[1.0, 1.0, 0.0]])).logits.argmax(-1).item()
+        0
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        concept_names: Sequence[str],
+        class_names: Sequence[str],
+        template: str = "{class_name}, which {descriptor}",
+        scale: float = 100.0,
+    ) -> None:
+        super().__init__(d_in, concept_names, class_names)
+        self.config = dict(template=template, scale=scale)
+        owners = []
+        for name in self.concept_names:
+            owner = name.split(SEPARATOR, 1)[0]
+            if owner not in self.class_names:
+                raise ConfigError(
+                    f"descriptor {name!r} names no class; name descriptors 'class: phrase'"
+                )
+            owners.append(self.class_names.index(owner))
+        missing = set(range(self.num_classes)) - set(owners)
+        if missing:
+            names = [self.class_names[i] for i in sorted(missing)]
+            raise ConfigError(f"classes {names} have no descriptors; give each class at least one")
+        self.register_buffer("descriptor_class", torch.tensor(owners, dtype=torch.long))
+        self.register_buffer("descriptor_vectors", torch.zeros(len(owners), d_in))
+
+    @classmethod
+    def from_descriptors(
+        cls,
+        descriptors: Mapping[str, Sequence[str]],
+        encoder: Callable[[Sequence[str]], Tensor],
+        **kwargs,
+    ) -> DescriptionClassifier:
+        """Embed every class's descriptors with ``encoder`` (texts -> ``[n, d]``)."""
+        class_names = list(descriptors)
+        template = kwargs.get("template", "{class_name}, which {descriptor}")
+        names, phrases = [], []
+        for class_name, items in descriptors.items():
+            for descriptor in items:
+                names.append(descriptor_name(class_name, descriptor))
+                phrases.append(template.format(class_name=class_name, descriptor=descriptor))
+        with torch.no_grad():
+            vectors = encoder(phrases)
+        head = cls(vectors.shape[1], names, class_names, **kwargs)
+        head.descriptor_vectors.copy_(torch.nn.functional.normalize(vectors.float(), dim=-1))
+        head._encoder = encoder
+        return head
+
+    def descriptors(self) -> dict[str, list[str]]:
+        """``{class: [descriptor, ...]}`` as currently used."""
+        out: dict[str, list[str]] = {c: [] for c in self.class_names}
+        for name in self.concept_names:
+            owner, descriptor = name.split(SEPARATOR, 1)
+            out[owner].append(descriptor)
+        return out
+
+    def edit(
+        self,
+        descriptors: Mapping[str, Sequence[str]],
+        encoder: Callable[[Sequence[str]], Tensor] | None = None,
+    ) -> DescriptionClassifier:
+        """A classifier with some classes' descriptor lists replaced (others kept)."""
+        encoder = encoder or getattr(self, "_encoder", None)
+        if encoder is None:
+            raise ConfigError("editing descriptors needs the text encoder: pass encoder=")
+        unknown = sorted(set(descriptors) - set(self.class_names))
+        if unknown:
+            raise ConfigError(f"unknown classes {unknown}; classes: {self.class_names}")
+        merged = {**self.descriptors(), **{k: list(v) for k, v in descriptors.items()}}
+        return type(self).from_descriptors(merged, encoder, **self.config)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> HeadOutput:
+        """Class scores: scaled mean similarity to each class's descriptors."""
+        self.check_input(x)
+        unit = torch.nn.functional.normalize(x.float(), dim=-1)
+        sims = (unit @ self.descriptor_vectors.float().T).float()  # autocast may give bf16
+        sums = torch.zeros(x.shape[0], self.num_classes, device=x.device)
+        sums.index_add_(1, self.descriptor_class, sims)
+        counts = torch.bincount(self.descriptor_class, minlength=self.num_classes)
+        return HeadOutput(self.config["scale"] * sums / counts.to(sums.dtype), sims)
+
+    def training_loss(self, *args, **kwargs) -> dict[str, Tensor]:
+        """Not trainable: classification by description is zero-shot."""
+        raise ConfigError(
+            "DescriptionClassifier has nothing to train; use trainer.validate/test, or edit "
+            "its descriptors"
+        )

@@ -1,0 +1,199 @@
+"""Supervised concept bottleneck models (Koh et al., ICML 2020) over frozen embeddings.
+
+``x -> concept predictor -> c_hat -> label predictor -> y``. Three ways to train:
+independent (each part on true targets: the label predictor reads the true concepts),
+sequential (the concept predictor first, then the label predictor on its frozen
+predictions) and joint (both together, a weighted sum of the two losses). The bottleneck is
+soft (probabilities) or hard (0/1, with a straight-through gradient in joint training).
+Test-time interventions replace chosen predicted concepts by their true values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_interp.concepts.base import ConceptHead, HeadOutput, register_head
+from lightning_interp.errors import ConfigError, ShapeMismatchError
+
+Training = Literal["independent", "sequential", "joint"]
+
+
+def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Module:
+    if hidden <= 0:
+        return nn.Linear(d_in, d_out)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+@register_head("supervised_cbm")
+class SupervisedCBM(ConceptHead):
+    """A concept bottleneck model trained with concept annotations.
+
+    Args:
+        d_in: Embedding width.
+        concept_names: Names of the annotated binary concepts.
+        class_names: Class names.
+        training: ``"independent"``, ``"sequential"`` or ``"joint"``.
+        bottleneck: ``"soft"`` (probabilities) or ``"hard"`` (thresholded at 0.5).
+        concept_hidden: Hidden width of the concept predictor (0: linear).
+        label_hidden: Hidden width of the label predictor (0: linear, interpretable).
+        concept_weight: Weight of the concept loss in joint training.
+        concept_epochs: Sequential training: epochs of the concept stage before the
+            label predictor is trained on frozen predictions.
+
+    Example:
+        >>> head = SupervisedCBM(8, ["wings", "beak"], ["bird", "plane"])
+        >>> head(torch.randn(3, 8)).logits.shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        concept_names: Sequence[str],
+        class_names: Sequence[str],
+        training: Training = "joint",
+        bottleneck: Literal["soft", "hard"] = "soft",
+        concept_hidden: int = 0,
+        label_hidden: int = 0,
+        concept_weight: float = 1.0,
+        concept_epochs: int = 1,
+    ) -> None:
+        super().__init__(d_in, concept_names, class_names)
+        if training not in ("independent", "sequential", "joint"):
+            raise ConfigError(
+                f"training must be independent, sequential or joint, got {training!r}"
+            )
+        if bottleneck not in ("soft", "hard"):
+            raise ConfigError(f"bottleneck must be 'soft' or 'hard', got {bottleneck!r}")
+        self.config = dict(
+            training=training,
+            bottleneck=bottleneck,
+            concept_hidden=concept_hidden,
+            label_hidden=label_hidden,
+            concept_weight=concept_weight,
+            concept_epochs=concept_epochs,
+        )
+        self.concept_predictor = _mlp(d_in, concept_hidden, self.num_concepts)
+        self.label_predictor = _mlp(self.num_concepts, label_hidden, self.num_classes)
+
+    @property
+    def final(self) -> nn.Linear | None:
+        """The label predictor when it is linear."""
+        return self.label_predictor if isinstance(self.label_predictor, nn.Linear) else None
+
+    def bottleneck(self, concept_logits: Tensor) -> Tensor:
+        """Concept values the label predictor reads (soft, or hard with straight-through)."""
+        probs = torch.sigmoid(concept_logits)
+        if self.config["bottleneck"] == "soft":
+            return probs
+        hard = (probs > 0.5).to(probs.dtype)
+        return hard + probs - probs.detach()  # value: hard; gradient: that of probs
+
+    def _check_concepts(self, concepts: Tensor, rows: int) -> None:
+        if concepts.shape != (rows, self.num_concepts):
+            raise ShapeMismatchError(
+                f"concept labels must be [{rows}, {self.num_concepts}] (one column per "
+                f"concept of {self.concept_names[:3]}...), got {tuple(concepts.shape)}"
+            )
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        *,
+        true_concepts: Tensor | None = None,
+        intervene: Tensor | None = None,
+    ) -> HeadOutput:
+        """Predict concepts, optionally set some to their true values, then classes.
+
+        Args:
+            x: Embeddings ``[b, d_in]``.
+            mask: Unused (token mask of sequence heads).
+            true_concepts: Ground-truth concepts ``[b, concepts]`` in {0, 1}.
+            intervene: Boolean ``[b, concepts]`` or ``[concepts]``: where to use the truth.
+        """
+        self.check_input(x)
+        concept_logits = self.concept_predictor(x)
+        values = self.bottleneck(concept_logits)
+        if intervene is not None:
+            if true_concepts is None:
+                raise ConfigError("interventions need true_concepts")
+            self._check_concepts(true_concepts, x.shape[0])
+            where = intervene.to(torch.bool).expand_as(values)
+            values = torch.where(where, true_concepts.to(values.dtype), values)
+        return HeadOutput(self.label_predictor(values), values, concept_logits)
+
+    def training_loss(
+        self, x: Tensor, y: Tensor, concepts: Tensor | None, *, epoch: int, mask: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Concept BCE and task CE, combined as the training mode prescribes."""
+        if concepts is None:
+            raise ConfigError(
+                "a supervised CBM needs concept labels in each batch; use a data module that "
+                "yields (embeddings, labels, concepts), or a post-hoc / label-free head"
+            )
+        self.check_input(x)
+        self._check_concepts(concepts, x.shape[0])
+        concept_logits = self.concept_predictor(x)
+        concept_loss = F.binary_cross_entropy_with_logits(concept_logits.float(), concepts.float())
+        mode = self.config["training"]
+        if mode == "independent":
+            task_input = concepts.to(concept_logits.dtype)
+        elif mode == "sequential":
+            if epoch < self.config["concept_epochs"]:
+                return {"loss": concept_loss, "concept_loss": concept_loss}
+            # Stage two: only the label predictor learns, from frozen predictions.
+            task_input = self.bottleneck(concept_logits).detach()
+            concept_loss = concept_loss.detach()
+        else:
+            task_input = self.bottleneck(concept_logits)
+        task_loss = F.cross_entropy(self.label_predictor(task_input).float(), y)
+        weight = self.config["concept_weight"] if mode == "joint" else 1.0
+        loss = task_loss + weight * concept_loss
+        return {"loss": loss, "task_loss": task_loss, "concept_loss": concept_loss}
+
+
+def intervention_order(
+    concept_probs: Tensor, policy: str = "uncertainty", generator: torch.Generator | None = None
+) -> Tensor:
+    """Per example, the order in which to intervene on concepts ``[b, concepts]``.
+
+    ``"uncertainty"`` takes the concepts whose predicted probability is closest to 0.5
+    first; ``"random"`` a random order per example.
+    """
+    if policy == "uncertainty":
+        return (concept_probs - 0.5).abs().argsort(dim=-1)
+    if policy == "random":
+        noise = torch.rand(concept_probs.shape, generator=generator)
+        return noise.argsort(dim=-1).to(concept_probs.device)
+    raise ConfigError(f"intervention policy must be 'uncertainty' or 'random', got {policy!r}")
+
+
+@torch.no_grad()
+def intervention_logits(
+    head: SupervisedCBM,
+    x: Tensor,
+    true_concepts: Tensor,
+    policy: str = "uncertainty",
+    steps: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Class logits after intervening on the first ``k`` concepts of each example's order.
+
+    Returns:
+        ``[len(steps), b, classes]``; ``steps`` defaults to ``0, 1, ..., concepts``.
+    """
+    out = head(x)
+    order = intervention_order(torch.sigmoid(out.concept_logits), policy, generator)
+    steps = list(range(head.num_concepts + 1)) if steps is None else list(steps)
+    ranks = order.argsort(dim=-1)  # rank of each concept in the example's order
+    results = []
+    for k in steps:
+        chosen = ranks < k
+        results.append(head(x, true_concepts=true_concepts, intervene=chosen).logits)
+    return torch.stack(results)

@@ -1,0 +1,204 @@
+"""ConceptBottleneckModule: trains any concept head over frozen backbone embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_interp.concepts import (
+    ConceptBank,
+    ConceptHead,
+    create_head,
+    filter_concepts,
+    load_phrases,
+)
+from lightning_interp.errors import ConfigError
+from lightning_interp.metrics.concepts import ConceptAccuracy, ConceptAUROC
+
+
+class ConceptBatch(NamedTuple):
+    """Embeddings, class labels, optional concept labels and token mask of a batch."""
+
+    x: Tensor
+    y: Tensor
+    concepts: Tensor | None = None
+    mask: Tensor | None = None
+
+
+def split_concept_batch(batch: Any) -> ConceptBatch:
+    """Read a batch into a :class:`ConceptBatch`.
+
+    Accepted: ``(x, y)``, ``(x, y, concepts)``, ``(x, y, concepts, mask)``, or a dict with
+    ``embeddings`` (or ``x``), ``labels`` (or ``y``) and optional ``concepts`` and ``mask``.
+    """
+    if isinstance(batch, Mapping):
+        x = batch.get("embeddings", batch.get("x"))
+        y = batch.get("labels", batch.get("y"))
+        if x is None or y is None:
+            raise ConfigError(
+                f"a dict batch needs 'embeddings' (or 'x') and 'labels' (or 'y'), got "
+                f"{sorted(batch)}"
+            )
+        return ConceptBatch(x, y.long(), batch.get("concepts"), batch.get("mask"))
+    if isinstance(batch, Sequence) and 2 <= len(batch) <= 4:
+        return ConceptBatch(batch[0], batch[1].long(), *batch[2:])
+    raise ConfigError(
+        f"cannot read a concept batch of type {type(batch).__name__}; yield (x, y), "
+        f"(x, y, concepts) or dicts with 'embeddings' and 'labels'"
+    )
+
+
+class ConceptBottleneckModule(L.LightningModule):
+    """Trains one :class:`~lightning_interp.concepts.ConceptHead` with Lightning.
+
+    Give a built ``head``, or (for recipes) a ``head_name`` with ``head_kwargs`` and
+    ``concepts``: then the head is built in :meth:`configure_model` from the data
+    module, which must offer ``text_encoder()``, ``class_names`` and ``train_embeddings()``
+    (as :class:`~lightning_interp.data.embeddings.EmbeddingDataModule` does).
+
+    Args:
+        head: A concept head.
+        head_name: Registered head type (``"label_free_cbm"``, ``"pcbm"``, ...).
+        head_kwargs: Constructor arguments of that head.
+        concepts: Concept phrases, or a path to a ``.txt`` file of them (one a line).
+        filters: Keyword arguments of :func:`~lightning_interp.concepts.filter_concepts`
+            (``None``: no filtering).
+        optimizer: Optimizer factory (default Adam, lr 1e-3).
+        save_dir: If set, the trained head is written there (``save_pretrained``) at the
+            end of training.
+    """
+
+    def __init__(
+        self,
+        head: ConceptHead | None = None,
+        head_name: str | None = None,
+        head_kwargs: dict[str, Any] | None = None,
+        concepts: list[str] | str | None = None,
+        filters: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        save_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if (head is None) == (head_name is None):
+            raise ConfigError("give exactly one of head (a built head) or head_name")
+        self.save_hyperparameters(ignore=["head", "optimizer"])
+        self.head = head
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
+        self.filter_report = None
+        self.fit_report: dict[str, float] = {}
+        self._metrics_built = False
+        if head is not None:
+            self._build_metrics()
+
+    # ------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        """Build the head from the data module's encoder and class names, if not given."""
+        if self.head is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        needed = ("text_encoder", "class_names", "train_embeddings")
+        if datamodule is None or not all(hasattr(datamodule, a) for a in needed):
+            raise ConfigError(
+                "building a head by name needs a data module with text_encoder(), "
+                "class_names and train_embeddings() (e.g. EmbeddingDataModule)"
+            )
+        datamodule.setup("fit")
+        encoder = datamodule.text_encoder()
+        class_names = list(datamodule.class_names)
+        bank = ConceptBank.from_phrases(load_phrases(self.hparams.concepts or []), encoder)
+        if self.hparams.filters is not None:
+            x, _ = datamodule.train_embeddings()
+            kwargs = {"class_names": class_names, "encoder": encoder, "embeddings": x}
+            bank, self.filter_report = filter_concepts(bank, **{**kwargs, **self.hparams.filters})
+        self.head = create_head(
+            self.hparams.head_name,
+            bank=bank,
+            class_names=class_names,
+            **(self.hparams.head_kwargs or {}),
+        )
+        self._build_metrics()
+
+    def _build_metrics(self) -> None:
+        if self._metrics_built:
+            return
+        head = self.head
+        for stage in ("val", "test"):
+            setattr(
+                self, f"{stage}_accuracy", MulticlassAccuracy(head.num_classes, average="micro")
+            )
+            setattr(self, f"{stage}_concept_accuracy", ConceptAccuracy())
+            setattr(self, f"{stage}_concept_auroc", ConceptAUROC())
+        self._metrics_built = True
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """The optimizer over the head's trainable parameters (none: evaluation only)."""
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        return self.optimizer_factory(params) if params else None
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Any:
+        """The head's :class:`~lightning_interp.concepts.HeadOutput`."""
+        return self.head(x, mask=mask)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One step of the head's own training loss."""
+        b = split_concept_batch(batch)
+        terms = self.head.training_loss(b.x, b.y, b.concepts, epoch=self.current_epoch, mask=b.mask)
+        self.log_dict({f"train/{k}": v.detach().float() for k, v in terms.items()})
+        self.log("loss", terms["loss"].detach().float(), prog_bar=True, logger=False)
+        return terms["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Proximal updates after the optimizer step (elastic-net heads)."""
+        optimizers = self.trainer.optimizers
+        if optimizers:
+            self.head.after_optimizer_step(float(optimizers[0].param_groups[0]["lr"]))
+
+    def on_train_end(self) -> None:
+        """Closed-form fits on all training rows (the label-free CBM's sparse layer)."""
+        if self.head.full_data_fit == "after":
+            x, y = self._all_training_rows()
+            self.fit_report = self.head.fit_full_data(x, y)
+        if self.hparams.save_dir and self.trainer.is_global_zero:
+            self.head.save_pretrained(Path(self.hparams.save_dir))
+
+    def _all_training_rows(self) -> tuple[Tensor, Tensor]:
+        xs, ys = [], []
+        for batch in self.trainer.train_dataloader:
+            b = split_concept_batch(batch)
+            xs.append(b.x.to(self.device))
+            ys.append(b.y.to(self.device))
+        x, y = torch.cat(xs), torch.cat(ys)
+        if self.trainer.world_size > 1:  # every rank fits on all rows: same layer everywhere
+            x = self.all_gather(x).flatten(0, 1)
+            y = self.all_gather(y).flatten(0, 1)
+        return x.float(), y
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        b = split_concept_batch(batch)
+        out = self.head(b.x, mask=b.mask)
+        accuracy = getattr(self, f"{stage}_accuracy")
+        accuracy(out.logits.float(), b.y)
+        self.log(f"{stage}/accuracy", accuracy, prog_bar=stage == "val")
+        if b.concepts is not None and out.concept_logits is not None:
+            probs = torch.sigmoid(out.concept_logits.float())
+            for name in ("concept_accuracy", "concept_auroc"):
+                metric = getattr(self, f"{stage}_{name}")
+                metric(probs, b.concepts)
+                self.log(f"{stage}/{name}", metric)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Task accuracy (and concept accuracy / AUROC when concepts are labelled)."""
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """As :meth:`validation_step`, logged under ``test/``."""
+        self._evaluate(batch, "test")
