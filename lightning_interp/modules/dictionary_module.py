@@ -132,6 +132,7 @@ class DictionaryTrainingModule(L.LightningModule):
         self.sparsity_warmup_steps = sparsity_warmup_steps
         self._step_started: float | None = None
         self._tokens_per_second: float | None = None
+        self._last_step_end: float | None = None
 
     def named_learners(self) -> Iterator[tuple[str | None, DictionaryLearner]]:
         """``(name, learner)`` pairs; the name is ``None`` for a single-dictionary module.
@@ -163,17 +164,26 @@ class DictionaryTrainingModule(L.LightningModule):
         """Start the clock of this step (for ``tok/s``)."""
         self._step_started = time.perf_counter()
 
+    def on_validation_end(self) -> None:
+        """Stop the throughput clock: validation time is not training time."""
+        self._last_step_end = None
+
     def _log_throughput(self, rows: int) -> None:
-        # Measured per step (data wait excluded: the stream captures inside next(), before
-        # on_train_batch_start) and smoothed, so the bar shows a steady training rate.
-        if self._step_started is None:
-            return
-        seconds = max(time.perf_counter() - self._step_started, 1e-9)
-        rate = rows * self.trainer.world_size / seconds
-        previous = self._tokens_per_second
-        self._tokens_per_second = rate if previous is None else 0.9 * previous + 0.1 * rate
-        self.log("tok/s", self._tokens_per_second, prog_bar=True, logger=False)
-        self.log("train/tokens_per_second", rate, prog_bar=False)
+        # tok/s (progress bar, smoothed) is end to end, step to step: it includes capturing
+        # the activations, which the stream does inside next() before on_train_batch_start.
+        # train/step_tokens_per_second counts the optimisation step alone.
+        now = time.perf_counter()
+        global_rows = rows * self.trainer.world_size
+        if self._step_started is not None:
+            step_rate = global_rows / max(now - self._step_started, 1e-9)
+            self.log("train/step_tokens_per_second", step_rate)
+        if self._last_step_end is not None:
+            rate = global_rows / max(now - self._last_step_end, 1e-9)
+            previous = self._tokens_per_second
+            self._tokens_per_second = rate if previous is None else 0.9 * previous + 0.1 * rate
+            self.log("tok/s", self._tokens_per_second, prog_bar=True, logger=False)
+            self.log("train/tokens_per_second", rate)
+        self._last_step_end = now
 
     # ------------------------------------------------------------------ optimisation
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
