@@ -81,3 +81,20 @@ def test_print_config_resolves_the_recipe(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["dictionary"]["init_args"]["config"]["d_latent"] == 9216
     assert printed["data"]["init_args"]["model"] == "offline:smollm2"
+
+
+def test_validate_and_test_subcommands_reproduce_the_final_metrics(tiny_recipe):
+    recipe, run = tiny_recipe
+    main(["fit", "--config", str(recipe)])
+    final = json.loads((run / "metrics.json").read_text())
+    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    validated = main(["validate", "--config", str(recipe), "--ckpt_path", str(checkpoint)])
+    # The held-out stream is deterministic, so validating the saved weights gives the
+    # numbers the end of fit reported.
+    metrics = validated.trainer.callback_metrics
+    assert float(metrics["val/fvu"]) == pytest.approx(final["fvu"], rel=1e-5)
+    assert float(metrics["val/ce_loss_recovered"]) == pytest.approx(
+        final["ce_loss_recovered"], rel=1e-5
+    )
+    tested = main(["test", "--config", str(recipe), "--ckpt_path", str(checkpoint)])
+    assert "test/fvu" in tested.trainer.callback_metrics

@@ -175,6 +175,10 @@ class VisionModelActivations(L.LightningDataModule):
         """Held-out stream."""
         return DataLoader(self.val_set, batch_size=None)
 
+    def test_dataloader(self) -> DataLoader:
+        """The held-out stream again (``lightning-interp test`` reports ``test/...``)."""
+        return DataLoader(self.val_set, batch_size=None)
+
     def state_dict(self) -> dict[str, Any]:
         """The training stream's epoch (resumes at epoch boundaries)."""
         return {} if self.train_set is None else {"train": dict(self.train_set.state_dict())}

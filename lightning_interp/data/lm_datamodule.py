@@ -212,6 +212,10 @@ class LanguageModelActivations(L.LightningDataModule):
                 break
         return [{"input_ids": torch.stack(contexts[i : i + 8])} for i in range(0, len(contexts), 8)]
 
+    def test_dataloader(self) -> DataLoader:
+        """The held-out stream again (``lightning-interp test`` reports ``test/...``)."""
+        return DataLoader(self.val_stream, batch_size=None)
+
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position (checkpoints resume the data too)."""
         return {} if self.train_stream is None else {"train_stream": self.train_stream.state_dict()}

@@ -20,8 +20,11 @@ from lightning_interp.concepts import (
     filter_concepts,
     load_phrases,
 )
+from lightning_interp.concepts.base import build_head
 from lightning_interp.errors import ConfigError
 from lightning_interp.metrics.concepts import ConceptAccuracy, ConceptAUROC
+
+HEAD_SPEC_KEY = "concept_head_spec"  # checkpoint key of the head's ConceptHead.head_spec()
 
 
 class ConceptBatch(NamedTuple):
@@ -103,6 +106,10 @@ class ConceptBottleneckModule(L.LightningModule):
         """Build the head from the data module's encoder and class names, if not given."""
         if self.head is not None:
             return
+        if self._trainer is None:
+            # load_from_checkpoint calls this without a trainer (so without a data module):
+            # on_load_checkpoint rebuilds the head from the spec the checkpoint carries.
+            return
         datamodule = getattr(self.trainer, "datamodule", None)
         needed = ("text_encoder", "class_names", "train_embeddings")
         if datamodule is None or not all(hasattr(datamodule, a) for a in needed):
@@ -125,6 +132,23 @@ class ConceptBottleneckModule(L.LightningModule):
             **(self.hparams.head_kwargs or {}),
         )
         self._build_metrics()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the built head's spec (type, width, names, config) beside its weights.
+
+        A head built by name depends on the data module's encoder and the concept filters;
+        the spec (plain JSON types, so ``weights_only=True`` loading works) lets
+        :meth:`load_from_checkpoint` rebuild it without them.
+        """
+        if self.head is not None:
+            checkpoint[HEAD_SPEC_KEY] = self.head.head_spec()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild a head built by name from the checkpoint's spec (weights load after)."""
+        spec = checkpoint.get(HEAD_SPEC_KEY)
+        if self.head is None and spec is not None:
+            self.head = build_head(spec, "the checkpoint's concept head spec")
+            self._build_metrics()
 
     def _build_metrics(self) -> None:
         if self._metrics_built:

@@ -10,6 +10,7 @@ batches.
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,9 +62,28 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     return inputs, targets
 
 
+def dictionary_hparams(dictionary: Dictionary) -> dict[str, Any]:
+    """A dictionary as a checkpoint's hyperparameters store it: ``class_path`` + config.
+
+    The same shape a LightningCLI config gives, so ``lightning-interp validate
+    --ckpt_path ...`` (which re-parses checkpoint hyperparameters as init arguments) and
+    ``load_from_checkpoint`` both rebuild it.
+    """
+    cls = type(dictionary)
+    config = {k: v for k, v in dictionary.config.to_dict().items() if k != "architecture"}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {"config": config}}
+
+
 def as_dictionary(value: Dictionary | Mapping[str, Any]) -> Dictionary:
-    """A Dictionary, or one built from its config dict (as checkpoints store it)."""
-    if isinstance(value, Mapping):
+    """A Dictionary, or one built from :func:`dictionary_hparams` or a flat config dict."""
+    if isinstance(value, Mapping) and "class_path" in value:
+        module_name, _, class_name = value["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, Dictionary)):
+            raise ConfigError(f"{value['class_path']!r} is not a Dictionary class")
+        config = dict(value.get("init_args", {}).get("config", {}))
+        value = cls(cls.config_class.from_dict(config))
+    elif isinstance(value, Mapping):
         value = create_dictionary(**value)
     if not isinstance(value, Dictionary):
         raise ConfigError(
@@ -313,7 +333,7 @@ class DictionaryModule(DictionaryTrainingModule):
         # resuming a run (fit ckpt_path=...) restores the optimizer state itself.
         self.save_hyperparameters(ignore=["dictionary", "optimizer", "lr_scheduler"])
         # Stored as a plain config so load_from_checkpoint can rebuild the dictionary.
-        self.hparams["dictionary"] = dictionary.config.to_dict()
+        self.hparams["dictionary"] = dictionary_hparams(dictionary)
         self.dead_tokens_threshold = dead_tokens_threshold
 
     @property

@@ -13,6 +13,7 @@ from lightning_interp.errors import ConfigError
 from lightning_interp.modules.dictionary_module import (
     DictionaryTrainingModule,
     as_dictionary,
+    dictionary_hparams,
     split_batch,
 )
 from lightning_interp.modules.learner import DictionaryLearner
@@ -111,7 +112,7 @@ class MultiDictionaryModule(DictionaryTrainingModule):
         )
         self.save_hyperparameters(ignore=["dictionaries", "optimizer", "lr_scheduler"])
         self.hparams["dictionaries"] = {
-            name: dictionary.config.to_dict() for name, dictionary in built.items()
+            name: dictionary_hparams(dictionary) for name, dictionary in built.items()
         }
 
     @property
