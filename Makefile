@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-minilm demo-concepts test lint format install clean
+.PHONY: demo demo-minilm demo-concepts test crosscheck lint format install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest
+
+# Our format adapters against the real SAELens and dictionary_learning (slow: each peer in its
+# own venv under benchmarks/.peers/, created on first use, which needs PyPI; skips without it).
+crosscheck: $(STAMP)
+	$(VENV)/bin/pytest -m slow tests/zoo/test_peer_crosscheck.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -10,7 +10,8 @@ Run from the repository root::
 
 What it does:
 
-1. Installs each peer in its own virtualenv under ``benchmarks/.peers/`` (git-ignored),
+1. Installs each peer (``benchmarks/peers.py``, shared with ``make crosscheck``) in its own
+   virtualenv under ``benchmarks/.peers/`` (git-ignored),
    created with ``python3 -m venv``: ``torch==2.13.0`` first, then the peer with the
    repository's ``constraints.txt`` (which pins that torch, so pip never swaps in a CUDA
    build). ``saelens`` gets ``sae-lens==6.54.*``; ``dictionary_learning`` gets
@@ -59,7 +60,6 @@ import os
 import platform
 import resource
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -67,19 +67,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from compare_steps import DEAD_BIAS, EXPANSION, K  # benchmarks/ is on sys.path when run as a script
+from peers import PEERS_DIR, install_peers  # the venv set-up, shared with the cross-check test
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS_DIR = ROOT / "benchmarks" / ".peers"
-CONSTRAINTS = ROOT / "constraints.txt"
 OURS_PYTHON = ROOT / ".venv" / "bin" / "python"
 DEFAULT_OUT = ROOT / "docs" / "benchmarks_compare.md"
-TORCH_PIN = "torch==2.13.0"
-
-#: venv name -> (pip requirement, packages to uninstall afterwards)
-PEERS: dict[str, tuple[str, list[str]]] = {
-    "saelens": ("sae-lens==6.54.*", []),
-    "dictionary_learning": ("dictionary-learning==0.1.0", ["torchvision"]),
-}
 LABELS = {
     "ours": "lightning-interp",
     "saelens": "SAELens",
@@ -89,42 +81,6 @@ LABELS = {
 
 
 # --------------------------------------------------------------------------- driver side
-def _run(cmd: list) -> None:
-    cmd = [str(c) for c in cmd]
-    print("  $", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def install_peers(skip: bool) -> None:
-    """Create and fill the peer virtualenvs unless their stamp says they are done."""
-    constraints = CONSTRAINTS.read_text()
-    for name, (requirement, uninstall) in PEERS.items():
-        venv = PEERS_DIR / name
-        python = venv / "bin" / "python"
-        stamp = venv / ".installed.json"
-        wanted = {"torch": TORCH_PIN, "requirement": requirement, "uninstall": uninstall}
-        wanted["constraints"] = constraints
-        if stamp.exists() and json.loads(stamp.read_text()) == wanted and python.exists():
-            print(f"[install] {name}: up to date ({stamp.relative_to(ROOT)})")
-            continue
-        if skip:
-            if not python.exists():
-                sys.exit(f"--skip-install given but {python} does not exist")
-            print(f"[install] {name}: skipped (--skip-install), stamp missing or stale")
-            continue
-        print(f"[install] {name}: installing into {venv.relative_to(ROOT)}", flush=True)
-        start = time.perf_counter()
-        if not python.exists():
-            _run([shutil.which("python3") or sys.executable, "-m", "venv", venv])
-        pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        _run([*pip, TORCH_PIN])
-        _run([*pip, "-c", CONSTRAINTS, requirement])
-        if uninstall:
-            _run([python, "-m", "pip", "uninstall", "-y", "-q", *uninstall])
-        stamp.write_text(json.dumps(wanted, indent=1))
-        print(f"[install] {name}: done in {time.perf_counter() - start:.0f} s", flush=True)
-
-
 def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)

@@ -30,7 +30,7 @@ def saelens_tensors(architecture: str, d_out: int = D) -> dict[str, torch.Tensor
         t["b_enc"] = rand(F)
     if "jumprelu" in architecture:
         t["threshold"] = torch.rand(F) * 0.5 + 0.05
-    if architecture == "skip_transcoder":
+    if "skip" in architecture:
         t["W_skip"] = rand(d_out, D)
     return t
 

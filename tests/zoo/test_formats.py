@@ -96,7 +96,15 @@ def test_saelens_gated(tmp_path):
     assert_matches(sae, x, codes, codes @ t["W_dec"] + t["b_dec"])
 
 
-@pytest.mark.parametrize("architecture", ["transcoder", "skip_transcoder", "jumprelu_transcoder"])
+SAELENS_TRANSCODERS = [
+    "transcoder",
+    "skip_transcoder",
+    "jumprelu_transcoder",
+    "jumprelu_skip_transcoder",  # SAELens 6.54; found missing by test_peer_crosscheck.py
+]
+
+
+@pytest.mark.parametrize("architecture", SAELENS_TRANSCODERS)
 def test_saelens_transcoders(tmp_path, architecture):
     t = fl.saelens_tensors(architecture, d_out=D_OUT)
     fl.write_saelens_v6(tmp_path, architecture, t)
@@ -105,11 +113,11 @@ def test_saelens_transcoders(tmp_path, architecture):
     pre = x @ t["W_enc"] + t["b_enc"]  # SAELens Transcoder.process_sae_in: no b_dec
     codes = jumprelu(pre, t["threshold"]) if "jumprelu" in architecture else torch.relu(pre)
     expected = codes @ t["W_dec"] + t["b_dec"]
-    if architecture == "skip_transcoder":
+    if "skip" in architecture:
         expected = expected + x @ t["W_skip"].T
     assert_matches(sae, x, codes, expected)
     assert sae.d_out == D_OUT and not sae.config.apply_b_dec_to_input
-    assert sae.config.skip_connection is (architecture == "skip_transcoder")
+    assert sae.config.skip_connection is ("skip" in architecture)
     prov = sae.config.provenance
     assert (prov.site, prov.site_out) == ("layers.3.mlp_in", "layers.3.mlp_out")
 
@@ -176,6 +184,7 @@ WRITABLE = [
     ("gated", {}),
     ("standard", {"d_out": D_OUT, "apply_b_dec_to_input": False, "skip_connection": True}),
     ("jumprelu", {"d_out": D_OUT, "apply_b_dec_to_input": False}),
+    ("jumprelu", {"d_out": D_OUT, "apply_b_dec_to_input": False, "skip_connection": True}),
 ]
 
 

@@ -113,7 +113,9 @@ def _convert(dict_class: str, state: dict[str, Tensor], path: Path) -> tuple[str
             return "topk", tensors, {"apply_b_dec_to_input": True}
         threshold = float(state["threshold"]) if "threshold" in state else -1.0
         if threshold < 0:
-            # No threshold estimated yet: keep batch-level selection (our BatchTopK).
+            # No threshold estimated yet: keep batch-level selection (our BatchTopK), as it
+            # trained. Its own default encode would keep relu(pre) > -1: dense ReLU codes
+            # (cross-checked in tests/zoo/test_peer_crosscheck.py).
             tensors["threshold"] = torch.tensor(-1.0)
             return "batchtopk", tensors, {"apply_b_dec_to_input": True}
         # Their default encode (use_threshold=True) keeps relu(pre) where it exceeds the

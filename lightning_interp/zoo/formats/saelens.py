@@ -6,9 +6,11 @@ reading is a matter of mapping the config:
 
 - ``standard``/``topk``/``jumprelu``/``gated`` map to ours; BatchTopK and Matryoshka SAEs are
   saved by SAELens as ``jumprelu`` with a constant threshold, and load as such.
-- ``transcoder``/``skip_transcoder``/``jumprelu_transcoder`` never subtract ``b_dec`` from the
-  input (SAELens's ``Transcoder.process_sae_in`` skips it and its config rejects
-  ``apply_b_dec_to_input=True``); the skip adds ``x @ W_skip.T`` on the raw input.
+- ``transcoder``/``skip_transcoder``/``jumprelu_transcoder``/``jumprelu_skip_transcoder``
+  never subtract ``b_dec`` from the input (SAELens's ``Transcoder.process_sae_in`` skips it
+  and its config rejects ``apply_b_dec_to_input=True``); the skip adds ``x @ W_skip.T`` on
+  the raw input. ``jumprelu_skip_transcoder`` is in SAELens 6.54 (cross-checked against it
+  by ``tests/zoo/test_peer_crosscheck.py``).
 - TopK with ``rescale_acts_by_decoder_norm`` is folded on read (``W_enc``, ``b_enc`` times
   the decoder norms, ``W_dec`` rows divided by them): the same codes and reconstruction.
 - Pre-6.0 flat configs (``hook_point``, ``activation_fn_str``, ``activation_fn_kwargs.k``,
@@ -60,8 +62,10 @@ _ARCHITECTURES = {
     "transcoder": "standard",
     "skip_transcoder": "standard",
     "jumprelu_transcoder": "jumprelu",
+    "jumprelu_skip_transcoder": "jumprelu",
 }
-_TRANSCODERS = {"transcoder", "skip_transcoder", "jumprelu_transcoder"}
+_TRANSCODERS = {"transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"}
+_SKIP_TRANSCODERS = {"skip_transcoder", "jumprelu_skip_transcoder"}
 # Keys SAELens moves from a flat pre-6.0 config into ``metadata`` (LLM_METADATA_KEYS).
 _METADATA_KEYS = {
     "model_name", "hook_name", "model_class_name", "hook_head_index",
@@ -239,7 +243,7 @@ class SAELensFormat(FormatAdapter):
             "apply_b_dec_to_input": False
             if transcoder
             else bool(cfg.get("apply_b_dec_to_input", True)),
-            "skip_connection": architecture == "skip_transcoder",
+            "skip_connection": architecture in _SKIP_TRANSCODERS,
             # Foreign decoders make no unit-norm promise; do not renormalise when fine-tuning.
             "normalize_decoder": False,
         }
@@ -354,8 +358,8 @@ class SAELensFormat(FormatAdapter):
             )
         elif ours == "standard":
             return "skip_transcoder" if config.skip_connection else "transcoder"
-        elif ours == "jumprelu" and not config.skip_connection:
-            return "jumprelu_transcoder"
+        elif ours == "jumprelu":
+            return "jumprelu_skip_transcoder" if config.skip_connection else "jumprelu_transcoder"
         raise UnsupportedFormatError(
             f"SAELens has no architecture for a {ours} dictionary with d_out={config.d_out} "
             f"and skip_connection={config.skip_connection}; save it with format='native'"
