@@ -24,19 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Seeded random weights: biases non-zero, decoder columns of uneven norm, thresholds > 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            if name == "threshold":
-                param.copy_(torch.rand(param.shape, generator=gen) * 0.6 + 0.05)
-            elif name == "r_mag":
-                param.copy_(noise * 0.1)
-            else:
-                param.copy_(noise * 0.3)
+# Run as a script by a peer venv's python: its own folder holds the shared helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_common import randomise  # noqa: E402
 
 
 def trainer_factory(entry: dict, built: list):
