@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -97,6 +98,8 @@ class ConceptHead(nn.Module):
         self.concept_names = [str(n) for n in concept_names]
         self.class_names = [str(n) for n in class_names]
         self.config: dict[str, Any] = {}
+        # Where the head came from (backbone, dataset; Hub repo and commit once loaded).
+        self.provenance: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ interface
     @property
@@ -151,53 +154,164 @@ class ConceptHead(nn.Module):
         """Hook for proximal updates (soft-thresholding) after each optimizer step."""
 
     # ------------------------------------------------------------------ storage
+    def head_spec(self) -> dict[str, Any]:
+        """What rebuilds this head's shell: type, width, names and constructor config.
+
+        This is the content of ``config.json`` (plain JSON types only), also stored in
+        Lightning checkpoints so a head built at fit time can be rebuilt when loading.
+        """
+        spec: dict[str, Any] = {
+            "format": HEAD_FORMAT,
+            "head_type": self.head_type,
+            "d_in": self.d_in,
+            "concept_names": list(self.concept_names),
+            "class_names": list(self.class_names),
+            "config": dict(self.config),
+        }
+        if self.provenance:
+            spec["provenance"] = dict(self.provenance)
+        return spec
+
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` (type, config, concept and class names) + ``model.safetensors``."""
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        config = {
-            "format": HEAD_FORMAT,
-            "head_type": self.head_type,
-            "d_in": self.d_in,
-            "concept_names": self.concept_names,
-            "class_names": self.class_names,
-            "config": self.config,
-        }
         metadata = {"format": "pt", "head_type": self.head_type}
         atomic_write(folder / HEAD_WEIGHTS, lambda p: save_file(tensors, str(p), metadata))
-        text = json.dumps(config, indent=2) + "\n"
+        text = json.dumps(self.head_spec(), indent=2) + "\n"
         atomic_write(folder / HEAD_CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
         return folder
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str]) -> ConceptHead:
-        """Load a head written by :meth:`save_pretrained` (any registered head type)."""
-        folder = Path(directory)
-        config_path, weights_path = folder / HEAD_CONFIG, folder / HEAD_WEIGHTS
-        if not (config_path.is_file() and weights_path.is_file()):
-            raise DictionaryNotFoundError(
-                f"{folder} lacks {HEAD_CONFIG} or {HEAD_WEIGHTS}; write a head there with "
-                f"head.save_pretrained"
-            )
-        try:
-            saved = json.loads(config_path.read_text(encoding="utf-8"))
-            tensors = load_file(str(weights_path))
-        except (json.JSONDecodeError, SafetensorError) as error:
-            raise CorruptFileError(f"cannot read the concept head in {folder}: {error}") from None
-        if saved.get("format") != HEAD_FORMAT:
-            raise CorruptFileError(f"{config_path} is not a {HEAD_FORMAT} config")
-        head_cls = head_class(saved["head_type"])
-        if cls is not ConceptHead and not issubclass(head_cls, cls):
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        device: str | torch.device | None = None,
+        token: str | bool | None = None,
+    ) -> ConceptHead:
+        """Load a head from a folder written by :meth:`save_pretrained`, or from the Hub.
+
+        Args:
+            source: A local folder, or a Hub repo id (``"org/name"``) the head was pushed to
+                with :meth:`push_to_hub`.
+            revision: Hub branch, tag or commit sha.
+            subfolder: Folder inside the source that holds the head.
+            device: Device for the weights (default CPU).
+            token: Hub token (default: the logged-in one).
+
+        Returns:
+            The head in eval mode (any registered head type, if called on
+            :class:`ConceptHead`; otherwise it must be an instance of ``cls``).
+        """
+        from lightning_interp.zoo.heads import load_head
+
+        head = load_head(source, revision=revision, subfolder=subfolder, device=device, token=token)
+        if not isinstance(head, cls):
             raise ConfigError(
-                f"{folder} holds a {head_cls.__name__}, not a {cls.__name__}; load it with "
+                f"{source} holds a {type(head).__name__}, not a {cls.__name__}; load it with "
                 f"ConceptHead.from_pretrained"
             )
-        head = head_cls(
-            saved["d_in"], saved["concept_names"], saved["class_names"], **saved["config"]
-        )
-        _load_exact(head, tensors, folder)
         return head
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        card_data: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        commit_message: str | None = None,
+    ) -> Any:
+        """Publish this head to a Hub repo as one commit, with a model card.
+
+        Args:
+            repo_id: Target repo ``org/name`` (created if missing).
+            private: Create the repo private.
+            revision: Branch to commit to (created if missing).
+            token: Hub token (default: the logged-in one).
+            card_data: Card metadata overriding the generated fields (``license``,
+                ``base_model``, ``datasets``, ...).
+            metrics: Evaluation results (``accuracy``, ``concept_accuracy``,
+                ``concept_auroc``, ``final_layer_sparsity``), written as ``metrics.json``
+                and shown in the card's ``model-index``.
+            commit_message: Commit message.
+
+        Returns:
+            A :class:`~lightning_interp.zoo.PublishResult` (repo id, commit sha, URL).
+        """
+        # The zoo is reached lazily: heads stay usable without huggingface_hub.
+        from lightning_interp.zoo.heads import push_head
+
+        return push_head(
+            self,
+            repo_id,
+            private=private,
+            revision=revision,
+            token=token,
+            card_data=card_data,
+            metrics=metrics,
+            commit_message=commit_message,
+        )
+
+
+def build_head(spec: Mapping[str, Any], where: str = "the head config") -> ConceptHead:
+    """An untrained head of the shape ``spec`` (a :meth:`ConceptHead.head_spec`) describes."""
+    if spec.get("format") != HEAD_FORMAT:
+        raise CorruptFileError(
+            f"{where} is not a {HEAD_FORMAT} config (a dictionary's config.json has the same "
+            f"name: load dictionaries with load_dictionary)"
+        )
+    try:
+        head_cls = head_class(spec["head_type"])
+        head = head_cls(
+            spec["d_in"], spec["concept_names"], spec["class_names"], **spec.get("config", {})
+        )
+    except (KeyError, TypeError) as error:
+        raise CorruptFileError(f"{where} does not describe a concept head: {error!r}") from None
+    head.provenance = dict(spec.get("provenance") or {})
+    return head
+
+
+def is_head_folder(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds a head written by :meth:`ConceptHead.save_pretrained`.
+
+    Heads and native dictionaries share file names, so the ``format`` field decides.
+    """
+    config_path = Path(directory) / HEAD_CONFIG
+    if not (config_path.is_file() and (Path(directory) / HEAD_WEIGHTS).is_file()):
+        return False
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(saved, dict) and saved.get("format") == HEAD_FORMAT
+
+
+def load_head_folder(directory: str | os.PathLike[str]) -> ConceptHead:
+    """Load the head in a local folder written by :meth:`ConceptHead.save_pretrained`."""
+    folder = Path(directory)
+    config_path, weights_path = folder / HEAD_CONFIG, folder / HEAD_WEIGHTS
+    if not (config_path.is_file() and weights_path.is_file()):
+        raise DictionaryNotFoundError(
+            f"{folder} lacks {HEAD_CONFIG} or {HEAD_WEIGHTS}; write a head there with "
+            f"head.save_pretrained"
+        )
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        tensors = load_file(str(weights_path))
+    except (json.JSONDecodeError, SafetensorError) as error:
+        raise CorruptFileError(f"cannot read the concept head in {folder}: {error}") from None
+    if not isinstance(saved, dict):
+        raise CorruptFileError(f"{config_path} is not a {HEAD_FORMAT} config")
+    head = build_head(saved, str(config_path))
+    _load_exact(head, tensors, folder)
+    return head.eval()
 
 
 def _load_exact(head: nn.Module, tensors: Mapping[str, Tensor], folder: Path) -> None:

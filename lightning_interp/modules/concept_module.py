@@ -77,6 +77,10 @@ class ConceptBottleneckModule(L.LightningModule):
         optimizer: Optimizer factory (default Adam, lr 1e-3).
         save_dir: If set, the trained head is written there (``save_pretrained``) at the
             end of training.
+
+    Checkpoints carry the head's spec (:meth:`ConceptHead.head_spec
+    <lightning_interp.concepts.ConceptHead.head_spec>`), so a head built by name is rebuilt
+    by ``load_from_checkpoint`` (also with ``weights_only=True``) without the data module.
     """
 
     def __init__(
@@ -131,6 +135,10 @@ class ConceptBottleneckModule(L.LightningModule):
             class_names=class_names,
             **(self.hparams.head_kwargs or {}),
         )
+        # The backbone the embeddings came from names the card's base_model when published.
+        backbone = getattr(datamodule, "hparams", {}).get("model")
+        if isinstance(backbone, str):
+            self.head.provenance["backbone"] = backbone
         self._build_metrics()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -145,10 +153,17 @@ class ConceptBottleneckModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild a head built by name from the checkpoint's spec (weights load after)."""
+        if self.head is not None:
+            return
         spec = checkpoint.get(HEAD_SPEC_KEY)
-        if self.head is None and spec is not None:
-            self.head = build_head(spec, "the checkpoint's concept head spec")
-            self._build_metrics()
+        if spec is None:
+            raise ConfigError(
+                "this checkpoint holds no concept head spec (it predates them), so the head "
+                "built by name cannot be rebuilt; pass a built head: "
+                "ConceptBottleneckModule.load_from_checkpoint(path, head=..., head_name=None)"
+            )
+        self.head = build_head(spec, "the checkpoint's concept head spec")
+        self._build_metrics()
 
     def _build_metrics(self) -> None:
         if self._metrics_built:

@@ -4,10 +4,14 @@
 known format (:mod:`lightning_interp.zoo.formats`); :func:`publish_run` and
 :meth:`Dictionary.push_to_hub <lightning_interp.Dictionary.push_to_hub>` publish with a
 model card (:mod:`lightning_interp.zoo.card`); :mod:`lightning_interp.zoo.catalogue` lists
-well-known public releases.
+well-known public releases. Concept-bottleneck heads travel the same way:
+:func:`load_head` and :meth:`ConceptHead.push_to_hub
+<lightning_interp.concepts.ConceptHead.push_to_hub>` (cards in
+:mod:`lightning_interp.zoo.head_card`).
 """
 
 from lightning_interp.zoo.catalogue import get_release, list_releases
+from lightning_interp.zoo.heads import load_head, push_head
 from lightning_interp.zoo.load import load_dictionary
 from lightning_interp.zoo.publish import PublishResult, publish_run, push_to_hub, render_card
 
@@ -16,7 +20,9 @@ __all__ = [
     "get_release",
     "list_releases",
     "load_dictionary",
+    "load_head",
     "publish_run",
+    "push_head",
     "push_to_hub",
     "render_card",
 ]

@@ -46,7 +46,7 @@ class CardEntry:
         return (self.config.get("provenance") or {}).get(key)
 
 
-def _common(entries: list[CardEntry], key: str) -> str | list[str] | None:
+def common_hub_ids(entries: list[CardEntry], key: str) -> str | list[str] | None:
     """The Hub ids in a provenance field: one string, a list, or ``None``."""
     values = {e.provenance(key) for e in entries} - {None}
     ids = sorted(v for v in values if isinstance(v, str) and _HUB_ID.match(v))
@@ -171,8 +171,8 @@ def build_card(
     fields: dict[str, Any] = {
         "library_name": "lightning-interp",
         "tags": tags,
-        "base_model": _common(entries, "backbone"),
-        "datasets": _common(entries, "dataset"),
+        "base_model": common_hub_ids(entries, "backbone"),
+        "datasets": common_hub_ids(entries, "dataset"),
         "model_name": repo_id,
         "eval_results": _eval_results(entries) or None,
     }

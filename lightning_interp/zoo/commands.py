@@ -52,7 +52,9 @@ def _publish_parser() -> argparse.ArgumentParser:
         description="Publish a training run (or dictionary folder) to the Hugging Face Hub as "
         "one commit: a folder per site, config.json + model.safetensors each, and a card.",
     )
-    parser.add_argument("dir", help="run folder (<run>/dictionary or <run>/<name>/dictionary)")
+    parser.add_argument(
+        "dir", help="run folder (<run>/dictionary or <run>/<name>/dictionary) or a head folder"
+    )
     parser.add_argument("--repo-id", required=True, help="target repo, org/name")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--revision", help="branch to commit to (created if missing)")
@@ -83,7 +85,7 @@ def _card_parser() -> argparse.ArgumentParser:
         prog="lightning-interp card",
         description="Render the model card publishing DIR would write (stdout, or --output).",
     )
-    parser.add_argument("dir", help="run or dictionary folder")
+    parser.add_argument("dir", help="run, dictionary or concept-head folder")
     parser.add_argument("--repo-id", default="<org>/<repo>", help="repo the card is for")
     parser.add_argument("--license", help="license id for the card")
     parser.add_argument("--output", "-o", help="write the card to this file")
@@ -125,10 +127,14 @@ PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
 # ---------------------------------------------------------------------------- commands
 @_command("publish")
 def publish(args: argparse.Namespace) -> int:
-    """``lightning-interp publish DIR --repo-id ORG/NAME``."""
+    """``lightning-interp publish DIR --repo-id ORG/NAME`` (a run, dictionary or head folder)."""
+    from lightning_interp.concepts.base import is_head_folder
+    from lightning_interp.zoo.heads import publish_head_folder
     from lightning_interp.zoo.publish import publish_run
 
-    result = publish_run(
+    # Heads and native dictionaries share file names: the config's format tells them apart.
+    publish_folder = publish_head_folder if is_head_folder(args.dir) else publish_run
+    result = publish_folder(
         args.dir,
         args.repo_id,
         private=args.private,
@@ -180,10 +186,13 @@ def pull(args: argparse.Namespace) -> int:
 @_command("card")
 def card(args: argparse.Namespace) -> int:
     """``lightning-interp card DIR [--repo-id ORG/NAME] [--output README.md]``."""
+    from lightning_interp.concepts.base import is_head_folder
     from lightning_interp.dictionaries.serialization import atomic_write
+    from lightning_interp.zoo.heads import render_head_card
     from lightning_interp.zoo.publish import render_card
 
-    text = render_card(args.dir, repo_id=args.repo_id, card_data=_card_data(args))
+    render = render_head_card if is_head_folder(args.dir) else render_card
+    text = render(args.dir, repo_id=args.repo_id, card_data=_card_data(args))
     if args.output:
         output = Path(args.output)
         atomic_write(output, lambda p: p.write_text(text, encoding="utf-8"))

@@ -9,7 +9,12 @@ from pathlib import Path
 import torch
 
 from lightning_interp.dictionaries.base import Dictionary
-from lightning_interp.errors import DictionaryNotFoundError, HubError, SiteSelectionError
+from lightning_interp.errors import (
+    CorruptFileError,
+    DictionaryNotFoundError,
+    HubError,
+    SiteSelectionError,
+)
 from lightning_interp.zoo.layout import DictionaryFolder, find_dictionary_folders, select_folder
 
 ZOO_PREFIX = "zoo:"
@@ -82,15 +87,14 @@ def load_dictionary(
         return load_local(
             path, site=site, subfolder=subfolder, format=format, device=device, dtype=dtype
         )
-    # A Path object, an absolute path or ./ ~ can only mean a local folder: never ask the Hub.
-    if not isinstance(source, str) or os.path.isabs(text) or text.startswith((".", "~")):
+    if is_local_path(source):
         raise DictionaryNotFoundError(
             f"{text!r} is not a local folder (nothing exists there); pass the folder written "
             f"by Dictionary.save_pretrained, a Hub repo id ('org/name') or a catalogue id "
             f"('zoo:<release>/<id>')"
         )
-    repo_id = text.removeprefix(HF_PREFIX).strip("/")
-    if not _looks_like_repo_id(repo_id):
+    repo_id = hub_repo_id(source)
+    if repo_id is None:
         raise DictionaryNotFoundError(
             f"{text!r} is neither a local folder nor a Hub repo id ('org/name') nor a "
             f"catalogue id ('zoo:<release>/<id>'); check the path"
@@ -118,9 +122,23 @@ def load_dictionary(
         raise type(err)(f"{err}; no local folder {text!r} exists either") from err
 
 
-def _looks_like_repo_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+def is_local_path(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` can only mean a local path (a Path, absolute, or ``./``, ``~``).
+
+    Such a source is never looked up on the Hub, even when nothing exists there.
+    """
+    text = os.fspath(source)
+    return not isinstance(source, str) or os.path.isabs(text) or text.startswith((".", "~"))
+
+
+def hub_repo_id(source: str | os.PathLike[str]) -> str | None:
+    """The Hub repo id ``source`` names (``org/name`` or ``hf://org/name``), else ``None``."""
+    if is_local_path(source):
+        return None
+    repo_id = os.fspath(source).removeprefix(HF_PREFIX).strip("/")
+    parts = repo_id.split("/")
+    valid = len(parts) == 2 and all(parts) and not repo_id.startswith((".", "~"))
+    return repo_id if valid else None
 
 
 def _read(
@@ -144,6 +162,14 @@ def load_local(
     dtype: str | torch.dtype | None = None,
 ) -> Dictionary:
     """Load from a local folder: a dictionary folder, or a tree with one folder per site."""
+    from lightning_interp.concepts.base import is_head_folder
+
+    if is_head_folder(root):
+        # Heads share the native file names; say what the folder is rather than fail on a key.
+        raise CorruptFileError(
+            f"{root} holds a concept-bottleneck head, not a dictionary; load it with "
+            f"lightning_interp.zoo.load_head({str(root)!r})"
+        )
     files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
     folders = find_dictionary_folders(files, format)
     if not folders and site is None and subfolder is None:

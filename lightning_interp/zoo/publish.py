@@ -195,7 +195,7 @@ def publish(
     ``training_config`` (a run's LightningCLI ``config.yaml``) is uploaded as
     ``training_config.yaml`` and shown in the card.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import HfApi
 
     from lightning_interp.zoo.hub import hub_errors
 
@@ -204,9 +204,7 @@ def publish(
         raise ConfigError(f"two dictionaries would share a repo folder: {paths}")
     api = HfApi(token=token)
     with hub_errors(repo_id, revision), tempfile.TemporaryDirectory() as tmp:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        prepare_repo(api, repo_id, private=private, revision=revision)
         remote_files, kept, remote_config = _remote_state(repo_id, revision, token, set(paths))
         staged = Path(tmp)
         _stage(items, staged)
@@ -219,23 +217,53 @@ def publish(
             training_config=training_config or remote_config,
         )
         (staged / "README.md").write_text(str(card), encoding="utf-8")
-        uploads = {
-            p.relative_to(staged).as_posix(): p for p in sorted(staged.rglob("*")) if p.is_file()
-        }
-        operations: list[Any] = [
-            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-            for name, path in uploads.items()
-        ]
-        stale = _stale_files(remote_files, set(paths), set(uploads))
-        operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
+        stale = _stale_files(remote_files, set(paths), set(staged_files(staged)))
         where = ", ".join(p or "." for p in paths)
-        info = api.create_commit(
+        return commit_staged(
+            api,
             repo_id,
-            operations,
+            staged,
+            revision=revision,
             commit_message=commit_message
             or f"Publish {len(items)} dictionaries ({where}) with lightning-interp",
-            revision=revision,
+            deletions=stale,
         )
+
+
+def prepare_repo(api: Any, repo_id: str, *, private: bool, revision: str | None) -> None:
+    """Create ``repo_id`` (and branch ``revision``) if missing, so a commit can land there."""
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+
+
+def staged_files(staged: Path) -> dict[str, Path]:
+    """``{repo path: local file}`` for every file under the staging folder ``staged``."""
+    return {p.relative_to(staged).as_posix(): p for p in sorted(staged.rglob("*")) if p.is_file()}
+
+
+def commit_staged(
+    api: Any,
+    repo_id: str,
+    staged: Path,
+    *,
+    revision: str | None,
+    commit_message: str,
+    deletions: Sequence[str] = (),
+) -> PublishResult:
+    """Upload every file under ``staged`` and delete ``deletions`` as ONE commit.
+
+    One commit means readers never see a half-published repo: either the old files or
+    all of the new ones.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    operations: list[Any] = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+        for name, path in staged_files(staged).items()
+    ]
+    operations += [CommitOperationDelete(path_in_repo=name) for name in deletions]
+    info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
     return PublishResult(repo_id, info.oid, info.commit_url)
 
 
