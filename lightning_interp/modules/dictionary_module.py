@@ -116,23 +116,37 @@ def merge_optimizers(optimizers: Sequence[torch.optim.Optimizer]) -> torch.optim
 class DictionaryTrainingModule(L.LightningModule):
     """Base of the modules that train one or more dictionaries (not used directly).
 
-    Subclasses put their learners in ``self.learners`` and implement ``training_step``
-    and ``_evaluate``; this class builds the optimizer and schedule, keeps decoders on the
-    unit sphere, and logs throughput (``tok/s`` in the progress bar).
+    It wraps each named dictionary in a
+    :class:`~lightning_interp.modules.learner.DictionaryLearner` (``self.learners``);
+    subclasses implement ``training_step`` and ``_evaluate``. This class builds the
+    optimizer and schedule, keeps decoders on the unit sphere, and logs throughput
+    (``tok/s`` in the progress bar).
     """
 
     def __init__(
         self,
-        learners: Mapping[str, DictionaryLearner],
+        dictionaries: Mapping[str, Dictionary],
         *,
         optimizer: OptimizerCallable | None,
         lr_scheduler: LRSchedulerCallable | None,
         warmup_steps: int,
         decay_fraction: float,
         sparsity_warmup_steps: int,
+        dead_tokens_threshold: int,
+        dense_threshold: float,
         learning_rates: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
+        if dead_tokens_threshold <= 0:
+            raise ConfigError(f"dead_tokens_threshold must be > 0, got {dead_tokens_threshold}")
+        learners = {
+            name: DictionaryLearner(
+                dictionary,
+                dead_tokens_threshold=dead_tokens_threshold,
+                dense_threshold=dense_threshold,
+            )
+            for name, dictionary in dictionaries.items()
+        }
         if not 0.0 <= decay_fraction <= 1.0:
             raise ConfigError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
         if warmup_steps < 0 or sparsity_warmup_steps < 0:
@@ -315,18 +329,15 @@ class DictionaryModule(DictionaryTrainingModule):
         dense_threshold: float = 0.1,
     ) -> None:
         dictionary = as_dictionary(dictionary)
-        if dead_tokens_threshold <= 0:
-            raise ConfigError(f"dead_tokens_threshold must be > 0, got {dead_tokens_threshold}")
-        learner = DictionaryLearner(
-            dictionary, dead_tokens_threshold=dead_tokens_threshold, dense_threshold=dense_threshold
-        )
         super().__init__(
-            {"main": learner},
+            {"main": dictionary},
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             warmup_steps=warmup_steps,
             decay_fraction=decay_fraction,
             sparsity_warmup_steps=sparsity_warmup_steps,
+            dead_tokens_threshold=dead_tokens_threshold,
+            dense_threshold=dense_threshold,
         )
         # Callables stay out of hparams: checkpoints must load with weights_only=True, which
         # refuses pickled functions. load_from_checkpoint then uses the default optimizer;

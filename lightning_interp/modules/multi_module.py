@@ -87,27 +87,19 @@ class MultiDictionaryModule(DictionaryTrainingModule):
     ) -> None:
         if not dictionaries:
             raise ConfigError("dictionaries is empty; name at least one dictionary to train")
-        if dead_tokens_threshold <= 0:
-            raise ConfigError(f"dead_tokens_threshold must be > 0, got {dead_tokens_threshold}")
         built = {}
         for name, dictionary in dictionaries.items():
             _check_name(name)
             built[name] = as_dictionary(dictionary)
-        learners = {
-            name: DictionaryLearner(
-                dictionary,
-                dead_tokens_threshold=dead_tokens_threshold,
-                dense_threshold=dense_threshold,
-            )
-            for name, dictionary in built.items()
-        }
         super().__init__(
-            learners,
+            built,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             warmup_steps=warmup_steps,
             decay_fraction=decay_fraction,
             sparsity_warmup_steps=sparsity_warmup_steps,
+            dead_tokens_threshold=dead_tokens_threshold,
+            dense_threshold=dense_threshold,
             learning_rates=learning_rates,
         )
         self.save_hyperparameters(ignore=["dictionaries", "optimizer", "lr_scheduler"])
