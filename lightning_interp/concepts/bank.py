@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
+from lightning_interp.concepts._storage import read_saved_folder
 from lightning_interp.dictionaries.serialization import atomic_write
 from lightning_interp.errors import (
     CorruptFileError,
-    DictionaryNotFoundError,
     EmptyConceptBankError,
     ShapeMismatchError,
     UnknownConceptError,
@@ -228,16 +227,16 @@ class ConceptBank:
     def load(cls, directory: str | os.PathLike[str]) -> ConceptBank:
         """Read a bank written by :meth:`save`."""
         folder = Path(directory)
-        config_path, weights_path = folder / BANK_CONFIG, folder / BANK_WEIGHTS
-        if not (config_path.is_file() and weights_path.is_file()):
-            raise DictionaryNotFoundError(
-                f"{folder} lacks {BANK_CONFIG} or {BANK_WEIGHTS}; save a bank there with "
-                f"ConceptBank.save"
-            )
+        config_path, config, tensors = read_saved_folder(
+            folder,
+            BANK_CONFIG,
+            BANK_WEIGHTS,
+            what="concept bank",
+            hint="save a bank there with ConceptBank.save",
+        )
         try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            vectors = load_file(str(weights_path))["vectors"]
-        except (json.JSONDecodeError, SafetensorError, KeyError) as error:
+            vectors = tensors["vectors"]
+        except KeyError as error:
             raise CorruptFileError(f"cannot read the concept bank in {folder}: {error}") from None
         if config.get("format") != BANK_FORMAT:
             raise CorruptFileError(f"{config_path} is not a {BANK_FORMAT} file")

@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lightning_interp.concepts._storage import read_saved_folder
 from lightning_interp.dictionaries.serialization import atomic_write
 from lightning_interp.errors import (
     ConfigError,
     CorruptFileError,
-    DictionaryNotFoundError,
     ShapeMismatchError,
     UnknownArchitectureError,
     UnknownConceptError,
@@ -296,17 +295,13 @@ def is_head_folder(directory: str | os.PathLike[str]) -> bool:
 def load_head_folder(directory: str | os.PathLike[str]) -> ConceptHead:
     """Load the head in a local folder written by :meth:`ConceptHead.save_pretrained`."""
     folder = Path(directory)
-    config_path, weights_path = folder / HEAD_CONFIG, folder / HEAD_WEIGHTS
-    if not (config_path.is_file() and weights_path.is_file()):
-        raise DictionaryNotFoundError(
-            f"{folder} lacks {HEAD_CONFIG} or {HEAD_WEIGHTS}; write a head there with "
-            f"head.save_pretrained"
-        )
-    try:
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(weights_path))
-    except (json.JSONDecodeError, SafetensorError) as error:
-        raise CorruptFileError(f"cannot read the concept head in {folder}: {error}") from None
+    config_path, saved, tensors = read_saved_folder(
+        folder,
+        HEAD_CONFIG,
+        HEAD_WEIGHTS,
+        what="concept head",
+        hint="write a head there with head.save_pretrained",
+    )
     if not isinstance(saved, dict):
         raise CorruptFileError(f"{config_path} is not a {HEAD_FORMAT} config")
     head = build_head(saved, str(config_path))

@@ -21,6 +21,16 @@ def rand(*shape: int, scale: float = 0.5) -> torch.Tensor:
     return torch.randn(*shape) * scale
 
 
+def raw_params() -> dict[str, torch.Tensor]:
+    """Raw (not ``nn.Linear``) parameters: W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d]."""
+    return {"W_enc": rand(D, F), "b_enc": rand(F), "W_dec": rand(F, D), "b_dec": rand(D)}
+
+
+def jumprelu_params() -> dict[str, torch.Tensor]:
+    """:func:`raw_params` plus a positive JumpReLU ``threshold [F]``."""
+    return {**raw_params(), "threshold": torch.rand(F) * 0.5}
+
+
 def saelens_tensors(architecture: str, d_out: int = D) -> dict[str, torch.Tensor]:
     """SAELens state-dict names: W_enc [d, F], W_dec [F, d_out] (+ threshold / gate / skip)."""
     t = {"W_enc": rand(D, F), "W_dec": rand(F, d_out), "b_dec": rand(d_out)}
@@ -151,23 +161,10 @@ def dictionary_learning_state(dict_class: str, *, k: int = 3, threshold: float =
             "decoder.weight": rand(D, F),
         }
     if dict_class == "JumpReluAutoEncoder":
-        return {
-            "W_enc": rand(D, F),
-            "b_enc": rand(F),
-            "W_dec": rand(F, D),
-            "b_dec": rand(D),
-            "threshold": torch.rand(F) * 0.5,
-        }
+        return jumprelu_params()
     buffers = {"k": torch.tensor(k, dtype=torch.int), "threshold": torch.tensor(threshold)}
     if dict_class == "MatryoshkaBatchTopKSAE":
-        return {
-            **buffers,
-            "group_sizes": torch.tensor([8, 24]),
-            "W_enc": rand(D, F),
-            "b_enc": rand(F),
-            "W_dec": rand(F, D),
-            "b_dec": rand(D),
-        }
+        return {**buffers, "group_sizes": torch.tensor([8, 24]), **raw_params()}
     return {
         **buffers,
         "decoder.weight": rand(D, F),
@@ -204,13 +201,7 @@ def write_dictionary_learning(
 def write_gemma_scope_v1(folder: Path) -> dict:
     """params.npz with W_enc, b_enc, W_dec, b_dec, threshold (float32)."""
     folder.mkdir(parents=True, exist_ok=True)
-    t = {
-        "W_enc": rand(D, F),
-        "b_enc": rand(F),
-        "W_dec": rand(F, D),
-        "b_dec": rand(D),
-        "threshold": torch.rand(F) * 0.5,
-    }
+    t = jumprelu_params()
     np.savez(folder / "params.npz", **{k: v.numpy() for k, v in t.items()})
     return t
 
@@ -218,13 +209,7 @@ def write_gemma_scope_v1(folder: Path) -> dict:
 def write_gemma_scope_v2(folder: Path, *, affine: bool) -> dict:
     """params.safetensors with lower-case w_enc/w_dec (+ affine_skip_connection) + config.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    t = {
-        "w_enc": rand(D, F),
-        "b_enc": rand(F),
-        "w_dec": rand(F, D),
-        "b_dec": rand(D),
-        "threshold": torch.rand(F) * 0.5,
-    }
+    t = {k.replace("W_", "w_"): v for k, v in jumprelu_params().items()}
     if affine:
         t["affine_skip_connection"] = rand(D, D)
     save_file(t, str(folder / "params.safetensors"))

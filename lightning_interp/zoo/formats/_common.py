@@ -30,6 +30,11 @@ from lightning_interp.errors import (
     UnsupportedFormatError,
 )
 
+#: Where :meth:`FormatAdapter.read` puts the dictionary (``None``: the CPU).
+DeviceLike = str | torch.device | None
+#: The dtype :meth:`FormatAdapter.read` gives the dictionary (``None``: the file's own).
+DtypeLike = str | torch.dtype | None
+
 
 class FormatAdapter:
     """One on-disk dictionary format: how to recognise, read and (maybe) write it.
@@ -39,22 +44,26 @@ class FormatAdapter:
         allow_patterns: File names a dictionary folder of this format needs; a Hub loader
             downloads only these.
         can_write: Whether :meth:`write` is implemented.
+        required_files: File names whose presence together marks a folder of this format
+            (used by the default :meth:`detect`); empty for formats that detect otherwise.
     """
 
     name: str = ""
     allow_patterns: list[str] = []
     can_write: bool = False
+    required_files: tuple[str, ...] = ()
 
     def detect(self, filenames: set[str]) -> bool:
-        """Whether a folder holding ``filenames`` (base names) is in this format."""
-        raise NotImplementedError
+        """Whether a folder holding ``filenames`` (base names) is in this format.
+
+        By default: whether every one of :attr:`required_files` is among ``filenames``.
+        """
+        if not self.required_files:
+            raise NotImplementedError
+        return set(self.required_files) <= filenames
 
     def read(
-        self,
-        folder: Path,
-        *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
     ) -> Dictionary:
         """Read the dictionary in ``folder`` into a native :class:`Dictionary`."""
         raise NotImplementedError
@@ -80,6 +89,26 @@ def require_file(folder: Path, name: str, fmt: str) -> Path:
             f"folder needs it; re-download the complete folder"
         )
     return path
+
+
+def require_config_and_weights(
+    folder: Path, config_name: str, weights_name: str, fmt: str
+) -> tuple[Path, Path]:
+    """Return the paths of a folder's config and weights files, each checked to exist.
+
+    Args:
+        folder: The dictionary folder.
+        config_name: Base name of the config file (checked first).
+        weights_name: Base name of the weights file.
+        fmt: The format's name, for the error message.
+
+    Returns:
+        ``(config_path, weights_path)``.
+
+    Raises:
+        DictionaryNotFoundError: either file is missing.
+    """
+    return require_file(folder, config_name, fmt), require_file(folder, weights_name, fmt)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -164,8 +193,8 @@ def build_dictionary(
     *,
     weights_path: Path,
     config_path: Path | None,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
+    device: DeviceLike = None,
+    dtype: DtypeLike = None,
 ) -> Dictionary:
     """Build a native dictionary from config fields and tensors in our names and layout.
 

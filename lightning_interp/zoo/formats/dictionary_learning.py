@@ -40,12 +40,14 @@ from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.errors import CorruptFileError, UnsupportedFormatError
 from lightning_interp.zoo.formats import sitenames
 from lightning_interp.zoo.formats._common import (
+    DeviceLike,
+    DtypeLike,
     FormatAdapter,
     build_dictionary,
     provenance,
     read_json,
     read_pt_state_dict,
-    require_file,
+    require_config_and_weights,
     require_keys,
     require_tensors,
 )
@@ -134,21 +136,15 @@ class DictionaryLearningFormat(FormatAdapter):
 
     name = "dictionary_learning"
     allow_patterns = [WEIGHTS_NAME, CONFIG_NAME]
-
-    def detect(self, filenames: set[str]) -> bool:
-        """``ae.pt`` beside ``config.json``."""
-        return {WEIGHTS_NAME, CONFIG_NAME} <= filenames
+    required_files = (WEIGHTS_NAME, CONFIG_NAME)  # ae.pt beside config.json
 
     def read(
-        self,
-        folder: Path,
-        *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
     ) -> Dictionary:
         """Read ``ae.pt`` safely and map it onto the matching native architecture."""
-        cfg_path = require_file(folder, CONFIG_NAME, self.name)
-        weights_path = require_file(folder, WEIGHTS_NAME, self.name)
+        cfg_path, weights_path = require_config_and_weights(
+            folder, CONFIG_NAME, WEIGHTS_NAME, self.name
+        )
         config = read_json(cfg_path)
         require_keys(config, ["trainer"], cfg_path)
         trainer = config["trainer"]

@@ -20,19 +20,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.errors import UnsupportedFormatError
 from lightning_interp.zoo.formats import sitenames
 from lightning_interp.zoo.formats._common import (
+    DeviceLike,
+    DtypeLike,
     FormatAdapter,
     build_dictionary,
     provenance,
     read_json,
     read_npz,
     read_safetensors,
+    require_config_and_weights,
     require_file,
     require_tensors,
 )
@@ -59,11 +61,7 @@ class GemmaScopeFormat(FormatAdapter):
         return V1_WEIGHTS in filenames or V2_WEIGHTS in filenames
 
     def read(
-        self,
-        folder: Path,
-        *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
     ) -> Dictionary:
         """Read either version into a native JumpReLU dictionary."""
         if (folder / V2_WEIGHTS).is_file():
@@ -86,11 +84,10 @@ class GemmaScopeFormat(FormatAdapter):
             dtype=dtype,
         )
 
-    def _read_v2(
-        self, folder: Path, *, device: str | torch.device | None, dtype: str | torch.dtype | None
-    ) -> Dictionary:
-        weights_path = folder / V2_WEIGHTS
-        cfg_path = require_file(folder, V2_CONFIG, self.name)
+    def _read_v2(self, folder: Path, *, device: DeviceLike, dtype: DtypeLike) -> Dictionary:
+        cfg_path, weights_path = require_config_and_weights(
+            folder, V2_CONFIG, V2_WEIGHTS, self.name
+        )
         cfg = read_json(cfg_path)
         if cfg.get("architecture", "jump_relu") != "jump_relu":
             raise UnsupportedFormatError(

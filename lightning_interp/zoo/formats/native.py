@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.dictionaries.serialization import (
     CONFIG_NAME,
@@ -13,7 +11,7 @@ from lightning_interp.dictionaries.serialization import (
     load_folder,
     save_dictionary,
 )
-from lightning_interp.zoo.formats._common import FormatAdapter
+from lightning_interp.zoo.formats._common import DeviceLike, DtypeLike, FormatAdapter
 
 
 class NativeFormat(FormatAdapter):
@@ -22,17 +20,10 @@ class NativeFormat(FormatAdapter):
     name = "native"
     allow_patterns = [CONFIG_NAME, WEIGHTS_NAME]
     can_write = True
-
-    def detect(self, filenames: set[str]) -> bool:
-        """``model.safetensors`` beside ``config.json``."""
-        return {CONFIG_NAME, WEIGHTS_NAME} <= filenames
+    required_files = (CONFIG_NAME, WEIGHTS_NAME)  # model.safetensors beside config.json
 
     def read(
-        self,
-        folder: Path,
-        *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
     ) -> Dictionary:
         """Load with :func:`~lightning_interp.dictionaries.serialization.load_folder`."""
         return load_folder(folder, device=device, dtype=dtype)

@@ -14,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.errors import DictionaryNotFoundError, UnsupportedFormatError
 from lightning_interp.zoo.formats._common import (
+    DeviceLike,
+    DtypeLike,
     FormatAdapter,
     build_dictionary,
     provenance,
@@ -46,11 +46,7 @@ class OpenAIFormat(FormatAdapter):
         return bool(_pt_files(filenames)) and "ae.pt" not in filenames
 
     def read(
-        self,
-        folder: Path,
-        *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
     ) -> Dictionary:
         """Read the folder's single ``.pt`` state dict into a standard or TopK dictionary."""
         files = _pt_files({p.name for p in folder.iterdir()}) if folder.is_dir() else []

@@ -35,13 +35,15 @@ from lightning_interp.dictionaries.serialization import atomic_write
 from lightning_interp.errors import UnsupportedFormatError
 from lightning_interp.zoo.formats import sitenames
 from lightning_interp.zoo.formats._common import (
+    DeviceLike,
+    DtypeLike,
     FormatAdapter,
     build_dictionary,
     provenance,
     read_json,
     read_safetensors,
     record_input_normalization,
-    require_file,
+    require_config_and_weights,
     require_keys,
 )
 
@@ -163,21 +165,15 @@ class SAELensFormat(FormatAdapter):
     name = "saelens"
     allow_patterns = [CFG_NAME, WEIGHTS_NAME, SCALER_NAME]
     can_write = True
-
-    def detect(self, filenames: set[str]) -> bool:
-        """``sae_weights.safetensors`` beside ``cfg.json``."""
-        return {CFG_NAME, WEIGHTS_NAME} <= filenames
+    required_files = (CFG_NAME, WEIGHTS_NAME)  # sae_weights.safetensors beside cfg.json
 
     def read(
-        self,
-        folder: Path,
-        *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
     ) -> Dictionary:
         """Read a SAELens folder (any architecture) into a native dictionary."""
-        cfg_path = require_file(folder, CFG_NAME, self.name)
-        weights_path = require_file(folder, WEIGHTS_NAME, self.name)
+        cfg_path, weights_path = require_config_and_weights(
+            folder, CFG_NAME, WEIGHTS_NAME, self.name
+        )
         cfg = upgrade_config(read_json(cfg_path), cfg_path)
         require_keys(cfg, ["d_in", "d_sae"], cfg_path)
         architecture = cfg.get("architecture", "standard")
@@ -189,21 +185,16 @@ class SAELensFormat(FormatAdapter):
         tensors = _fold_legacy_scaling(read_safetensors(weights_path))
         metadata = cfg.get("metadata") or {}
         stash = metadata.get(STASH_KEY)
-        if isinstance(stash, dict) and stash.get("architecture") == _ARCHITECTURES[architecture]:
+        stashed = (
+            isinstance(stash, dict) and stash.get("architecture") == _ARCHITECTURES[architecture]
+        )
+        if stashed:
             # Written by us: the stash holds the exact config, training fields included.
             fields = {k: v for k, v in stash.items() if k != "architecture"}
-            return build_dictionary(
-                stash["architecture"],
-                fields,
-                tensors,
-                weights_path=weights_path,
-                config_path=cfg_path,
-                device=device,
-                dtype=dtype,
-            )
-        fields = self._fields(cfg, architecture, tensors, cfg_path)
-        if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
-            tensors = _fold_decoder_norm(tensors)
+        else:
+            fields = self._fields(cfg, architecture, tensors, cfg_path)
+            if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+                tensors = _fold_decoder_norm(tensors)
         dictionary = build_dictionary(
             _ARCHITECTURES[architecture],
             fields,
@@ -213,6 +204,8 @@ class SAELensFormat(FormatAdapter):
             device=device,
             dtype=dtype,
         )
+        if stashed:  # the stash already describes the dictionary as it should be read
+            return dictionary
         return self._normalized(dictionary, folder, cfg, cfg_path)
 
     def _fields(

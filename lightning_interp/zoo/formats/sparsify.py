@@ -19,18 +19,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.errors import CorruptFileError, UnsupportedFormatError
 from lightning_interp.zoo.formats import sitenames
 from lightning_interp.zoo.formats._common import (
+    DeviceLike,
+    DtypeLike,
     FormatAdapter,
     build_dictionary,
     provenance,
     read_json,
     read_safetensors,
-    require_file,
+    require_config_and_weights,
     require_keys,
     require_tensors,
 )
@@ -44,21 +44,15 @@ class SparsifyFormat(FormatAdapter):
 
     name = "sparsify"
     allow_patterns = [CFG_NAME, WEIGHTS_NAME]
-
-    def detect(self, filenames: set[str]) -> bool:
-        """``sae.safetensors`` beside ``cfg.json``."""
-        return {CFG_NAME, WEIGHTS_NAME} <= filenames
+    required_files = (CFG_NAME, WEIGHTS_NAME)  # sae.safetensors beside cfg.json
 
     def read(
-        self,
-        folder: Path,
-        *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
     ) -> Dictionary:
         """Read a sparsify hookpoint folder into a native TopK dictionary."""
-        cfg_path = require_file(folder, CFG_NAME, self.name)
-        weights_path = require_file(folder, WEIGHTS_NAME, self.name)
+        cfg_path, weights_path = require_config_and_weights(
+            folder, CFG_NAME, WEIGHTS_NAME, self.name
+        )
         cfg = read_json(cfg_path)
         require_keys(cfg, ["d_in", "k"], cfg_path)
         activation = cfg.get("activation", "topk")
