@@ -165,7 +165,7 @@ class DictionaryTrainingModule(L.LightningModule):
         self.decay_fraction = decay_fraction
         self.sparsity_warmup_steps = sparsity_warmup_steps
         self._step_started: float | None = None
-        self._tokens_per_second: float | None = None
+        self._throughput = (0.0, 0.0)  # smoothed (rows, seconds)
         self._last_step_end: float | None = None
 
     def named_learners(self) -> Iterator[tuple[str | None, DictionaryLearner]]:
@@ -212,11 +212,19 @@ class DictionaryTrainingModule(L.LightningModule):
             step_rate = global_rows / max(now - self._step_started, 1e-9)
             self.log("train/step_tokens_per_second", step_rate)
         if self._last_step_end is not None:
-            rate = global_rows / max(now - self._last_step_end, 1e-9)
-            previous = self._tokens_per_second
-            self._tokens_per_second = rate if previous is None else 0.9 * previous + 0.1 * rate
-            self.log("tok/s", self._tokens_per_second, prog_bar=True, logger=False)
-            self.log("train/tokens_per_second", rate)
+            seconds = max(now - self._last_step_end, 1e-9)
+            self.log("train/tokens_per_second", global_rows / seconds)
+            # Rows and seconds are averaged separately (a ratio of means): the stream
+            # captures in bursts, once per buffer refill, and a mean of per-step rates would
+            # be dominated by the many fast steps between captures.
+            rows_avg, seconds_avg = self._throughput  # from zeros: no start-up bias in a ratio
+            self._throughput = (
+                0.95 * rows_avg + 0.05 * global_rows,
+                0.95 * seconds_avg + 0.05 * seconds,
+            )
+            self.log(
+                "tok/s", self._throughput[0] / self._throughput[1], prog_bar=True, logger=False
+            )
         self._last_step_end = now
 
     # ------------------------------------------------------------------ optimisation
