@@ -256,6 +256,40 @@ class Backbone:
             yield self
 
     @contextlib.contextmanager
+    def transcode(
+        self, site_in: str, site_out: str, fn: Callable[[Tensor, Tensor], Tensor]
+    ) -> Iterator[Backbone]:
+        """Replace ``site_out``'s activation by ``fn(activation at site_in, activation)``.
+
+        What a transcoder's splice needs: it reads one site (``layers.3.mlp_in``) and
+        stands in for a later one (``layers.3.mlp_out``). Each forward inside the ``with``
+        reads ``site_in`` first, then rewrites ``site_out`` from it.
+
+        Raises:
+            ConfigError: If ``site_out`` runs before ``site_in`` in the forward pass.
+        """
+        (source,) = self.site_map.resolve(site_in)
+        (target,) = self.site_map.resolve(site_out)
+        seen: dict[str, Tensor] = {}
+
+        def store(_site: Site, value: Tensor) -> None:
+            seen["input"] = value
+
+        def write(activation: Tensor) -> Tensor:
+            if "input" not in seen:
+                raise ConfigError(
+                    f"{target.name!r} runs before {source.name!r}: a transcoder must read a "
+                    f"site that comes earlier than the one it replaces"
+                )
+            return fn(seen.pop("input"), activation)
+
+        with (
+            self._hooks([source], lambda m, s: add_reader(m, s, store)),
+            self._hooks([target], lambda m, s: add_writer(m, s, write)),
+        ):
+            yield self
+
+    @contextlib.contextmanager
     def _hooks(self, sites: list[Site], add: Callable[[nn.Module, Site], Any]) -> Iterator[None]:
         handles = [add(get_module(self.model, site.module_path), site) for site in sites]
         try:

@@ -56,8 +56,9 @@ class DownstreamMetrics(L.Callback):
     Needs a datamodule with ``backbone``, ``site`` and ``downstream_inputs()`` (such as
     :class:`~lightning_interp.data.lm_datamodule.LanguageModelActivations`) whose backbone
     has an LM head; otherwise it logs nothing and says why once (encoders such as BERT
-    or MiniLM get the reconstruction metrics only). Transcoders are skipped too: their
-    reconstruction replaces a different site than the one they read.
+    or MiniLM get the reconstruction metrics only). A transcoder (``site_out`` in its
+    provenance, or a data module yielding ``(inputs, targets)`` pairs) reads its site and
+    replaces ``site_out``.
     """
 
     def __init__(self) -> None:
@@ -80,15 +81,17 @@ class DownstreamMetrics(L.Callback):
         inputs = data.downstream_inputs()
         for name, dictionary, _ in _dictionaries(pl_module):
             site, site_out = _sites(dictionary, data)
-            if site_out is not None or dictionary.d_out != dictionary.d_in:
-                self._skip(pl_module, f"{name or 'dictionary'} is a transcoder")
+            if site_out is None and dictionary.d_out != dictionary.d_in:
+                self._skip(pl_module, f"{name or 'dictionary'} maps to another site: set site_out")
                 continue
             prefix = "val" if name is None else f"val/{name}"
             ce, kl = CrossEntropyLossRecovered(), SplicedKLDivergence()
             was_training = dictionary.training
             dictionary.eval()
             for batch in inputs:
-                splice_evaluation(backbone, dictionary, site, batch, ce_metric=ce, kl_metric=kl)
+                splice_evaluation(
+                    backbone, dictionary, site, batch, ce_metric=ce, kl_metric=kl, site_out=site_out
+                )
             dictionary.train(was_training)
             values = ce.compute_all()
             pl_module.log(f"{prefix}/ce_loss_recovered", float(values["ce_loss_recovered"]))

@@ -210,13 +210,18 @@ def _masked_splice(fn: Callable[[Tensor], Tensor], positions: Tensor) -> Callabl
     """``fn`` applied at ``positions`` (``[B, T]`` bool); other positions keep ``a``."""
 
     def splice(a: Tensor) -> Tensor:
-        if a.shape[:2] != positions.shape:
+        if a.shape[:2] == positions.shape:
+            where = positions[..., None]
+        elif a.ndim == 2 and a.shape[0] == positions.numel():
+            # Some modules see tokens flattened to rows (transformers 5's GPT-2 MLP).
+            where = positions.reshape(-1, 1)
+        else:
             raise ShapeMismatchError(
                 f"activation {tuple(a.shape)} does not start with the batch's [batch, seq] "
                 f"{tuple(positions.shape)}; downstream metrics need a per-token site"
             )
         new = fn(a.reshape(-1, a.shape[-1])).reshape(a.shape).to(a.dtype)
-        return torch.where(positions[..., None], new, a)
+        return torch.where(where, new, a)
 
     return splice
 
@@ -232,6 +237,7 @@ def splice_evaluation(
     special_token_ids: Collection[int] | None = None,
     ce_metric: CrossEntropyLossRecovered | None = None,
     kl_metric: SplicedKLDivergence | None = None,
+    site_out: str | None = None,
 ) -> int:
     """Run one batch clean, zero-ablated and spliced, and update the metrics.
 
@@ -261,6 +267,9 @@ def splice_evaluation(
             the config's BOS / EOS / pad ids when the backbone has no tokenizer).
         ce_metric: Updated with the three runs' logits, if given.
         kl_metric: Updated with the clean and spliced logits, if given.
+        site_out: For a transcoder, the site its output replaces (``site`` is the one it
+            reads): the spliced run writes ``dictionary(activation at site)`` at
+            ``site_out``, and the zero-ablation baseline zeroes ``site_out``.
 
     Returns:
         The number of predicted tokens counted in this batch.
@@ -287,10 +296,20 @@ def splice_evaluation(
         return output.logits[:, :-1]
 
     clean = logits()
-    with backbone.splice(site, _masked_splice(torch.zeros_like, spliced_positions)):
+    replaced = site if site_out is None else site_out
+    with backbone.splice(replaced, _masked_splice(torch.zeros_like, spliced_positions)):
         zero = logits()
-    with backbone.splice(site, _masked_splice(dictionary, spliced_positions)):
-        spliced = logits()
+    if site_out is None:
+        with backbone.splice(site, _masked_splice(dictionary, spliced_positions)):
+            spliced = logits()
+    else:
+
+        def transcode(inputs: Tensor, activation: Tensor) -> Tensor:
+            rows = inputs.reshape(-1, inputs.shape[-1])
+            return _masked_splice(lambda _: dictionary(rows), spliced_positions)(activation)
+
+        with backbone.transcode(site, site_out, transcode):
+            spliced = logits()
     if ce_metric is not None:
         ce_metric.update(clean, spliced, zero, targets, keep)
     if kl_metric is not None:

@@ -1,5 +1,6 @@
 """Downstream metrics: CE loss recovered and spliced KL, by splicing into tiny models."""
 
+import copy
 import math
 
 import pytest
@@ -278,3 +279,46 @@ def test_smollm2_on_wikipedia(smollm2):
     assert values["ce_zero_ablation"] > values["ce_clean"] + 2.0
     assert 0.0 < values["ce_loss_recovered"] < 1.0
     assert float(kl.compute()) > 0
+
+
+def test_a_transcoder_that_is_the_mlp_recovers_everything(trained_gpt2):
+    # A "transcoder" computing the block's own MLP from mlp_in stands in exactly for
+    # mlp_out; zeros stand in for the zero ablation of mlp_out.
+    # A copy: calling the hooked module itself inside its own hook would recurse.
+    mlp = copy.deepcopy(trained_gpt2.model.transformer.h[0].mlp)
+    batch = successor_batch(4, 10, seed=3)
+    ce, kl = CrossEntropyLossRecovered(), SplicedKLDivergence()
+    splice_evaluation(
+        trained_gpt2,
+        mlp,
+        "layers.0.mlp_in",
+        batch,
+        ce_metric=ce,
+        kl_metric=kl,
+        site_out="layers.0.mlp_out",
+    )
+    values = ce.compute_all()
+    assert values["ce_zero_ablation"] > values["ce_clean"] + 0.5  # the MLP matters
+    assert float(values["ce_loss_recovered"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(kl.compute()) == pytest.approx(0.0, abs=1e-6)
+    zero = CrossEntropyLossRecovered()
+    splice_evaluation(
+        trained_gpt2,
+        Scaled(0.0),
+        "layers.0.mlp_in",
+        batch,
+        ce_metric=zero,
+        site_out="layers.0.mlp_out",
+    )
+    assert float(zero.compute()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_transcoder_must_read_an_earlier_site(trained_gpt2):
+    with pytest.raises(ConfigError, match="must read a site that comes earlier"):
+        splice_evaluation(
+            trained_gpt2,
+            Scaled(1.0),
+            "layers.1.mlp_out",
+            successor_batch(2, 6, seed=4),
+            site_out="layers.0.mlp_out",
+        )
