@@ -30,6 +30,7 @@ from lightning_interp.backbones.hooks import add_reader
 from lightning_interp.backbones.sites import Site, UnknownSiteError
 from lightning_interp.callbacks.module_sites import resolve_module_sites
 from lightning_interp.callbacks.site_trainer import SiteTrainer
+from lightning_interp.data import sharding
 from lightning_interp.dictionaries import Dictionary, create_dictionary, get_dictionary_class
 from lightning_interp.errors import ConfigError, ShapeMismatchError
 
@@ -39,6 +40,46 @@ STATE_VERSION = 1
 def site_folder(name: str) -> str:
     """A folder name for a site (``model.h.1:input`` becomes ``model.h.1-input``)."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)
+
+
+# What differs between DDP ranks in a site's state: each rank buffers its own activations.
+RANK_KEYS = ("buffer_rows", "buffer_state", "rows_buffered")
+
+
+def gather_rank_buffers(sites: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Under DDP, replace each site's buffer by every rank's (under ``"ranks"``).
+
+    Only rank 0 writes the checkpoint, but the dictionaries are identical on every rank
+    and the buffers are not; every rank calls ``state_dict`` while a checkpoint is
+    dumped, so this collective is matched.
+    """
+    rank, ranks = sharding.world()
+    if ranks == 1:
+        return sites
+    local = {name: {key: state[key] for key in RANK_KEYS} for name, state in sites.items()}
+    gathered: list[Any] = [None] * ranks
+    torch.distributed.all_gather_object(gathered, local)
+    return {
+        name: {
+            **{k: v for k, v in state.items() if k not in RANK_KEYS},
+            "ranks": [g[name] for g in gathered],
+        }
+        for name, state in sites.items()
+    }
+
+
+def own_rank_buffer(state: dict[str, Any]) -> dict[str, Any]:
+    """The calling rank's view of a site state saved by :func:`gather_rank_buffers`."""
+    if "ranks" not in state:
+        return state
+    rank, ranks = sharding.world()
+    if len(state["ranks"]) != ranks:
+        raise ConfigError(
+            f"the checkpoint holds probe buffers of {len(state['ranks'])} DDP ranks but this "
+            f"run has {ranks}; resume with the same number of devices"
+        )
+    shared = {k: v for k, v in state.items() if k != "ranks"}
+    return {**shared, **state["ranks"][rank]}
 
 
 class DictionaryProbe(L.Callback):
@@ -270,13 +311,13 @@ class DictionaryProbe(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Dictionaries, optimizer states, step and dead-latent counters, buffered rows."""
+        sites = {
+            name: t.state_dict(include_buffer=self.save_buffer) for name, t in self.trainers.items()
+        }
         return {
             "version": STATE_VERSION,
             "batches_seen": self.batches_seen,
-            "sites": {
-                name: t.state_dict(include_buffer=self.save_buffer)
-                for name, t in self.trainers.items()
-            },
+            "sites": gather_rank_buffers(sites),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -289,6 +330,7 @@ class DictionaryProbe(L.Callback):
         self.batches_seen = int(state_dict["batches_seen"])
         self.trainers = {}
         for name, site_state in state_dict["sites"].items():
+            site_state = own_rank_buffer(site_state)
             config = dict(site_state["config"])
             site_trainer = self._new_trainer(create_kwargs=config)
             site_trainer.load_state_dict(site_state)

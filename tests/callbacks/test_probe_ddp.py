@@ -65,3 +65,35 @@ def test_two_process_ddp_probe(tmp_path):
         acts = module.net[1](module.net[0](x))
     fvu = FractionOfVarianceUnexplained()(final(acts), acts)
     assert fvu < 0.25, float(fvu)  # measured 0.13
+
+
+def test_two_process_ddp_probe_resumes_each_ranks_buffer(tmp_path):
+    """3 epochs + checkpoint + resume to 6 equals 6 straight epochs, on both ranks."""
+    torch.set_num_threads(1)
+
+    def fit(folder: Path, epochs: int, ckpt_path: str | None = None) -> None:
+        probe = DictionaryProbe("net.1", d_latent=256, k=8, batch_size=64, lr=3e-3)
+        L.seed_everything(0, verbose=False)
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder / "ckpt", save_last=True)
+        trainer = quiet_trainer(
+            max_epochs=epochs,
+            devices=2,
+            strategy="ddp_spawn",
+            enable_checkpointing=True,
+            callbacks=[probe, DumpPerRank(probe, str(folder)), checkpoint],
+        )
+        # No dropout: Lightning does not restore the global RNG, so only a deterministic
+        # user run can be compared bitwise across a resume.
+        trainer.fit(DigitsMLP(dropout=0.0), DigitsData(shuffle=False), ckpt_path=ckpt_path)
+
+    fit(tmp_path / "straight", 6)
+    fit(tmp_path / "resumed", 3)
+    last = torch.load(tmp_path / "resumed" / "ckpt" / "last.ckpt", weights_only=True)
+    (probe_state,) = (v for k, v in last["callbacks"].items() if k.startswith("DictionaryProbe"))
+    assert len(probe_state["sites"]["net.1"]["ranks"]) == 2  # both ranks' buffers saved
+    fit(tmp_path / "resumed", 6, ckpt_path=str(tmp_path / "resumed" / "ckpt" / "last.ckpt"))
+    for rank in (0, 1):
+        straight = load_dictionary(tmp_path / "straight" / f"rank{rank}").state_dict()
+        resumed = load_dictionary(tmp_path / "resumed" / f"rank{rank}").state_dict()
+        for name, tensor in straight.items():
+            assert torch.equal(resumed[name], tensor), (rank, name)
