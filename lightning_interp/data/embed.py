@@ -61,13 +61,16 @@ def embed(
         backbone: A :class:`~lightning_interp.backbones.Backbone`.
         inputs: Raw texts, pixel values ``[b, 3, h, w]``, or a dict of model inputs.
         pooling: ``"clip"`` (projected CLIP features), ``"mean"`` (masked mean of the
-            last hidden state), ``"cls"`` (first token), ``"tokens"`` (all token
-            embeddings and the attention mask, for the concept-transformer head), or
+            last hidden state), ``"cls"`` (first token), ``"tokens"`` (the whole last
+            hidden state and the attention mask, for the concept-transformer head; for
+            CLIP images the vision tower's CLS and patch tokens), or
             ``"auto"`` (clip for CLIP, else mean).
-        normalize: L2-normalise pooled embeddings (CLIP and sentence-transformers do).
+        normalize: L2-normalise pooled embeddings (CLIP and sentence-transformers do);
+            token embeddings are returned as the model computed them.
 
     Returns:
-        ``[b, d]`` embeddings, or ``(tokens [b, t, d], mask [b, t])`` for ``"tokens"``.
+        ``[b, d]`` embeddings, or ``(tokens [b, t, d], mask [b, t])`` for ``"tokens"``
+        (zeros at padding).
     """
     pooling = _resolve(backbone, pooling)
     encoded = backbone.encode(inputs)
@@ -90,10 +93,41 @@ def embed(
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         if pooling == "tokens":
-            return hidden.float(), mask.bool()
+            # Pad positions hold whatever the model computed there: zero them, so a token
+            # row does not depend on which (longer) inputs shared its batch.
+            mask = mask.bool()
+            return hidden.float().masked_fill(~mask.unsqueeze(-1), 0.0), mask
         pooled = hidden[:, 0] if pooling == "cls" else mean_pool(hidden, mask)
     pooled = pooled.float()
     return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def pad_tokens(chunks: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Concatenate ``(tokens [b, t_i, d], mask [b, t_i])`` chunks, zero-padding to the longest.
+
+    Padded positions are zeros in ``tokens`` and False in the mask.
+
+    Example:
+        >>> a = (torch.ones(1, 2, 3), torch.ones(1, 2, dtype=torch.bool))
+        >>> b = (torch.ones(2, 4, 3), torch.ones(2, 4, dtype=torch.bool))
+        >>> tokens, mask = pad_tokens([a, b])
+        >>> tokens.shape, mask.sum(1).tolist()
+        (torch.Size([3, 4, 3]), [2, 4, 4])
+    """
+    if not chunks:
+        raise ConfigError("nothing to embed: the input list is empty")
+    n = sum(t.shape[0] for t, _ in chunks)
+    length = max(t.shape[1] for t, _ in chunks)
+    first = chunks[0][0]
+    tokens = first.new_zeros(n, length, first.shape[-1])
+    mask = torch.zeros(n, length, dtype=torch.bool, device=first.device)
+    row = 0
+    for chunk, chunk_mask in chunks:
+        b, t = chunk_mask.shape
+        tokens[row : row + b, :t] = chunk
+        mask[row : row + b, :t] = chunk_mask
+        row += b
+    return tokens, mask
 
 
 def embed_all(
@@ -102,14 +136,22 @@ def embed_all(
     pooling: Pooling = "auto",
     normalize: bool = False,
     batch_size: int = 64,
-) -> Tensor:
-    """:func:`embed` over many inputs in batches; returns ``[n, d]`` on CPU."""
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`embed` over many inputs in batches, on CPU.
+
+    Returns:
+        ``[n, d]`` embeddings, or for ``pooling="tokens"`` ``(tokens [n, t, d], mask [n, t])``
+        padded to the longest input (see :func:`pad_tokens`).
+    """
     chunks = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start : start + batch_size]
-        chunks.append(embed(backbone, chunk, pooling, normalize).cpu())
+        out = embed(backbone, chunk, pooling, normalize)
+        chunks.append(tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu())
     if not chunks:
         raise ConfigError("nothing to embed: the input list is empty")
+    if isinstance(chunks[0], tuple):
+        return pad_tokens(chunks)
     return torch.cat(chunks)
 
 

@@ -4,6 +4,11 @@ Inputs (texts or images) are embedded once in ``setup`` by a frozen backbone (th
 is frozen, so embedding per step would repeat the same work every epoch), optionally
 stored in and re-read from an activation cache folder, then split into train / val / test
 with a fixed seed.
+
+With ``pooling="tokens"`` every input keeps its whole last hidden state: ``[N, T, d]``
+padded to the longest input, with a ``[N, T]`` mask (True at real tokens), for the
+concept-transformer head. Those batches are dicts (``embeddings``, ``labels``, ``mask``,
+optional ``concepts``), trimmed to the longest input of the batch.
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ import lightning as L
 import torch
 from safetensors import safe_open
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_interp.data import offline
 from lightning_interp.data.cache import ActivationCache, ActivationCacheWriter
 from lightning_interp.data.embed import Pooling, embed_all, text_encoder
 from lightning_interp.data.lm_datamodule import load_backbone
-from lightning_interp.errors import ConfigError
+from lightning_interp.errors import ConfigError, ShapeMismatchError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -116,10 +121,64 @@ def _backbone_for(model: str, images: bool) -> Any:
     return backbone
 
 
-class EmbeddingDataModule(L.LightningDataModule):
-    """Pooled embeddings of a frozen backbone with class (and optional concept) labels.
+class TokenDataset(Dataset):
+    """Rows of padded token embeddings, as dicts the concept modules read.
 
-    Batches are ``(embeddings, labels)`` or ``(embeddings, labels, concepts)``.
+    Args:
+        embeddings: Token embeddings ``[n, t, d]``.
+        labels: Class labels ``[n]``.
+        mask: ``[n, t]``, True at real tokens.
+        concepts: Optional concept labels ``[n, k]``.
+
+    Example:
+        >>> data = TokenDataset(torch.zeros(3, 4, 2), torch.arange(3), torch.ones(3, 4).bool())
+        >>> sorted(data[0]), len(data)
+        (['embeddings', 'labels', 'mask'], 3)
+    """
+
+    def __init__(
+        self, embeddings: Tensor, labels: Tensor, mask: Tensor, concepts: Tensor | None = None
+    ) -> None:
+        if embeddings.ndim != 3 or mask.shape != embeddings.shape[:2]:
+            raise ShapeMismatchError(
+                f"token embeddings must be [n, t, d] with a mask [n, t], got "
+                f"{tuple(embeddings.shape)} and {tuple(mask.shape)}"
+            )
+        if len(labels) != len(embeddings) or (
+            concepts is not None and len(concepts) != len(labels)
+        ):
+            raise ShapeMismatchError("embeddings, labels and concepts need one row per input")
+        self.tensors = {"embeddings": embeddings, "labels": labels, "mask": mask.bool()}
+        if concepts is not None:
+            self.tensors["concepts"] = concepts
+
+    def __len__(self) -> int:
+        return len(self.tensors["labels"])
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {key: value[index] for key, value in self.tensors.items()}
+
+
+def collate_tokens(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack :class:`TokenDataset` rows, dropping trailing positions no row of them uses.
+
+    Inputs are padded to the longest of the whole data set; a batch of short inputs need
+    not carry (and attend over) that padding.
+    """
+    batch = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+    used = batch["mask"].any(0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    batch["embeddings"] = batch["embeddings"][:, :length]
+    batch["mask"] = batch["mask"][:, :length]
+    return batch
+
+
+class EmbeddingDataModule(L.LightningDataModule):
+    """Embeddings of a frozen backbone with class (and optional concept) labels.
+
+    Batches are ``(embeddings, labels)`` or ``(embeddings, labels, concepts)``; with
+    ``pooling="tokens"`` they are dicts with ``embeddings [b, t, d]``, ``labels``, ``mask
+    [b, t]`` (True at real tokens) and optional ``concepts`` (see :class:`TokenDataset`).
 
     Args:
         model: Hub id, local folder, or ``offline:minilm``.
@@ -133,7 +192,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         test_fraction: Share held out for testing.
         seed: Seed of the split.
         cache_dir: If set, embeddings are read from this activation cache, or written
-            there on first use.
+            there on first use (token embeddings as ``N * T`` rows with a ``mask`` site).
         embed_batch_size: Inputs per backbone forward.
     """
 
@@ -154,12 +213,6 @@ class EmbeddingDataModule(L.LightningDataModule):
         super().__init__()
         if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
             raise ConfigError("val_fraction and test_fraction must be >= 0 and sum below 1")
-        if pooling == "tokens":
-            raise ConfigError(
-                "EmbeddingDataModule holds one pooled vector per input; for the concept "
-                "transformer, embed token sequences with lightning_interp.data.embed.embed("
-                "backbone, inputs, pooling='tokens') and batch (x, y, concepts, mask) yourself"
-            )
         self.save_hyperparameters()
         self.backbone: Any = None
         self.class_names: list[str] = list(class_names or [])
@@ -176,7 +229,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         )
         self.class_names = list(h.class_names or names or range(int(labels.max()) + 1))
         self.class_names = [str(n) for n in self.class_names]
-        x = self._embeddings(inputs)
+        x, mask = self._embeddings(inputs)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(h.seed))
         n_test, n_val = int(len(order) * h.test_fraction), int(len(order) * h.val_fraction)
         parts = {
@@ -186,23 +239,57 @@ class EmbeddingDataModule(L.LightningDataModule):
         }
         for name, rows in parts.items():
             tensors = (x[rows], labels[rows])
-            self.splits[name] = tensors + (
-                (concepts[rows].float(),) if concepts is not None else ()
-            )
+            tensors += (concepts[rows].float(),) if concepts is not None else ()
+            # Token splits end with the mask: (x, y[, concepts], mask).
+            self.splits[name] = tensors + ((mask[rows],) if mask is not None else ())
 
-    def _embeddings(self, inputs: Any) -> Tensor:
+    @property
+    def tokens(self) -> bool:
+        """Whether the data are token sequences (``pooling="tokens"``)."""
+        return self.hparams.pooling == "tokens"
+
+    def _embeddings(self, inputs: Any) -> tuple[Tensor, Tensor | None]:
         h = self.hparams
         if h.cache_dir and (Path(h.cache_dir) / "manifest.json").is_file():
-            return ActivationCache(h.cache_dir).read("embeddings").float()
-        x = embed_all(self.backbone, inputs, h.pooling, h.normalize, h.embed_batch_size)
+            return self._read_cache(ActivationCache(h.cache_dir))
+        out = embed_all(self.backbone, inputs, h.pooling, h.normalize, h.embed_batch_size)
+        x, mask = out if isinstance(out, tuple) else (out, None)
         if h.cache_dir:
             meta = {"model": h.model, "data": h.data, "pooling": h.pooling}
-            widths = {"embeddings": x.shape[1]}
+            rows = {"embeddings": x}
+            if mask is not None:
+                # The cache holds rows: N * T token rows, the mask as a width-1 site beside.
+                meta["tokens_per_input"] = x.shape[1]
+                rows["mask"] = mask.unsqueeze(-1).float()
+            widths = {site: t.shape[-1] for site, t in rows.items()}
             with ActivationCacheWriter(
-                h.cache_dir, sites=["embeddings"], widths=widths, metadata=meta
+                h.cache_dir, sites=list(rows), widths=widths, metadata=meta
             ) as writer:
-                writer.add(x)
-        return x
+                writer.add(rows)
+        return x, mask
+
+    def _read_cache(self, cache: ActivationCache) -> tuple[Tensor, Tensor | None]:
+        cached_tokens = cache.metadata.get("pooling") == "tokens"
+        if cached_tokens != self.tokens:
+            raise ConfigError(
+                f"the cache in {cache.directory} holds "
+                f"{'token' if cached_tokens else 'pooled'} embeddings but pooling="
+                f"{self.hparams.pooling!r}; use another cache_dir"
+            )
+        x = cache.read("embeddings").float()
+        if not cached_tokens:
+            return x, None
+        length = int(cache.metadata["tokens_per_input"])
+        mask = cache.read("mask").reshape(-1, length) > 0.5
+        return x.reshape(-1, length, x.shape[-1]), mask
+
+    @property
+    def concept_count(self) -> int | None:
+        """Labelled concepts per input (``None``: the data carry none); sets up the data."""
+        self.setup()
+        tensors = self.splits["train"]
+        labelled = len(tensors) - int(self.tokens) == 3  # (x, y, concepts[, mask])
+        return tensors[2].shape[1] if labelled else None
 
     def text_encoder(self) -> Callable[[Sequence[str]], Tensor]:
         """Embeds concept phrases into the same space as the data (same pooling)."""
@@ -220,11 +307,17 @@ class EmbeddingDataModule(L.LightningDataModule):
         if len(tensors[0]) == 0:
             raise ConfigError(f"the {split} split is empty; raise its fraction or add data")
         generator = torch.Generator().manual_seed(self.hparams.seed)
+        if self.tokens:
+            x, y, *concepts, mask = tensors
+            dataset, collate = TokenDataset(x, y, mask, *concepts), collate_tokens
+        else:
+            dataset, collate = TensorDataset(*tensors), None
         return DataLoader(
-            TensorDataset(*tensors),
+            dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
             generator=generator,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -20,8 +20,8 @@ from lightning_interp.concepts import (
     filter_concepts,
     load_phrases,
 )
-from lightning_interp.concepts.base import build_head
-from lightning_interp.errors import ConfigError
+from lightning_interp.concepts.base import build_head, head_class
+from lightning_interp.errors import ConfigError, ShapeMismatchError
 from lightning_interp.metrics.concepts import ConceptAccuracy, ConceptAUROC
 
 HEAD_SPEC_KEY = "concept_head_spec"  # checkpoint key of the head's ConceptHead.head_spec()
@@ -65,13 +65,17 @@ class ConceptBottleneckModule(L.LightningModule):
     Give a built ``head``, or (for recipes) a ``head_name`` with ``head_kwargs`` and
     ``concepts``: then the head is built in :meth:`configure_model` from the data
     module, which must offer ``text_encoder()``, ``class_names`` and ``train_embeddings()``
-    (as :class:`~lightning_interp.data.embeddings.EmbeddingDataModule` does).
+    (as :class:`~lightning_interp.data.embeddings.EmbeddingDataModule` does). Heads that
+    learn their concepts (``"concept_transformer"``, ``"supervised_cbm"``) take only the
+    names from ``concepts`` (default ``concept_i`` per labelled concept) and the width of
+    the training embeddings, so they also train on token data (``pooling="tokens"``).
 
     Args:
         head: A concept head.
         head_name: Registered head type (``"label_free_cbm"``, ``"pcbm"``, ...).
         head_kwargs: Constructor arguments of that head.
-        concepts: Concept phrases, or a path to a ``.txt`` file of them (one a line).
+        concepts: Concept phrases (names only, for heads that learn their concepts), or a
+            path to a ``.txt`` file of them (one a line).
         filters: Keyword arguments of :func:`~lightning_interp.concepts.filter_concepts`
             (``None``: no filtering).
         optimizer: Optimizer factory (default Adam, lr 1e-3).
@@ -115,31 +119,66 @@ class ConceptBottleneckModule(L.LightningModule):
             # on_load_checkpoint rebuilds the head from the spec the checkpoint carries.
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        needed = ("text_encoder", "class_names", "train_embeddings")
+        name = self.hparams.head_name
+        # Heads without from_bank (supervised CBM, concept transformer) learn their concepts:
+        # they need names and a width, not phrase directions (unless filters compare them).
+        directions = getattr(head_class(name), "from_bank", None) is not None
+        directions = directions or self.hparams.filters is not None
+        needed = ("class_names", "train_embeddings") + (("text_encoder",) if directions else ())
         if datamodule is None or not all(hasattr(datamodule, a) for a in needed):
             raise ConfigError(
-                "building a head by name needs a data module with text_encoder(), "
-                "class_names and train_embeddings() (e.g. EmbeddingDataModule)"
+                f"building a head by name needs a data module with {', '.join(needed)} "
+                f"(e.g. EmbeddingDataModule)"
             )
         datamodule.setup("fit")
-        encoder = datamodule.text_encoder()
         class_names = list(datamodule.class_names)
-        bank = ConceptBank.from_phrases(load_phrases(self.hparams.concepts or []), encoder)
-        if self.hparams.filters is not None:
-            x, _ = datamodule.train_embeddings()
-            kwargs = {"class_names": class_names, "encoder": encoder, "embeddings": x}
-            bank, self.filter_report = filter_concepts(bank, **{**kwargs, **self.hparams.filters})
-        self.head = create_head(
-            self.hparams.head_name,
-            bank=bank,
-            class_names=class_names,
-            **(self.hparams.head_kwargs or {}),
-        )
+        if not directions:
+            self.head = self._learned_concepts_head(datamodule, class_names)
+        elif getattr(datamodule, "tokens", False):
+            raise ConfigError(
+                f"head {name!r} (or concept filters) compares concept phrases with pooled "
+                f"embeddings; pooling='tokens' serves heads that learn their concepts "
+                f"(concept_transformer, supervised_cbm) without filters"
+            )
+        else:
+            encoder = datamodule.text_encoder()
+            phrases = load_phrases(self.hparams.concepts or [])
+            bank = ConceptBank.from_phrases(phrases, encoder)
+            if self.hparams.filters is not None:
+                x, _ = datamodule.train_embeddings()
+                kwargs = {"class_names": class_names, "encoder": encoder, "embeddings": x}
+                filters = {**kwargs, **self.hparams.filters}
+                bank, self.filter_report = filter_concepts(bank, **filters)
+            self.head = create_head(
+                name, bank=bank, class_names=class_names, **(self.hparams.head_kwargs or {})
+            )
         # The backbone the embeddings came from names the card's base_model when published.
         backbone = getattr(datamodule, "hparams", {}).get("model")
         if isinstance(backbone, str):
             self.head.provenance["backbone"] = backbone
         self._build_metrics()
+
+    def _learned_concepts_head(self, datamodule: Any, class_names: list[str]) -> ConceptHead:
+        """A head whose concepts are learned: names from ``concepts`` (or ``concept_i``)."""
+        names = load_phrases(self.hparams.concepts or [])
+        labelled = getattr(datamodule, "concept_count", None)
+        if not names and labelled:
+            names = [f"concept_{i}" for i in range(labelled)]
+        if not names:
+            raise ConfigError(
+                f"head {self.hparams.head_name!r} learns one unit per concept: give concept "
+                f"names (concepts=[...] or a .txt file), or data with concept labels"
+            )
+        if len(set(names)) != len(names):
+            raise ConfigError(f"concept names must be unique, got {names}")
+        if labelled is not None and labelled != len(names):
+            raise ShapeMismatchError(
+                f"the data label {labelled} concepts per input but {len(names)} concept names "
+                f"were given; give one name per labelled concept, in order"
+            )
+        x, _ = datamodule.train_embeddings()
+        cls = head_class(self.hparams.head_name)
+        return cls(x.shape[-1], names, class_names, **(self.hparams.head_kwargs or {}))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the built head's spec (type, width, names, config) beside its weights.

@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 from lightning_interp.cli import build_cli
 from lightning_interp.concepts import ConceptHead, LabelFreeCBM, PosthocCBM
 from lightning_interp.data.embeddings import EmbeddingDataModule
-from lightning_interp.errors import ConfigError
 from lightning_interp.modules import ConceptBottleneckModule
 from tests.backbones import tiny_models as tm
 from tests.data.test_tokens import make_tokenizer
@@ -132,8 +131,3 @@ def test_text_data_module_builds_a_head_by_name(tmp_path, trainer_kwargs):
     assert data.class_names == ["no", "yes"] and module.head.concept_names[:2] == ["w1", "w2"]
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     assert tested["test/accuracy"] > 0.8
-
-
-def test_embedding_data_module_rejects_token_pooling():
-    with pytest.raises(ConfigError, match="pooling='tokens'"):
-        EmbeddingDataModule("offline:minilm", "offline:polarity", pooling="tokens")
