@@ -34,6 +34,10 @@ def tiny_clip(tmp_path_factory):
     pixels[labels == 1, 2] += 1.5
     meta = {"class_names": json.dumps(CLASSES)}
     save_file({"pixel_values": pixels, "labels": labels}, str(root / "images.safetensors"), meta)
+    # The same images with concept labels ("red", "blue"), as the concept transformer wants.
+    concepts = torch.stack([labels == 0, labels == 1], dim=1).float()
+    tensors = {"pixel_values": pixels, "labels": labels, "concepts": concepts}
+    save_file(tensors, str(root / "images_concepts.safetensors"), meta)
     return root
 
 
@@ -131,3 +135,37 @@ def test_text_data_module_builds_a_head_by_name(tmp_path, trainer_kwargs):
     assert data.class_names == ["no", "yes"] and module.head.concept_names[:2] == ["w1", "w2"]
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     assert tested["test/accuracy"] > 0.8
+
+
+def test_concept_transformer_recipe_trains_on_clip_patch_tokens(tiny_clip, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-interp"])
+    with open("recipes/clip_concept_transformer.yaml") as f:
+        config = yaml.safe_load(f)
+    config["trainer"].update(
+        accelerator="cpu",
+        precision="32-true",
+        max_epochs=40,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+    )
+    config["model"]["init_args"]["head_kwargs"].update(d_attn=16, heads=2)
+    # 64 training images make 2 steps an epoch: a larger step than on real data.
+    config["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.01
+    config["model"]["init_args"]["save_dir"] = str(tmp_path / "head")
+    config["data"]["init_args"].update(
+        model=str(tiny_clip / "clip"),
+        data=str(tiny_clip / "images_concepts.safetensors"),
+        batch_size=32,
+        test_fraction=0.25,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    parsed = build_cli(["fit", "--config", str(path)])
+    head = parsed.model.head
+    assert type(head).__name__ == "ConceptTransformer"
+    assert head.concept_names == ["concept_0", "concept_1"] and head.d_in == 32
+    # 32x32 images in 8x8 patches: 16 patches + the class token per image.
+    assert parsed.datamodule.splits["train"][0].shape[1:] == (17, 32)
+    tested = parsed.trainer.test(parsed.model, datamodule=parsed.datamodule, verbose=False)
+    assert tested[0]["test/accuracy"] > 0.8  # red vs blue, through random CLIP tokens
