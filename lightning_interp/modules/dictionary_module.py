@@ -353,7 +353,6 @@ class DictionaryModule(DictionaryTrainingModule):
         self.save_hyperparameters(ignore=["dictionary", "optimizer", "lr_scheduler"])
         # Stored as a plain config so load_from_checkpoint can rebuild the dictionary.
         self.hparams["dictionary"] = dictionary_hparams(dictionary)
-        self.dead_tokens_threshold = dead_tokens_threshold
 
     @property
     def learner(self) -> DictionaryLearner:

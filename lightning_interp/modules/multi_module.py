@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -16,7 +16,6 @@ from lightning_interp.modules.dictionary_module import (
     dictionary_hparams,
     split_batch,
 )
-from lightning_interp.modules.learner import DictionaryLearner
 
 
 def _check_name(name: str) -> None:
@@ -111,10 +110,6 @@ class MultiDictionaryModule(DictionaryTrainingModule):
     def dictionaries(self) -> dict[str, Dictionary]:
         """Name -> dictionary being trained."""
         return {name: learner.dictionary for name, learner in self.learners.items()}
-
-    def named_learners(self) -> Iterator[tuple[str | None, DictionaryLearner]]:
-        """``(name, learner)`` for every dictionary, in config order."""
-        yield from self.learners.items()
 
     def select(self, batch: Any, name: str) -> tuple[Tensor, Tensor | None]:
         """The ``(inputs, targets)`` dictionary ``name`` trains on in ``batch``."""
