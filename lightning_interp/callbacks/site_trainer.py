@@ -54,7 +54,6 @@ class SiteTrainer:
         self.optimizer = torch.optim.Adam(dictionary.parameters(), lr=lr)
         self.steps = 0
         self.rows_buffered = 0  # rows captured on this rank, ever
-        self.metric_updates = 0  # since the last reset of the learner's metrics
 
     @property
     def dictionary(self) -> Dictionary:
@@ -85,7 +84,6 @@ class SiteTrainer:
         """
         rows = self.buffer.take(self.batch_size)
         self.learner.update_metrics(rows, None)
-        self.metric_updates += 1
         # The user's autocast does not reach here, but be explicit: fp32 master weights.
         with torch.enable_grad(), torch.autocast(rows.device.type, enabled=False):
             loss, logged = self.learner.training_loss(rows, None, reduce=reduce)
@@ -114,20 +112,18 @@ class SiteTrainer:
             offset += n
 
     def metrics(self) -> dict[str, Any]:
-        """The running torchmetrics (``fvu``, ``l0``, ``dead_fraction``) by name."""
-        return {
-            "fvu": self.learner.val_fvu,
-            "l0": self.learner.val_l0,
-            "dead_fraction": self.learner.val_dead,
-        }
+        """The running torchmetrics the probe reports (``fvu``, ``l0``, ``dead_fraction``)."""
+        metrics = self.learner.metrics()
+        return {name: metrics[name] for name in ("fvu", "l0", "dead_fraction")}
+
+    @property
+    def metric_updates(self) -> int:
+        """Batches in the metrics since their last reset (torchmetrics counts them)."""
+        return self.learner.val_fvu.update_count
 
     def reset_metrics(self) -> None:
         """Start a new metric window (every training epoch)."""
-        for metric in (self.learner.val_fvu, self.learner.val_mse, self.learner.val_l0):
-            metric.reset()
-        self.learner.val_dead.reset()
-        self.learner.val_dense.reset()
-        self.metric_updates = 0
+        self.learner.reset_metrics()
 
     def to(self, device: torch.device) -> None:
         """Move weights, counters, metrics and optimizer state to ``device``."""

@@ -130,20 +130,8 @@ class DictionaryLearner(nn.Module):
         if self.dictionary.config.normalize_decoder:
             self.dictionary.normalize_decoder_()
 
-    @torch.no_grad()
-    def update_metrics(self, inputs: Tensor, targets: Tensor | None) -> dict[str, Metric]:
-        """Update the evaluation metrics with a batch; returns them by name for logging.
-
-        Uses the inference form (a BatchTopK dictionary encodes with its threshold).
-        """
-        target = (inputs if targets is None else targets).float()
-        codes = self.dictionary.encode(inputs)
-        reconstruction = self.dictionary.decode(codes).float()
-        self.val_fvu(reconstruction, target)
-        self.val_mse(reconstruction, target)
-        self.val_l0(codes)
-        self.val_dead(codes)
-        self.val_dense(codes)
+    def metrics(self) -> dict[str, Metric]:
+        """The evaluation metrics by name (what :meth:`update_metrics` updates)."""
         return {
             "fvu": self.val_fvu,
             "mse": self.val_mse,
@@ -151,3 +139,25 @@ class DictionaryLearner(nn.Module):
             "dead_fraction": self.val_dead,
             "dense_fraction": self.val_dense,
         }
+
+    def reset_metrics(self) -> None:
+        """Reset every evaluation metric."""
+        for metric in self.metrics().values():
+            metric.reset()
+
+    @torch.no_grad()
+    def update_metrics(self, inputs: Tensor, targets: Tensor | None) -> dict[str, Metric]:
+        """Update the evaluation metrics with a batch; returns them by name for logging.
+
+        Uses the inference form (a BatchTopK dictionary encodes with its threshold), and
+        the full reconstruction, skip connection included.
+        """
+        target = (inputs if targets is None else targets).float()
+        codes = self.dictionary.encode(inputs)
+        reconstruction = self.dictionary.with_skip(inputs, self.dictionary.decode(codes)).float()
+        metrics = self.metrics()
+        metrics["fvu"](reconstruction, target)
+        metrics["mse"](reconstruction, target)
+        for name in ("l0", "dead_fraction", "dense_fraction"):
+            metrics[name](codes)
+        return metrics
