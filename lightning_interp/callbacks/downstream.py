@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,10 @@ from lightning_interp.dictionaries.serialization import atomic_write
 from lightning_interp.metrics.downstream import (
     CrossEntropyLossRecovered,
     SplicedKLDivergence,
+    SpliceTarget,
     has_lm_head,
-    splice_evaluation,
+    splice_evaluation_many,
 )
-
-
-def _dictionaries(
-    pl_module: L.LightningModule,
-) -> Iterator[tuple[str | None, Dictionary, Any]]:
-    """``(name, dictionary, learner)`` of every dictionary the module trains."""
-    for name, learner in pl_module.named_learners():
-        yield name, learner.dictionary, learner
 
 
 def _sites(dictionary: Dictionary, data: Any) -> tuple[str | None, str | None]:
@@ -63,6 +55,8 @@ class DownstreamMetrics(L.Callback):
 
     def __init__(self) -> None:
         self._warned: set[str] = set()
+        self._cached_for: Any = None
+        self._cached_inputs: list[dict[str, Any]] = []
 
     def _skip(self, pl_module: L.LightningModule, reason: str) -> None:
         if reason not in self._warned:
@@ -78,25 +72,34 @@ class DownstreamMetrics(L.Callback):
         if backbone is None or not hasattr(data, "downstream_inputs") or not has_lm_head(backbone):
             self._skip(pl_module, "no causal-LM backbone in the data (reconstruction only)")
             return
-        inputs = data.downstream_inputs()
-        for name, dictionary, _ in _dictionaries(pl_module):
+        targets: dict[str | None, SpliceTarget] = {}
+        for name, learner in pl_module.named_learners():
+            dictionary = learner.dictionary
             site, site_out = _sites(dictionary, data)
             if site_out is None and dictionary.d_out != dictionary.d_in:
                 self._skip(pl_module, f"{name or 'dictionary'} maps to another site: set site_out")
                 continue
+            metrics = CrossEntropyLossRecovered(), SplicedKLDivergence()
+            targets[name] = SpliceTarget(dictionary, site, site_out, *metrics)
+        modes = {name: target.dictionary.training for name, target in targets.items()}
+        for target in targets.values():
+            target.dictionary.eval()
+        # Each rank evaluates its share of the contexts; the metrics sum across ranks.
+        for batch in self._inputs(data)[trainer.global_rank :: trainer.world_size]:
+            splice_evaluation_many(backbone, list(targets.values()), batch)
+        for name, target in targets.items():
+            target.dictionary.train(modes[name])
             prefix = "val" if name is None else f"val/{name}"
-            ce, kl = CrossEntropyLossRecovered(), SplicedKLDivergence()
-            was_training = dictionary.training
-            dictionary.eval()
-            for batch in inputs:
-                splice_evaluation(
-                    backbone, dictionary, site, batch, ce_metric=ce, kl_metric=kl, site_out=site_out
-                )
-            dictionary.train(was_training)
-            values = ce.compute_all()
+            values = target.ce_metric.compute_all()
             pl_module.log(f"{prefix}/ce_loss_recovered", float(values["ce_loss_recovered"]))
             pl_module.log(f"{prefix}/delta_lm_loss", float(values["delta_lm_loss"]))
-            pl_module.log(f"{prefix}/kl_divergence", float(kl.compute()))
+            pl_module.log(f"{prefix}/kl_divergence", float(target.kl_metric.compute()))
+
+    def _inputs(self, data: Any) -> list[dict[str, Any]]:
+        # The held-out contexts do not change during a run: tokenize them once.
+        if self._cached_for is not data:
+            self._cached_inputs, self._cached_for = data.downstream_inputs(), data
+        return self._cached_inputs
 
 
 class ExportDictionary(L.Callback):
@@ -123,7 +126,8 @@ class ExportDictionary(L.Callback):
         data = trainer.datamodule
         hparams: Any = getattr(data, "hparams", {})
         metrics = trainer.callback_metrics
-        for name, dictionary, learner in _dictionaries(pl_module):
+        for name, learner in pl_module.named_learners():
+            dictionary = learner.dictionary
             folder = self.dirpath if name is None else self.dirpath / name
             prefix = "val" if name is None else f"val/{name}"
             if getattr(data, "backbone", None) is not None:

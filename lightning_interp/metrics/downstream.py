@@ -8,7 +8,8 @@ encoders (BERT, CLIP) report the reconstruction metrics (FVU, L0) instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -105,12 +106,15 @@ class CrossEntropyLossRecovered(Metric):
 
         Returns:
             ``ce_clean``, ``ce_spliced``, ``ce_zero_ablation``, ``ce_loss_recovered`` and
-            ``delta_lm_loss`` (``ce_spliced - ce_clean``); NaN before any token.
+            ``delta_lm_loss`` (``ce_spliced - ce_clean``); NaN before any token. Under DDP
+            the sums are reduced across ranks first, as :meth:`compute` does.
         """
-        count = self.count
-        clean = self.ce_clean_sum / count
-        spliced = self.ce_spliced_sum / count
-        zero = self.ce_zero_ablation_sum / count
+        # compute() arrives here already synced; a direct call syncs itself.
+        with self.sync_context(should_sync=not self._is_synced):
+            count = self.count
+            clean = self.ce_clean_sum / count
+            spliced = self.ce_spliced_sum / count
+            zero = self.ce_zero_ablation_sum / count
         values = {
             "ce_clean": clean,
             "ce_spliced": spliced,
@@ -277,6 +281,52 @@ def splice_evaluation(
     Raises:
         ConfigError: If the backbone has no causal LM head (encoders, CLIP).
     """
+    target = SpliceTarget(dictionary, site, site_out, ce_metric, kl_metric)
+    return splice_evaluation_many(
+        backbone,
+        [target],
+        inputs,
+        exclude_special_tokens=exclude_special_tokens,
+        special_token_ids=special_token_ids,
+    )
+
+
+@dataclass
+class SpliceTarget:
+    """One dictionary to evaluate by splicing, and the metrics it updates.
+
+    Args:
+        dictionary: Maps ``[N, d_in]`` rows to ``[N, d_out]`` reconstructions.
+        site: The site it reads (and, without ``site_out``, replaces).
+        site_out: For a transcoder, the later site its output replaces.
+        ce_metric: Updated with the clean, zero-ablated and spliced logits, if given.
+        kl_metric: Updated with the clean and spliced logits, if given.
+    """
+
+    dictionary: Callable[[Tensor], Tensor]
+    site: str
+    site_out: str | None = None
+    ce_metric: CrossEntropyLossRecovered | None = None
+    kl_metric: SplicedKLDivergence | None = None
+
+
+@torch.no_grad()
+def splice_evaluation_many(
+    backbone: Backbone,
+    targets: Sequence[SpliceTarget],
+    inputs: Mapping[str, Tensor],
+    *,
+    exclude_special_tokens: bool = True,
+    special_token_ids: Collection[int] | None = None,
+) -> int:
+    """:func:`splice_evaluation` for several dictionaries on one batch.
+
+    The clean forward runs once, the zero-ablated one once per replaced site, and one
+    spliced forward per dictionary: ``1 + sites + N`` forwards rather than ``3N``.
+
+    Returns:
+        The number of predicted tokens counted in this batch.
+    """
     _require_lm_head(backbone)
     encoded = backbone.encode(dict(inputs))
     input_ids = encoded["input_ids"]
@@ -289,29 +339,40 @@ def splice_evaluation(
         special = torch.isin(input_ids, ids_tensor)
         spliced_positions = real & ~special
     keep = spliced_positions[:, :-1] & spliced_positions[:, 1:]
-    targets = input_ids[:, 1:]
+    next_tokens = input_ids[:, 1:]
 
     def logits() -> Tensor:
         output = backbone(encoded)
         return output.logits[:, :-1]
 
     clean = logits()
-    replaced = site if site_out is None else site_out
-    with backbone.splice(replaced, _masked_splice(torch.zeros_like, spliced_positions)):
-        zero = logits()
-    if site_out is None:
-        with backbone.splice(site, _masked_splice(dictionary, spliced_positions)):
-            spliced = logits()
-    else:
-
-        def transcode(inputs: Tensor, activation: Tensor) -> Tensor:
-            rows = inputs.reshape(-1, inputs.shape[-1])
-            return _masked_splice(lambda _: dictionary(rows), spliced_positions)(activation)
-
-        with backbone.transcode(site, site_out, transcode):
-            spliced = logits()
-    if ce_metric is not None:
-        ce_metric.update(clean, spliced, zero, targets, keep)
-    if kl_metric is not None:
-        kl_metric.update(clean, spliced, keep)
+    zero_by_site: dict[str, Tensor] = {}
+    for target in targets:
+        replaced = target.site if target.site_out is None else target.site_out
+        if replaced not in zero_by_site:
+            with backbone.splice(replaced, _masked_splice(torch.zeros_like, spliced_positions)):
+                zero_by_site[replaced] = logits()
+        spliced = _spliced_logits(backbone, target, spliced_positions, logits)
+        if target.ce_metric is not None:
+            target.ce_metric.update(clean, spliced, zero_by_site[replaced], next_tokens, keep)
+        if target.kl_metric is not None:
+            target.kl_metric.update(clean, spliced, keep)
     return int(keep.sum())
+
+
+def _spliced_logits(
+    backbone: Backbone,
+    target: SpliceTarget,
+    positions: Tensor,
+    logits: Callable[[], Tensor],
+) -> Tensor:
+    if target.site_out is None:
+        with backbone.splice(target.site, _masked_splice(target.dictionary, positions)):
+            return logits()
+
+    def transcode(inputs: Tensor, activation: Tensor) -> Tensor:
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        return _masked_splice(lambda _: target.dictionary(rows), positions)(activation)
+
+    with backbone.transcode(target.site, target.site_out, transcode):
+        return logits()
