@@ -8,7 +8,6 @@ downloading and error mapping; :mod:`lightning_interp.zoo.publish` for the singl
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ from lightning_interp.concepts.base import (
 from lightning_interp.errors import DictionaryNotFoundError
 from lightning_interp.zoo.head_card import build_head_card
 from lightning_interp.zoo.load import HF_PREFIX, hub_repo_id
-from lightning_interp.zoo.publish import METRICS_NAME, PublishResult
+from lightning_interp.zoo.publish import METRICS_NAME, PublishResult, read_metrics, write_metrics
 
 HEAD_FILES = (HEAD_CONFIG, HEAD_WEIGHTS)
 
@@ -122,7 +121,7 @@ def stage_head(head: ConceptHead, folder: Path, metrics: dict[str, Any] | None) 
     """Write the head (and its ``metrics.json``, if any) into the staging ``folder``."""
     head.save_pretrained(folder)
     if metrics is not None:
-        (folder / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        write_metrics(folder, metrics)
 
 
 def push_head(
@@ -167,18 +166,13 @@ def push_head(
         )
 
 
-def _folder_metrics(folder: Path) -> dict[str, Any] | None:
-    path = folder / METRICS_NAME
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def render_head_card(
     folder: str | os.PathLike[str], *, repo_id: str, card_data: dict[str, Any] | None = None
 ) -> str:
     """README text publishing the head folder ``folder`` to ``repo_id`` would write."""
     folder = Path(folder)
     head = load_head_folder(folder)
-    metrics = _folder_metrics(folder)
+    metrics = read_metrics(folder / METRICS_NAME)
     return str(build_head_card(head, repo_id=repo_id, card_data=card_data, metrics=metrics))
 
 
@@ -193,4 +187,6 @@ def publish_head_folder(
         **kwargs: ``private``, ``revision``, ``token``, ``card_data``, ``commit_message``.
     """
     folder = Path(folder)
-    return push_head(load_head_folder(folder), repo_id, metrics=_folder_metrics(folder), **kwargs)
+    return push_head(
+        load_head_folder(folder), repo_id, metrics=read_metrics(folder / METRICS_NAME), **kwargs
+    )

@@ -26,14 +26,12 @@ class RepoListing:
     Attributes:
         repo_id: ``org/name``.
         revision: What the caller asked for (branch, tag or sha).
-        sha: The commit the revision resolved to.
         files: Repo-relative paths (offline: only the files present in the cache).
         offline: Whether the listing came from the local cache.
     """
 
     repo_id: str
     revision: str
-    sha: str
     files: tuple[str, ...]
     offline: bool
 
@@ -142,7 +140,7 @@ def cached_listing(repo_id: str, revision: str | None) -> RepoListing | None:
             if p.is_file()  # follows the cache's symlinks, so dangling blobs are skipped
         )
     )
-    return RepoListing(repo_id, revision, sha, files, offline=True)
+    return RepoListing(repo_id, revision, files, offline=True)
 
 
 def list_revision(repo_id: str, revision: str | None, token: str | bool | None) -> RepoListing:
@@ -178,7 +176,7 @@ def list_revision(repo_id: str, revision: str | None, token: str | bool | None) 
             raise
         return listing
     files = tuple(sorted(s.rfilename for s in info.siblings or []))
-    return RepoListing(repo_id, revision or "main", info.sha, files, offline=False)
+    return RepoListing(repo_id, revision or "main", files, offline=False)
 
 
 def _status(err: BaseException) -> int:

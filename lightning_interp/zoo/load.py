@@ -10,7 +10,6 @@ import torch
 
 from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.errors import (
-    CorruptFileError,
     DictionaryNotFoundError,
     HubError,
     SiteSelectionError,
@@ -161,15 +160,11 @@ def load_local(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> Dictionary:
-    """Load from a local folder: a dictionary folder, or a tree with one folder per site."""
-    from lightning_interp.concepts.base import is_head_folder
+    """Load from a local folder: a dictionary folder, or a tree with one folder per site.
 
-    if is_head_folder(root):
-        # Heads share the native file names; say what the folder is rather than fail on a key.
-        raise CorruptFileError(
-            f"{root} holds a concept-bottleneck head, not a dictionary; load it with "
-            f"lightning_interp.zoo.load_head({str(root)!r})"
-        )
+    A concept-bottleneck head's folder (same file names as a native dictionary) is
+    reported as such by the native reader.
+    """
     files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
     folders = find_dictionary_folders(files, format)
     if not folders and site is None and subfolder is None:

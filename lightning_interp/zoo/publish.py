@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from lightning_interp.dictionaries.base import Dictionary
-from lightning_interp.dictionaries.serialization import CONFIG_NAME, WEIGHTS_NAME, load_folder
+from lightning_interp.dictionaries.serialization import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    load_folder,
+    read_config,
+    read_json,
+)
 from lightning_interp.errors import ConfigError, DictionaryNotFoundError
 from lightning_interp.zoo.card import CardEntry, build_card
 
@@ -35,11 +42,6 @@ class PublishItem:
     dictionary: Dictionary
     metrics: dict[str, Any] | None = None
 
-    def card_entry(self) -> CardEntry:
-        """The entry the model card shows for this item."""
-        config = self.dictionary.to_inference().with_scale_folded().config_for_save().to_dict()
-        return CardEntry(self.path, config, self.metrics)
-
 
 @dataclass(frozen=True)
 class PublishResult:
@@ -50,8 +52,21 @@ class PublishResult:
     url: str
 
 
-def _read_metrics(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    """The evaluation results in the ``metrics.json`` at ``path``, or ``None`` if absent.
+
+    Raises:
+        CorruptFileError: the file is not a UTF-8 JSON object.
+    """
+    return read_json(path) if path.is_file() else None
+
+
+def write_metrics(folder: Path, metrics: dict[str, Any]) -> Path:
+    """Write ``metrics`` as ``folder/metrics.json`` (UTF-8, atomically) and return its path."""
+    path = folder / METRICS_NAME
+    text = json.dumps(metrics, indent=2) + "\n"
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    return path
 
 
 def items_from_folder(root: str | os.PathLike[str]) -> list[PublishItem]:
@@ -71,9 +86,9 @@ def items_from_folder(root: str | os.PathLike[str]) -> list[PublishItem]:
         )
     loaded = []
     for folder in found:
-        metrics = _read_metrics(folder / METRICS_NAME)
+        metrics = read_metrics(folder / METRICS_NAME)
         if metrics is None and (folder != root or folder.name == "dictionary"):
-            metrics = _read_metrics(folder.parent / METRICS_NAME)  # <run>/metrics.json
+            metrics = read_metrics(folder.parent / METRICS_NAME)  # <run>/metrics.json
         rel = folder.relative_to(root).as_posix()
         rel = "" if rel in (".", "dictionary") else rel.removesuffix("/dictionary")
         loaded.append((rel, load_folder(folder), metrics))
@@ -113,7 +128,9 @@ def _training_config(source: Any) -> str | None:
 
 def render_card(source: Any, *, repo_id: str, card_data: dict[str, Any] | None = None) -> str:
     """README text publishing ``source`` to a new repo ``repo_id`` would write."""
-    entries = [i.card_entry() for i in _items(source)]
+    items = _items(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        entries = _stage(items, Path(tmp))
     training_config = _training_config(source)
     return str(
         build_card(entries, repo_id=repo_id, card_data=card_data, training_config=training_config)
@@ -132,9 +149,8 @@ def _remote_state(
     except (RepositoryNotFoundError, RevisionNotFoundError):
         return [], [], None
 
-    def fetch(filename: str) -> str:
-        path = hf_hub_download(repo_id, filename, revision=revision, token=token)
-        return Path(path).read_text(encoding="utf-8")
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))
 
     entries = []
     for name in files:
@@ -145,9 +161,13 @@ def _remote_state(
         if f"{prefix}{WEIGHTS_NAME}" not in files:
             continue
         has_metrics = f"{prefix}{METRICS_NAME}" in files
-        metrics = json.loads(fetch(f"{prefix}{METRICS_NAME}")) if has_metrics else None
-        entries.append(CardEntry(folder, json.loads(fetch(name)), metrics))
-    training_config = fetch(TRAINING_CONFIG_NAME) if TRAINING_CONFIG_NAME in files else None
+        metrics = read_metrics(fetch(f"{prefix}{METRICS_NAME}")) if has_metrics else None
+        entries.append(CardEntry(folder, json.loads(fetch(name).read_text("utf-8")), metrics))
+    training_config = (
+        fetch(TRAINING_CONFIG_NAME).read_text(encoding="utf-8")
+        if TRAINING_CONFIG_NAME in files
+        else None
+    )
     return files, entries, training_config
 
 
@@ -168,14 +188,22 @@ def _stale_files(remote_files: list[str], targets: set[str], uploading: set[str]
     return stale
 
 
-def _stage(items: list[PublishItem], folder: Path) -> None:
+def _stage(items: list[PublishItem], folder: Path) -> list[CardEntry]:
+    """Write each item (native, inference form) under ``folder``; return their card entries.
+
+    Each entry is built from the ``config.json`` just written, so the card describes
+    exactly the files uploaded.
+    """
     from lightning_interp.zoo.formats import write_folder
 
+    entries = []
     for item in items:
         target = folder / item.path
         write_folder(item.dictionary, target, format="native")
         if item.metrics is not None:
-            (target / METRICS_NAME).write_text(json.dumps(item.metrics, indent=2) + "\n")
+            write_metrics(target, item.metrics)
+        entries.append(CardEntry(item.path, read_config(target), item.metrics))
+    return entries
 
 
 def publish(
@@ -207,11 +235,11 @@ def publish(
         prepare_repo(api, repo_id, private=private, revision=revision)
         remote_files, kept, remote_config = _remote_state(repo_id, revision, token, set(paths))
         staged = Path(tmp)
-        _stage(items, staged)
+        entries = _stage(items, staged)
         if training_config is not None:
             (staged / TRAINING_CONFIG_NAME).write_text(training_config, encoding="utf-8")
         card = build_card(
-            kept + [i.card_entry() for i in items],
+            kept + entries,
             repo_id=repo_id,
             card_data=card_data,
             training_config=training_config or remote_config,

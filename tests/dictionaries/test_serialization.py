@@ -241,3 +241,35 @@ def test_activation_scale_is_folded_at_save_time(architecture, tmp_path):
     )
     assert loaded.config.provenance.activation_scale == 1.0
     assert loaded.config.provenance.extra["folded_activation_scale"] == scale
+
+
+def test_a_concept_head_folder_is_named_as_such(tmp_path):
+    from lightning_interp.dictionaries.serialization import HEAD_FORMAT, read_config
+
+    tmp_path.joinpath("config.json").write_text(json.dumps({"format": HEAD_FORMAT}))
+    with pytest.raises(CorruptFileError, match="concept-bottleneck head.*load_head"):
+        read_config(tmp_path)
+
+
+def test_read_json_types_every_failure(tmp_path):
+    from lightning_interp.dictionaries.serialization import read_json
+
+    path = tmp_path / "x.json"
+    with pytest.raises(DictionaryNotFoundError, match="is missing"):
+        read_json(path)
+    for content in (b"{", b"\xff\xfe", b"[1, 2]"):
+        path.write_bytes(content)
+        with pytest.raises(CorruptFileError, match="x.json"):
+            read_json(path)
+
+
+def test_check_tensors_takes_a_plain_shape_map(tmp_path):
+    from lightning_interp.dictionaries.serialization import check_tensors
+
+    shapes = {"a": (2, 3), "b": (4,)}
+    check_tensors(shapes, {"a": torch.zeros(2, 3), "b": torch.zeros(4)}, "f")
+    with pytest.raises(CorruptFileError) as info:
+        check_tensors(shapes, {"a": torch.zeros(3, 2), "c": torch.zeros(1)}, "f")
+    message = str(info.value)
+    assert "missing tensors ['b']" in message and "unexpected tensors ['c']" in message
+    assert "a has shape (3, 2), config implies (2, 3)" in message

@@ -102,3 +102,39 @@ def test_usage_errors_and_help(capsys):
     assert run("publish", "some-dir") == 2  # --repo-id is required
     assert "--repo-id" in capsys.readouterr().err
     assert run("zoo", "--help") == 0
+
+
+@pytest.mark.parametrize("where", ["run", "head"])
+def test_card_with_a_corrupt_metrics_json_is_one_line_and_exit_2(where, tmp_path, capsys):
+    if where == "run":
+        folder = write_run(tmp_path / "run", {"l0": make_sae("layers.0.resid_post")})
+        metrics = folder / "l0" / "metrics.json"
+    else:
+        from tests.zoo.test_heads_hub import make_pcbm
+
+        folder = make_pcbm().save_pretrained(tmp_path / "head")
+        metrics = folder / "metrics.json"
+    metrics.write_text('{"fvu": 0.2,')  # truncated
+    assert run("card", str(folder), "--repo-id", "org/cli") == 2
+    err = capsys.readouterr().err
+    assert "metrics.json is not valid JSON" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    metrics.write_bytes(b"\xff\xfe not utf-8")
+    assert run("card", str(folder), "--repo-id", "org/cli") == 2
+    err = capsys.readouterr().err
+    assert "metrics.json is not valid JSON" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_card_entries_come_from_the_staged_files(tmp_path):
+    from lightning_interp.zoo.publish import PublishItem, _stage
+
+    sae = make_sae("layers.0.resid_post")
+    items = [PublishItem("a", sae, METRICS), PublishItem("b/c", make_sae("layers.1.resid_post"))]
+    entries = _stage(items, tmp_path)
+    assert [e.path for e in entries] == ["a", "b/c"]
+    for entry in entries:
+        staged = json.loads((tmp_path / entry.path / "config.json").read_text())
+        assert entry.config == staged
+    assert entries[0].metrics == METRICS == json.loads((tmp_path / "a/metrics.json").read_text())
+    assert entries[1].metrics is None and not (tmp_path / "b/c/metrics.json").exists()

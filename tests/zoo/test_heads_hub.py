@@ -210,3 +210,22 @@ def test_load_dictionary_on_a_head_folder_says_what_it_is(tmp_path):
     make_pcbm().save_pretrained(tmp_path / "head")
     with pytest.raises(CorruptFileError, match="concept-bottleneck head.*load_head"):
         load_dictionary(tmp_path / "head")
+
+
+def test_a_broken_head_folder_is_a_corrupt_file_error(tmp_path):
+    folder = make_pcbm().save_pretrained(tmp_path / "head")
+    config = (folder / "config.json").read_bytes()
+    (folder / "config.json").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(CorruptFileError, match="config.json is not valid JSON"):
+        load_head(folder)
+    (folder / "config.json").write_bytes(config)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(CorruptFileError, match="not a readable safetensors file"):
+        load_head(folder)
+    spec = json.loads(config)
+    spec["concept_names"] = spec["concept_names"][:-1]
+    make_pcbm().save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(CorruptFileError, match="does not match its config.*config implies"):
+        load_head(folder)

@@ -71,6 +71,11 @@ def get_format(name: str) -> FormatAdapter:
         ) from None
 
 
+def _matching(names: set[str]) -> list[str]:
+    """The names of the formats whose :meth:`~FormatAdapter.detect` accepts ``names``."""
+    return [name for name, adapter in FORMATS.items() if adapter.detect(names)]
+
+
 def detect_format(filenames: Iterable[str]) -> str:
     """Name the format of a dictionary folder from the names of its files.
 
@@ -82,7 +87,7 @@ def detect_format(filenames: Iterable[str]) -> str:
             files found and what each format looks for.
     """
     names = {PurePosixPath(str(f)).name for f in filenames}
-    matches = [name for name, adapter in FORMATS.items() if adapter.detect(names)]
+    matches = _matching(names)
     if len(matches) == 1:
         return matches[0]
     problem = "matches no known format" if not matches else f"matches several formats {matches}"
@@ -135,8 +140,11 @@ def read_folder(
     if format != "auto":
         return get_format(format).read(path, device=device, dtype=dtype)
     names = {p.name for p in path.iterdir()}
-    if any(adapter.detect(names) for adapter in FORMATS.values()):
-        return get_format(detect_format(names)).read(path, device=device, dtype=dtype)
+    matches = _matching(names)
+    if len(matches) == 1:
+        return get_format(matches[0]).read(path, device=device, dtype=dtype)
+    if matches:
+        detect_format(names)  # several formats match: raises, naming them
     # No complete folder of any format. Most often it is our own folder, half-copied: the
     # native reader's error names the missing file; the other formats are listed after it.
     try:

@@ -7,7 +7,7 @@ Readers here never unpickle: JSON with :mod:`json`, weights with safetensors,
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import pickle
 import warnings
 import zipfile
@@ -19,11 +19,14 @@ import torch
 from torch import Tensor
 
 from lightning_interp.dictionaries.base import Dictionary
-from lightning_interp.dictionaries.config import Provenance, dtype_from_name, dtype_name
+from lightning_interp.dictionaries.config import Provenance, dtype_name
 from lightning_interp.dictionaries.registry import get_dictionary_class
-from lightning_interp.dictionaries.serialization import check_tensors, read_weights
+from lightning_interp.dictionaries.serialization import (
+    build_from_tensors,
+)
+from lightning_interp.dictionaries.serialization import read_json as read_json  # re-exported
+from lightning_interp.dictionaries.serialization import read_weights as read_weights
 from lightning_interp.errors import (
-    ConfigError,
     CorruptFileError,
     DictionaryNotFoundError,
     UnsafeFileError,
@@ -111,24 +114,6 @@ def require_config_and_weights(
     return require_file(folder, config_name, fmt), require_file(folder, weights_name, fmt)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON object from ``path`` with typed errors."""
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise DictionaryNotFoundError(f"{path} is missing") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptFileError(f"{path} is not valid JSON ({err}); re-download it") from err
-    if not isinstance(values, dict):
-        raise CorruptFileError(f"{path} holds a JSON {type(values).__name__}, not an object")
-    return values
-
-
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """Read a safetensors file; a truncated file or a lying header is a CorruptFileError."""
-    return read_weights(path)
-
-
 def read_pt_state_dict(path: Path) -> dict[str, Any]:
     """Read a foreign ``.pt`` state dict with ``torch.load(weights_only=True)``.
 
@@ -211,32 +196,26 @@ def build_dictionary(
         CorruptFileError: the fields are invalid, or contradict the tensors' names or shapes.
     """
     saved = dtype_name(tensors["W_dec"].dtype) if "W_dec" in tensors else "float32"
-    fields = {"dtype": saved, **fields}
-    source = config_path or weights_path
-    cls = get_dictionary_class(architecture)
-    try:
-        config = cls.config_class.from_dict(fields)
-    except ConfigError as err:
-        raise CorruptFileError(f"{source}: {err}; fix or re-download that file") from err
-    with torch.device("meta"):
-        dictionary = cls(config)
-    try:
-        check_tensors(dictionary, tensors, weights_path)
-    except CorruptFileError as err:
-        where = f" and {config_path}" if config_path else ""
-        raise CorruptFileError(
-            f"{err}. {weights_path}{where} disagree (d_in={config.d_in}, "
+    where = f" and {config_path}" if config_path else ""
+
+    def mismatch_hint(config: Any) -> str:
+        return (
+            f". {weights_path}{where} disagree (d_in={config.d_in}, "
             f"d_latent={config.d_latent}, d_out={config.output_width}); re-download the "
             f"folder, or correct the config to the tensors' shapes"
-        ) from err
-    target = dtype_from_name(dtype) if dtype is not None else dtype_from_name(config.dtype)
-    converted = {
-        k: v.to(target).contiguous() if v.is_floating_point() else v for k, v in tensors.items()
-    }
-    dictionary.import_tensors(converted, assign=True)
-    dictionary = dictionary.to(device=device or "cpu")
-    dictionary.config = config.replace(dtype=dtype_name(target))
-    return dictionary.eval()
+        )
+
+    return build_from_tensors(
+        get_dictionary_class(architecture),
+        {"dtype": saved, **fields},
+        lambda: tensors,
+        config_source=config_path or weights_path,
+        weights_source=weights_path,
+        device=device,
+        dtype=dtype,
+        config_hint="; fix or re-download that file",
+        mismatch_hint=mismatch_hint,
+    )
 
 
 def provenance(
@@ -276,6 +255,6 @@ def record_input_normalization(dictionary: Dictionary, kind: str, source: Path) 
         f"undo it on the reconstruction). Recorded in config.provenance.normalization.",
         stacklevel=3,
     )
-    prov = Provenance(**{**vars(dictionary.config.provenance), "normalization": kind})
+    prov = dataclasses.replace(dictionary.config.provenance, normalization=kind)
     dictionary.config = dictionary.config.replace(provenance=prov)
     return dictionary

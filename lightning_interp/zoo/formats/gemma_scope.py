@@ -33,7 +33,7 @@ from lightning_interp.zoo.formats._common import (
     provenance,
     read_json,
     read_npz,
-    read_safetensors,
+    read_weights,
     require_config_and_weights,
     require_file,
     require_tensors,
@@ -94,7 +94,7 @@ class GemmaScopeFormat(FormatAdapter):
                 f"{cfg_path}: architecture {cfg['architecture']!r} is not supported "
                 f"(only jump_relu)"
             )
-        raw = _canonical_names(read_safetensors(weights_path))
+        raw = _canonical_names(read_weights(weights_path))
         require_tensors(raw, list(_NAMES), weights_path)
         tensors = {k: raw[k] for k in _NAMES}
         hook_in, hook_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out")

@@ -20,6 +20,7 @@ reading is a matter of mapping the config:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -30,7 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lightning_interp.dictionaries.base import Dictionary
-from lightning_interp.dictionaries.config import Provenance, dtype_name
+from lightning_interp.dictionaries.config import dtype_name
 from lightning_interp.dictionaries.serialization import atomic_write
 from lightning_interp.errors import UnsupportedFormatError
 from lightning_interp.zoo.formats import sitenames
@@ -41,7 +42,7 @@ from lightning_interp.zoo.formats._common import (
     build_dictionary,
     provenance,
     read_json,
-    read_safetensors,
+    read_weights,
     record_input_normalization,
     require_config_and_weights,
     require_keys,
@@ -182,7 +183,7 @@ class SAELensFormat(FormatAdapter):
                 f"{cfg_path}: SAELens architecture {architecture!r} is not supported; "
                 f"supported: {sorted(_ARCHITECTURES)}"
             )
-        tensors = _fold_legacy_scaling(read_safetensors(weights_path))
+        tensors = _fold_legacy_scaling(read_weights(weights_path))
         metadata = cfg.get("metadata") or {}
         stash = metadata.get(STASH_KEY)
         stashed = (
@@ -271,8 +272,8 @@ class SAELensFormat(FormatAdapter):
             factor = _scaling_factor(folder, cfg)
             if factor is not None:
                 prov = dictionary.config.provenance
-                scaled = Provenance(
-                    **{**vars(prov), "activation_scale": factor, "normalization": "expected_norm"}
+                scaled = dataclasses.replace(
+                    prov, activation_scale=factor, normalization="expected_norm"
                 )
                 dictionary.config = dictionary.config.replace(provenance=scaled)
                 return dictionary.with_scale_folded()
@@ -319,7 +320,7 @@ class SAELensFormat(FormatAdapter):
                 or sitenames.to_transformerlens(prov.site_out)
                 or prov.site_out
             )
-        metadata[STASH_KEY] = config_for_stash(dictionary)
+        metadata[STASH_KEY] = dictionary.config_for_save().to_dict()
         cfg: dict[str, Any] = {
             "d_in": config.d_in,
             "d_sae": config.d_latent,
@@ -357,11 +358,6 @@ class SAELensFormat(FormatAdapter):
             f"SAELens has no architecture for a {ours} dictionary with d_out={config.d_out} "
             f"and skip_connection={config.skip_connection}; save it with format='native'"
         )
-
-
-def config_for_stash(dictionary: Dictionary) -> dict[str, Any]:
-    """Our config as JSON-ready data, as native ``config.json`` holds it."""
-    return dictionary.config_for_save().to_dict()
 
 
 SAELENS = SAELensFormat()

@@ -29,7 +29,7 @@ from lightning_interp.zoo.formats._common import (
     build_dictionary,
     provenance,
     read_json,
-    read_safetensors,
+    read_weights,
     require_config_and_weights,
     require_keys,
     require_tensors,
@@ -61,7 +61,7 @@ class SparsifyFormat(FormatAdapter):
                 f"{cfg_path}: sparsify activation {activation!r} is not supported (only "
                 f"'topk'; 'groupmax' picks one latent per group, which no architecture here does)"
             )
-        raw = read_safetensors(weights_path)
+        raw = read_weights(weights_path)
         require_tensors(raw, ["encoder.weight", "encoder.bias", "W_dec", "b_dec"], weights_path)
         d_in = int(cfg["d_in"])
         num_latents = int(cfg.get("num_latents") or 0) or d_in * int(cfg.get("expansion_factor", 0))
