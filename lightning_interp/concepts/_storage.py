@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
-from lightning_interp.errors import CorruptFileError, DictionaryNotFoundError
+from lightning_interp.dictionaries.serialization import read_json, read_weights
+from lightning_interp.errors import DictionaryNotFoundError
 
 
 def read_saved_folder(
     folder: Path, config_name: str, weights_name: str, *, what: str, hint: str
-) -> tuple[Path, Any, dict[str, Tensor]]:
+) -> tuple[Path, dict[str, Any], dict[str, Tensor]]:
     """Read the JSON config and the safetensors weights saved together in ``folder``.
 
     Args:
@@ -26,18 +24,17 @@ def read_saved_folder(
         hint: How to write such a folder, appended to the missing-file error.
 
     Returns:
-        ``(config_path, config, tensors)``: the config's path, its parsed JSON and the tensors.
+        ``(config_path, config, tensors)``: the config's path, its parsed JSON object and
+        the tensors.
 
     Raises:
         DictionaryNotFoundError: either file is missing.
-        CorruptFileError: either file cannot be parsed.
+        CorruptFileError: either file cannot be parsed (the config is not a UTF-8 JSON
+            object, or the weights are not a readable safetensors file).
     """
     config_path, weights_path = folder / config_name, folder / weights_name
     if not (config_path.is_file() and weights_path.is_file()):
-        raise DictionaryNotFoundError(f"{folder} lacks {config_name} or {weights_name}; {hint}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(weights_path))
-    except (json.JSONDecodeError, SafetensorError) as error:
-        raise CorruptFileError(f"cannot read the {what} in {folder}: {error}") from None
-    return config_path, config, tensors
+        raise DictionaryNotFoundError(
+            f"{folder} holds no {what}: it lacks {config_name} or {weights_name}; {hint}"
+        )
+    return config_path, read_json(config_path), read_weights(weights_path)

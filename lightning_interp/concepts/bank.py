@@ -29,6 +29,24 @@ BANK_FORMAT = "lightning-interp-concept-bank"
 TextEncoder = Callable[[Sequence[str]], Tensor]
 
 
+def unknown_concept(
+    name: str, names: Sequence[str], where: str, listing: str
+) -> UnknownConceptError:
+    """The error for a concept ``name`` absent from ``names``, with close matches if any.
+
+    Args:
+        name: The concept asked for.
+        names: The concepts there are.
+        where: What was searched (``"this bank of 12"``, ``"SupervisedCBM"``).
+        listing: Where the user can list the names (``"bank.names"``).
+    """
+    close = difflib.get_close_matches(name, list(names), n=5, cutoff=0.6)
+    return UnknownConceptError(
+        f"no concept named {name!r} in {where}"
+        + (f"; similar names: {close}" if close else f"; list them with {listing}")
+    )
+
+
 class ConceptBank:
     """Named concepts, each a direction ``[d]`` in an embedding space.
 
@@ -169,11 +187,8 @@ class ConceptBank:
         try:
             return self._index[name]
         except KeyError:
-            close = difflib.get_close_matches(name, self.names, n=5, cutoff=0.6)
-            raise UnknownConceptError(
-                f"no concept named {name!r} in this bank of {len(self)}"
-                + (f"; similar names: {close}" if close else "; list them with bank.names")
-            ) from None
+            where = f"this bank of {len(self)}"
+            raise unknown_concept(name, self.names, where, "bank.names") from None
 
     def select(self, names: Sequence[str]) -> ConceptBank:
         """A bank holding only ``names``, in that order."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -15,18 +14,17 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_interp.concepts._storage import read_saved_folder
-from lightning_interp.dictionaries.serialization import atomic_write
+from lightning_interp.concepts.bank import unknown_concept
+from lightning_interp.dictionaries.serialization import HEAD_FORMAT, atomic_write, check_tensors
 from lightning_interp.errors import (
     ConfigError,
     CorruptFileError,
     ShapeMismatchError,
     UnknownArchitectureError,
-    UnknownConceptError,
 )
 
 HEAD_CONFIG = "config.json"
 HEAD_WEIGHTS = "model.safetensors"
-HEAD_FORMAT = "lightning-interp-concept-head"
 _HEADS: dict[str, type[ConceptHead]] = {}
 
 
@@ -128,10 +126,8 @@ class ConceptHead(nn.Module):
     def concept_index(self, name: str) -> int:
         """Position of concept ``name``; :class:`UnknownConceptError` names the options."""
         if name not in self.concept_names:
-            close = difflib.get_close_matches(name, self.concept_names, n=5, cutoff=0.6)
-            raise UnknownConceptError(
-                f"{type(self).__name__} has no concept {name!r}"
-                + (f"; similar: {close}" if close else "; see head.concept_names")
+            raise unknown_concept(
+                name, self.concept_names, type(self).__name__, "head.concept_names"
             )
         return self.concept_names.index(name)
 
@@ -311,21 +307,6 @@ def load_head_folder(directory: str | os.PathLike[str]) -> ConceptHead:
 
 def _load_exact(head: nn.Module, tensors: Mapping[str, Tensor], folder: Path) -> None:
     expected = head.state_dict()
-    if set(expected) != set(tensors):
-        raise CorruptFileError(
-            f"{folder / HEAD_WEIGHTS} holds tensors {sorted(tensors)} but the config describes "
-            f"{sorted(expected)}"
-        )
-    for name, value in tensors.items():
-        if value.shape != expected[name].shape:
-            raise CorruptFileError(
-                f"tensor {name!r} in {folder} has shape {tuple(value.shape)}, config implies "
-                f"{tuple(expected[name].shape)}"
-            )
+    shapes = {name: tuple(value.shape) for name, value in expected.items()}
+    check_tensors(shapes, tensors, folder / HEAD_WEIGHTS)
     head.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
-
-
-def elastic_net_penalty(weight: Tensor, alpha: float) -> Tensor:
-    """``alpha * |W|_1 + (1 - alpha) / 2 * |W|_2^2`` (the smooth part is what SGD sees)."""
-    weight = weight.float()
-    return alpha * weight.abs().sum() + 0.5 * (1 - alpha) * weight.square().sum()

@@ -25,13 +25,6 @@ class FilterReport:
     dropped: dict[str, str] = field(default_factory=dict)
 
 
-def _cos(a: Tensor, b: Tensor) -> Tensor:
-    return (
-        torch.nn.functional.normalize(a.float(), dim=-1)
-        @ torch.nn.functional.normalize(b.float(), dim=-1).T
-    )
-
-
 def filter_concepts(
     bank: ConceptBank,
     *,
@@ -86,18 +79,17 @@ def filter_concepts(
                 drop(i, f"longer than {max_length} characters")
     if class_names and encoder is not None and class_similarity is not None:
         with torch.no_grad():
-            sims = _cos(bank.vectors, encoder(list(class_names)))
+            sims = bank.similarity(encoder(list(class_names))).T
         best, which = sims.max(dim=1)
         for i in torch.nonzero(best > class_similarity).flatten().tolist():
             drop(i, f"similarity {best[i]:.2f} to class {class_names[which[i]]!r}")
     if embeddings is not None and min_activation is not None:
-        bank.check_width(embeddings)
-        sims = _cos(embeddings, bank.vectors)
+        sims = bank.similarity(embeddings)
         top = sims.topk(min(top_k, sims.shape[0]), dim=0).values.mean(0)
         for i in torch.nonzero(top < min_activation).flatten().tolist():
             drop(i, f"top-{top_k} activation {top[i]:.3f} < {min_activation}")
     if mutual_similarity is not None:
-        sims = _cos(bank.vectors, bank.vectors)
+        sims = bank.similarity(bank.vectors)
         for i in range(len(bank)):
             if not keep[i]:
                 continue

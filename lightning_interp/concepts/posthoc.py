@@ -15,12 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_interp.concepts.bank import ConceptBank
-from lightning_interp.concepts.base import (
-    ConceptHead,
-    HeadOutput,
-    elastic_net_penalty,
-    register_head,
-)
+from lightning_interp.concepts.base import ConceptHead, HeadOutput, register_head
 from lightning_interp.concepts.solver import soft_threshold
 from lightning_interp.errors import ConfigError
 
@@ -118,8 +113,10 @@ class PosthocCBM(ConceptHead):
             decay = self.residual.weight.float().square().sum()
             return {"loss": task + self.config["residual_weight_decay"] * decay, "task_loss": task}
         task = F.cross_entropy(self.classifier(margins).float(), y)
-        # L1 is applied by the proximal step; only the L2 part is differentiated here.
-        smooth = elastic_net_penalty(self.classifier.weight, 0.0) * (1 - self.config["alpha"])
+        # Elastic net alpha*|W|_1 + (1 - alpha)/2*|W|_2^2: the L1 part is applied by the
+        # proximal step (after_optimizer_step); only the smooth L2 part is differentiated here.
+        weight = self.classifier.weight.float()
+        smooth = 0.5 * (1 - self.config["alpha"]) * weight.square().sum()
         return {"loss": task + self.config["lam"] * smooth, "task_loss": task}
 
     @torch.no_grad()

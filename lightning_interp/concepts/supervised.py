@@ -119,11 +119,17 @@ class SupervisedCBM(ConceptHead):
         """
         self.check_input(x)
         concept_logits = self.concept_predictor(x)
+        return self._classify(concept_logits, true_concepts, intervene)
+
+    def _classify(
+        self, concept_logits: Tensor, true_concepts: Tensor | None, intervene: Tensor | None
+    ) -> HeadOutput:
+        """The label predictor over the bottleneck of ``concept_logits``, after interventions."""
         values = self.bottleneck(concept_logits)
         if intervene is not None:
             if true_concepts is None:
                 raise ConfigError("interventions need true_concepts")
-            self._check_concepts(true_concepts, x.shape[0])
+            self._check_concepts(true_concepts, concept_logits.shape[0])
             where = intervene.to(torch.bool).expand_as(values)
             values = torch.where(where, true_concepts.to(values.dtype), values)
         return HeadOutput(self.label_predictor(values), values, concept_logits)
@@ -193,7 +199,8 @@ def intervention_logits(
     steps = list(range(head.num_concepts + 1)) if steps is None else list(steps)
     ranks = order.argsort(dim=-1)  # rank of each concept in the example's order
     results = []
+    # The concept predictor runs once; each step only swaps in true values and relabels.
     for k in steps:
         chosen = ranks < k
-        results.append(head(x, true_concepts=true_concepts, intervene=chosen).logits)
+        results.append(head._classify(out.concept_logits, true_concepts, chosen).logits)
     return torch.stack(results)

@@ -84,22 +84,33 @@ class ConceptTransformer(ConceptHead):
         q = self.slots.to(k.dtype).expand(tokens.shape[0], -1, -1)
         return self._split(q), k, v
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> HeadOutput:
-        """Concept scores, class logits and head-averaged attention maps."""
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, *, return_attention: bool = True
+    ) -> HeadOutput:
+        """Concept scores, class logits and head-averaged attention maps.
+
+        With ``return_attention`` the weights are computed once (the plain formula) and the
+        output is ``weights @ v``; without it (training) the fused kernel of ``backend``
+        runs and ``HeadOutput.attention`` is ``None``.
+        """
         q, k, v = self._qkv(x)
-        out = attention(q, k, v, mask, backend=self.config["backend"])
+        maps = None
+        if return_attention:
+            weights = attention_weights(q, k, mask)
+            out = (weights @ v.float()).to(v.dtype)
+            maps = weights.detach().mean(1)
+        else:
+            out = attention(q, k, v, mask, backend=self.config["backend"])
         out = out.transpose(1, 2).reshape(x.shape[0], self.num_concepts, -1)
         concept_logits = self.score(out).squeeze(-1)
         probs = torch.sigmoid(concept_logits)
-        with torch.no_grad():
-            maps = attention_weights(q, k, mask).mean(1)
         return HeadOutput(self.classifier(probs), probs, concept_logits, maps)
 
     def training_loss(
         self, x: Tensor, y: Tensor, concepts: Tensor | None, *, epoch: int, mask: Tensor | None
     ) -> dict[str, Tensor]:
         """Cross-entropy, plus concept BCE when concept labels are given."""
-        out = self(x, mask)
+        out = self(x, mask, return_attention=False)
         task = F.cross_entropy(out.logits.float(), y)
         if concepts is None:
             return {"loss": task, "task_loss": task}

@@ -3,7 +3,8 @@
 Inputs (texts or images) are embedded once in ``setup`` by a frozen backbone (the backbone
 is frozen, so embedding per step would repeat the same work every epoch), optionally
 stored in and re-read from an activation cache folder, then split into train / val / test
-with a fixed seed.
+with a fixed seed. The backbone is loaded only when needed: a cache hit reads embeddings
+without it (``text_encoder()`` loads it on demand).
 
 With ``pooling="tokens"`` every input keeps its whole last hidden state: ``[N, T, d]``
 padded to the longest input, with a ``[N, T]`` mask (True at real tokens), for the
@@ -193,6 +194,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         seed: Seed of the split.
         cache_dir: If set, embeddings are read from this activation cache, or written
             there on first use (token embeddings as ``N * T`` rows with a ``mask`` site).
+            A cache written with another model, data, pooling or normalize, or holding
+            another number of inputs, raises :class:`ConfigError`.
         embed_batch_size: Inputs per backbone forward.
     """
 
@@ -214,22 +217,22 @@ class EmbeddingDataModule(L.LightningDataModule):
         if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
             raise ConfigError("val_fraction and test_fraction must be >= 0 and sum below 1")
         self.save_hyperparameters()
+        # The backbone is loaded on first need (embedding, text_encoder), not for a cache hit.
         self.backbone: Any = None
+        self._raw_images = False
         self.class_names: list[str] = list(class_names or [])
         self.splits: dict[str, tuple[Tensor, ...]] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the backbone, embed (or read cached) inputs, split them (once)."""
+        """Embed (or read cached) inputs, split them (once); the backbone loads if needed."""
         if self.splits:
             return
         h = self.hparams
         inputs, labels, names, concepts = load_labelled(h.data)
-        self.backbone = _backbone_for(
-            h.model, images=isinstance(inputs, list) and not texts(inputs)
-        )
+        self._raw_images = isinstance(inputs, list) and not texts(inputs)
         self.class_names = list(h.class_names or names or range(int(labels.max()) + 1))
         self.class_names = [str(n) for n in self.class_names]
-        x, mask = self._embeddings(inputs)
+        x, mask = self._embeddings(inputs, len(labels))
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(h.seed))
         n_test, n_val = int(len(order) * h.test_fraction), int(len(order) * h.val_fraction)
         parts = {
@@ -248,14 +251,25 @@ class EmbeddingDataModule(L.LightningDataModule):
         """Whether the data are token sequences (``pooling="tokens"``)."""
         return self.hparams.pooling == "tokens"
 
-    def _embeddings(self, inputs: Any) -> tuple[Tensor, Tensor | None]:
+    def _load_backbone(self) -> Any:
+        """The frozen backbone, loaded on first use."""
+        if self.backbone is None:
+            self.backbone = _backbone_for(self.hparams.model, images=self._raw_images)
+        return self.backbone
+
+    def _embeddings(self, inputs: Any, rows: int) -> tuple[Tensor, Tensor | None]:
         h = self.hparams
         if h.cache_dir and (Path(h.cache_dir) / "manifest.json").is_file():
-            return self._read_cache(ActivationCache(h.cache_dir))
-        out = embed_all(self.backbone, inputs, h.pooling, h.normalize, h.embed_batch_size)
+            return self._read_cache(ActivationCache(h.cache_dir), rows)
+        out = embed_all(self._load_backbone(), inputs, h.pooling, h.normalize, h.embed_batch_size)
         x, mask = out if isinstance(out, tuple) else (out, None)
         if h.cache_dir:
-            meta = {"model": h.model, "data": h.data, "pooling": h.pooling}
+            meta = {
+                "model": h.model,
+                "data": h.data,
+                "pooling": h.pooling,
+                "normalize": bool(h.normalize),
+            }
             rows = {"embeddings": x}
             if mask is not None:
                 # The cache holds rows: N * T token rows, the mask as a width-1 site beside.
@@ -268,18 +282,44 @@ class EmbeddingDataModule(L.LightningDataModule):
                 writer.add(rows)
         return x, mask
 
-    def _read_cache(self, cache: ActivationCache) -> tuple[Tensor, Tensor | None]:
-        cached_tokens = cache.metadata.get("pooling") == "tokens"
+    def _read_cache(self, cache: ActivationCache, rows: int) -> tuple[Tensor, Tensor | None]:
+        """The cached embeddings, if the cache was written with these settings and data."""
+        h, meta = self.hparams, cache.metadata
+        fix = f"delete {cache.directory} (it is rebuilt) or use another cache_dir"
+        cached_tokens = meta.get("pooling") == "tokens"
         if cached_tokens != self.tokens:
             raise ConfigError(
                 f"the cache in {cache.directory} holds "
                 f"{'token' if cached_tokens else 'pooled'} embeddings but pooling="
-                f"{self.hparams.pooling!r}; use another cache_dir"
+                f"{h.pooling!r}; {fix}"
+            )
+        expected = {
+            "model": h.model,
+            "data": h.data,
+            "pooling": h.pooling,
+            "normalize": bool(h.normalize),
+        }
+        for key, value in expected.items():
+            if key not in meta:
+                raise ConfigError(
+                    f"the cache in {cache.directory} does not record its {key} (written by an "
+                    f"older version), so it cannot be checked against {key}={value!r}; {fix}"
+                )
+            if meta[key] != value:
+                raise ConfigError(
+                    f"the cache in {cache.directory} was written with {key}={meta[key]!r} but "
+                    f"this data module has {key}={value!r}; {fix}"
+                )
+        length = int(meta["tokens_per_input"]) if cached_tokens else 1
+        if cache.total_tokens != rows * length:
+            cached = cache.total_tokens / length
+            raise ConfigError(
+                f"the cache in {cache.directory} holds {cached:g} embeddings but {h.data} has "
+                f"{rows} labelled inputs (the data changed since it was written); {fix}"
             )
         x = cache.read("embeddings").float()
         if not cached_tokens:
             return x, None
-        length = int(cache.metadata["tokens_per_input"])
         mask = cache.read("mask").reshape(-1, length) > 0.5
         return x.reshape(-1, length, x.shape[-1]), mask
 
@@ -295,7 +335,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         """Embeds concept phrases into the same space as the data (same pooling)."""
         self.setup()
         pooling = self.hparams.pooling
-        return text_encoder(self.backbone, pooling, normalize=self.hparams.normalize)
+        return text_encoder(self._load_backbone(), pooling, normalize=self.hparams.normalize)
 
     def train_embeddings(self) -> tuple[Tensor, Tensor]:
         """All training embeddings and labels."""

@@ -130,7 +130,7 @@ class ConceptBottleneckModule(L.LightningModule):
                 f"building a head by name needs a data module with {', '.join(needed)} "
                 f"(e.g. EmbeddingDataModule)"
             )
-        datamodule.setup("fit")
+        # Lightning has run datamodule.setup("fit") before configure_model.
         class_names = list(datamodule.class_names)
         if not directions:
             self.head = self._learned_concepts_head(datamodule, class_names)
@@ -249,6 +249,15 @@ class ConceptBottleneckModule(L.LightningModule):
             self.head.save_pretrained(Path(self.hparams.save_dir))
 
     def _all_training_rows(self) -> tuple[Tensor, Tensor]:
+        """Every training row once, on every rank (the same closed-form fit everywhere).
+
+        A data module that holds its rows (``train_embeddings()``) gives them directly;
+        otherwise the train loader is read again and, under DDP, gathered from all ranks.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "train_embeddings"):
+            x, y = datamodule.train_embeddings()
+            return x.to(self.device).float(), y.to(self.device).long()
         xs, ys = [], []
         for batch in self.trainer.train_dataloader:
             b = split_concept_batch(batch)

@@ -36,3 +36,18 @@ def test_xformers_equals_sdpa_on_cuda():
     q, k, v, mask = qkv(n=8, device="cuda", dtype=torch.float16)
     fast = attention(q, k, v, mask, backend="xformers")
     torch.testing.assert_close(fast, attention(q, k, v, mask, backend="sdpa"), atol=2e-3, rtol=2e-3)
+
+
+def test_concept_transformer_maps_only_when_asked_and_same_output():
+    from lightning_interp.concepts import ConceptTransformer
+
+    torch.manual_seed(0)
+    head = ConceptTransformer(8, ["a", "b", "c"], ["x", "y"], d_attn=8, heads=2)
+    x, mask = torch.randn(4, 6, 8), torch.rand(4, 6) > 0.3
+    mask[:, 0] = True
+    fused = head(x, mask, return_attention=False)
+    with_maps = head(x, mask)
+    assert fused.attention is None
+    assert with_maps.attention.shape == (4, 3, 6)
+    torch.testing.assert_close(with_maps.logits, fused.logits)
+    torch.testing.assert_close(with_maps.concept_logits, fused.concept_logits)

@@ -16,6 +16,7 @@ from lightning_interp.concepts import (
     SupervisedCBM,
     evaluate_removal,
     intervention_logits,
+    intervention_order,
     remove_concept,
     top_concepts_per_class,
     top_concepts_per_example,
@@ -246,7 +247,20 @@ def test_wrong_width_and_unknown_concept_are_typed_errors():
         heads["label_free"](torch.randn(2, 31))
     with pytest.raises(ShapeMismatchError, match="pooling='tokens'"):
         heads["transformer"](torch.randn(2, 32))
-    with pytest.raises(UnknownConceptError, match="similar: \\['concept_1', "):
+    with pytest.raises(UnknownConceptError, match="similar names: \\['concept_1', "):
         remove_concept(heads["supervised"], "concept_1 ")
     with pytest.raises(UnknownConceptError):
         ConceptBank(["a"], torch.ones(1, 2)).select(["b"])
+
+
+@pytest.mark.parametrize("bottleneck", ["soft", "hard"])
+def test_intervention_logits_equal_a_full_forward_per_step(bottleneck):
+    torch.manual_seed(0)
+    head = SupervisedCBM(32, [f"c{i}" for i in range(4)], CLASSES, bottleneck=bottleneck).eval()
+    x, c = torch.randn(10, 32), (torch.rand(10, 4) > 0.5).float()
+    curve = intervention_logits(head, x, c)
+    order = intervention_order(torch.sigmoid(head(x).concept_logits)).argsort(dim=-1)
+    for k in range(head.num_concepts + 1):
+        with torch.no_grad():
+            expected = head(x, true_concepts=c, intervene=order < k).logits
+        assert torch.equal(curve[k], expected)

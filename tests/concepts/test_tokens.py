@@ -1,6 +1,7 @@
 """Token embeddings (``pooling="tokens"``) train the concept transformer end to end."""
 
 import json
+import shutil
 from functools import partial
 
 import lightning as L
@@ -83,6 +84,56 @@ def test_token_data_module_keeps_every_token_and_masks_padding(tiny_bert, tmp_pa
         assert torch.equal(a, b)
     with pytest.raises(ConfigError, match="token embeddings"):
         token_data(tiny_bert, pooling="mean", cache_dir=str(tmp_path / "cache")).setup()
+
+
+def test_embedding_cache_refuses_other_settings_and_data(tiny_bert, tmp_path):
+    cache = str(tmp_path / "cache")
+    data = tmp_path / "data.tsv"
+    shutil.copy(tiny_bert / "data.tsv", data)
+    model = str(tiny_bert / "bert")
+
+    def module(**kwargs):
+        defaults = dict(
+            model=model, data=str(data), pooling="mean", embed_batch_size=16, cache_dir=cache
+        )
+        return EmbeddingDataModule(**defaults | kwargs)
+
+    first = module()
+    first.setup("fit")
+    again = module()
+    again.setup("fit")
+    assert torch.equal(again.splits["train"][0], first.splits["train"][0])
+    with pytest.raises(ConfigError, match="normalize=True but .* normalize=False.*delete"):
+        module(normalize=False).setup()
+    with pytest.raises(ConfigError, match="pooling='mean' but .* pooling='cls'.*cache_dir"):
+        module(pooling="cls").setup()
+    other = tmp_path / "other.tsv"
+    shutil.copy(data, other)
+    with pytest.raises(ConfigError, match="was written with data=.*delete"):
+        module(data=str(other)).setup()
+    shutil.copytree(tiny_bert / "bert", tmp_path / "bert")
+    with pytest.raises(ConfigError, match="was written with model=.*delete"):
+        module(model=str(tmp_path / "bert")).setup()
+    # Same path, fewer inputs: the row count gives the change away.
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-3]) + "\n")
+    with pytest.raises(ConfigError, match=f"holds {N_TEXTS} embeddings but .* {N_TEXTS - 3} "):
+        module().setup()
+
+
+def test_a_cache_hit_does_not_load_the_backbone(tiny_bert, tmp_path):
+    shutil.copytree(tiny_bert / "bert", tmp_path / "bert")
+    kwargs = dict(pooling="mean", embed_batch_size=16, cache_dir=str(tmp_path / "cache"))
+    first = EmbeddingDataModule(str(tmp_path / "bert"), str(tiny_bert / "data.tsv"), **kwargs)
+    first.setup("fit")
+    assert first.backbone is not None
+    shutil.rmtree(tmp_path / "bert")  # no weights left to load
+    again = EmbeddingDataModule(str(tmp_path / "bert"), str(tiny_bert / "data.tsv"), **kwargs)
+    again.setup("fit")
+    assert again.backbone is None
+    for a, b in zip(again.splits["train"], first.splits["train"], strict=True):
+        assert torch.equal(a, b)
+    assert again.class_names == ["no", "yes"]
 
 
 class LossLog(L.Callback):
