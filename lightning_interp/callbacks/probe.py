@@ -163,7 +163,7 @@ class DictionaryProbe(L.Callback):
         self.sites = [sites] if isinstance(sites, str) else list(sites)
         self.architecture = architecture
         self.d_latent = d_latent
-        self.expansion_factor = expansion_factor if d_latent is None else None
+        self.expansion_factor = expansion_factor
         self.k = k
         self.d_in = d_in
         self.dictionary_kwargs = dict(dictionary_kwargs or {})

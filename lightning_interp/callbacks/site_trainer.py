@@ -134,12 +134,7 @@ class SiteTrainer:
         # Rebuilt and reloaded: load_state_dict moves Adam's moments to the new device.
         self.optimizer = torch.optim.Adam(self.dictionary.parameters(), lr=self.lr)
         self.optimizer.load_state_dict(state)
-        rows = self.buffer.rows() if len(self.buffer) else None
-        if rows is not None:
-            buffer_state = self.buffer.state_dict()
-            self.buffer = ShufflingBuffer(self.buffer.capacity, seed=self.seed)
-            self.buffer.add(rows.to(device))
-            self.buffer.load_state_dict(buffer_state)
+        self.buffer.to(device)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self, *, include_buffer: bool) -> dict[str, Any]:
@@ -167,6 +162,4 @@ class SiteTrainer:
         rows = state.get("buffer_rows")
         if rows is not None:
             self.buffer.add(rows.to(self.dictionary.device))
-            self.buffer.load_state_dict(state["buffer_state"])
-        else:
-            self.buffer.generator.set_state(state["buffer_state"]["generator"])
+        self.buffer.load_state_dict(state["buffer_state"])

@@ -155,6 +155,13 @@ class ShufflingBuffer:
             shuffled[key] = joined[order.to(joined.device)]
         self._stored, self._pending = shuffled, []
 
+    def to(self, device: str | torch.device) -> ShufflingBuffer:
+        """Move the held rows to ``device`` in place (order and shuffling state unchanged)."""
+        if self._stored is not None:
+            self._stored = {key: t.to(device) for key, t in self._stored.items()}
+        self._pending = [{key: t.to(device) for key, t in part.items()} for part in self._pending]
+        return self
+
     def state_dict(self) -> dict[str, Any]:
         """The shuffling state (RNG and whether a shuffle is due), not the rows themselves."""
         return {"generator": self.generator.get_state(), "shuffle_pending": bool(self._pending)}

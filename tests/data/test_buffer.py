@@ -126,3 +126,14 @@ def test_errors():
         ShufflingBuffer(8).add({"a": torch.zeros(4, 2), "b": torch.zeros(3, 2)})
     with pytest.raises(ShapeMismatchError):
         buffer.add(torch.zeros(4, 2))
+
+
+def test_to_moves_rows_in_place_and_keeps_the_draws():
+    moved, kept = ShufflingBuffer(64, seed=3), ShufflingBuffer(64, seed=3)
+    for buffer in (moved, kept):
+        buffer.add(torch.arange(40.0).view(20, 2))
+        buffer.take(4)  # shuffled and partly taken
+        buffer.add(torch.arange(40.0, 60.0).view(10, 2))  # pending until the next take
+    assert moved.to(torch.device("cpu")) is moved
+    torch.testing.assert_close(moved.rows(), kept.rows(), rtol=0, atol=0)
+    torch.testing.assert_close(moved.take(8), kept.take(8), rtol=0, atol=0)
