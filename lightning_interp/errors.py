@@ -69,3 +69,27 @@ class UnsupportedFormatError(LightningInterpError, ValueError):
 
 class UnsafeFileError(CorruptFileError):
     """A file would need unpickling arbitrary objects to be read; it is refused."""
+
+
+class UnsafePathError(LightningInterpError, ValueError):
+    """A path built from a config, an argument or a download would leave its folder."""
+
+
+class NonFiniteError(LightningInterpError, FloatingPointError):
+    """A NaN or infinite value where only finite numbers may go (a batch, a loss, weights)."""
+
+
+class FolderInUseError(LightningInterpError, OSError):
+    """Another writer holds the folder (a lock file is present and its owner is alive)."""
+
+
+class CheckpointError(LightningInterpError, ValueError):
+    """A checkpoint is truncated, unreadable, or made by a different model than the one resumed."""
+
+
+class EmptyCacheError(ConfigError):
+    """An activation cache writer was closed without a single row added."""
+
+
+class TokenIdError(LightningInterpError, ValueError, IndexError):
+    """A token id is negative or not below the size of the model's token embedding."""
