@@ -2,171 +2,74 @@
 
 The dictionary's reconstruction is spliced into the frozen backbone at its site and the
 model's next-token cross-entropy (CE) and its KL divergence from the clean model are
-measured. Only causal language models have the next-token head these metrics need; for
-encoders (BERT, CLIP) report the reconstruction metrics (FVU, L0) instead.
+measured, against a baseline with the site zeroed. Only causal language models have the
+next-token head these metrics need; for encoders (BERT, CLIP) report the reconstruction
+metrics (FVU, L0) instead.
+
+By default every choice follows SAELens's own evaluation (``sae_lens/evals.py`` in SAELens
+6.54.12: ``run_evals`` with its default ``exclude_special_tokens=True``, which calls
+``get_downstream_reconstruction_metrics`` and ``get_recons_loss``), so a CE loss recovered
+computed here means what it means on Neuronpedia and in papers that use SAELens. See
+:data:`CONVENTIONS` and ``docs/downstream_metrics.md``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import chain
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from lightning_interp.backbones.backbone import CAUSAL_SUFFIXES, Backbone
 from lightning_interp.errors import ConfigError, ShapeMismatchError
+from lightning_interp.metrics.next_token import CrossEntropyLossRecovered, SplicedKLDivergence
 
 __all__ = [
+    "CONVENTIONS",
+    "Convention",
     "CrossEntropyLossRecovered",
+    "SpliceTarget",
     "SplicedKLDivergence",
     "has_lm_head",
     "splice_evaluation",
+    "splice_evaluation_many",
 ]
 
+Convention = Literal["saelens", "special_tokens_clean"]
 
-def _flatten(logits: Tensor, mask: Tensor | None, *others: Tensor) -> tuple[Tensor, ...]:
-    """``[..., V]`` logits and ``[...]`` companions to ``[N, V]`` / ``[N]`` kept rows."""
-    flat = [logits.detach().reshape(-1, logits.shape[-1])]
-    flat += [t.detach().reshape(-1, *t.shape[logits.ndim - 1 :]) for t in others]
-    if mask is not None:
-        keep = mask.reshape(-1).bool()
-        flat = [t[keep] for t in flat]
-    return tuple(flat)
+#: Which tokens are spliced, zeroed and counted (with ``exclude_special_tokens=True``).
+#:
+#: ``"saelens"`` (the default), as SAELens 6.54.12's ``get_recons_loss`` and
+#: ``get_downstream_reconstruction_metrics``: the special tokens are the tokenizer's
+#: structural ones (BOS, EOS, pad, SEP, decoder start: ``sae_lens.util.get_special_token_ids``;
+#: chat markers are ordinary text); the reconstruction replaces the activation at every
+#: ordinary position and special positions keep theirs; the zero-ablation baseline zeroes
+#: the site at *every* position, special ones included; a prediction is dropped when its
+#: *input* token is special (predicting an EOS from a word counts); the KL divergence is
+#: averaged over the same positions, the last one of each context included (it has no
+#: target, so CE leaves it out). Padding, which SAELens's packed contexts never have, is
+#: never spliced and never counted, and neither is a prediction whose target is padding.
+#:
+#: ``"special_tokens_clean"`` (this library's convention before SAELens's became the
+#: default): every special id of the tokenizer (chat markers too) keeps its clean activation
+#: in *both* the spliced and the zero-ablated run, and a prediction counts only when its
+#: input and its target are both ordinary (KL over the same predictions). Its baseline
+#: leaves the BOS attention sink intact, which changes the zero-ablation CE (on SmolLM2,
+#: 15.6 nats against SAELens's 10.8) and so the recovered share: its numbers are not
+#: comparable with SAELens's (docs/downstream_metrics.md has the two side by side).
+CONVENTIONS: tuple[str, ...] = ("saelens", "special_tokens_clean")
 
-
-class CrossEntropyLossRecovered(Metric):
-    r"""Share of the next-token loss a spliced reconstruction recovers (SAELens's score).
-
-    .. math:: \frac{\mathrm{CE}_{\text{zero}} - \mathrm{CE}_{\text{spliced}}}
-              {\mathrm{CE}_{\text{zero}} - \mathrm{CE}_{\text{clean}}}
-
-    with each CE the mean over every predicted token seen, pooled over batches (not a
-    mean of per-batch ratios). 1 means the reconstruction is as good as the activation,
-    0 as bad as zeroing it. Per-token losses are summed in float64.
-
-    Example:
-        >>> import torch
-        >>> metric = CrossEntropyLossRecovered()
-        >>> logits, targets = torch.randn(10, 5), torch.randint(0, 5, (10,))
-        >>> metric.update(logits, logits, torch.zeros(10, 5), targets)
-        >>> float(metric.compute())
-        1.0
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        for name in ("ce_clean_sum", "ce_spliced_sum", "ce_zero_ablation_sum", "count"):
-            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(
-        self,
-        clean_logits: Tensor,
-        spliced_logits: Tensor,
-        zero_ablation_logits: Tensor,
-        targets: Tensor,
-        mask: Tensor | None = None,
-    ) -> None:
-        """Add the tokens of one batch.
-
-        Args:
-            clean_logits: ``[..., V]`` logits of the unmodified model.
-            spliced_logits: ``[..., V]`` logits with the reconstruction spliced in.
-            zero_ablation_logits: ``[..., V]`` logits with the site zeroed.
-            targets: ``[...]`` the token each position predicts (already shifted).
-            mask: ``[...]`` bool, which positions count (default: all).
-        """
-        if not clean_logits.shape == spliced_logits.shape == zero_ablation_logits.shape:
-            raise ShapeMismatchError("clean, spliced and zero-ablation logits differ in shape")
-        if targets.shape != clean_logits.shape[:-1]:
-            raise ShapeMismatchError(
-                f"targets {tuple(targets.shape)} must match logits {tuple(clean_logits.shape)} "
-                f"without their last (vocabulary) dimension"
-            )
-        clean, targets_flat = _flatten(clean_logits, mask, targets)
-        spliced, zero = _flatten(spliced_logits, mask)[0], _flatten(zero_ablation_logits, mask)[0]
-        for state, logits in (
-            ("ce_clean_sum", clean),
-            ("ce_spliced_sum", spliced),
-            ("ce_zero_ablation_sum", zero),
-        ):
-            loss = F.cross_entropy(logits.float(), targets_flat, reduction="none")
-            setattr(self, state, getattr(self, state) + loss.double().sum())
-        self.count += targets_flat.numel()
-
-    def compute_all(self) -> dict[str, Tensor]:
-        """Mean CEs (nats per token), the recovered share and the added loss (float32).
-
-        Returns:
-            ``ce_clean``, ``ce_spliced``, ``ce_zero_ablation``, ``ce_loss_recovered`` and
-            ``delta_lm_loss`` (``ce_spliced - ce_clean``); NaN before any token. Under DDP
-            the sums are reduced across ranks first, as :meth:`compute` does.
-        """
-        # compute() arrives here already synced; a direct call syncs itself.
-        with self.sync_context(should_sync=not self._is_synced):
-            count = self.count
-            clean = self.ce_clean_sum / count
-            spliced = self.ce_spliced_sum / count
-            zero = self.ce_zero_ablation_sum / count
-        values = {
-            "ce_clean": clean,
-            "ce_spliced": spliced,
-            "ce_zero_ablation": zero,
-            "ce_loss_recovered": (zero - spliced) / (zero - clean),
-            "delta_lm_loss": spliced - clean,
-        }
-        return {name: value.float() for name, value in values.items()}
-
-    def compute(self) -> Tensor:
-        """CE loss recovered over every token seen since the last reset."""
-        return self.compute_all()["ce_loss_recovered"]
-
-
-class SplicedKLDivergence(Metric):
-    r"""Mean over predicted tokens of :math:`\mathrm{KL}(p_{\text{clean}} \| p_{\text{spliced}})`.
-
-    Unlike CE loss recovered it needs no targets and no ablation baseline, and it is 0 only
-    when the spliced model predicts exactly what the clean one does. Sums are float64.
-
-    Example:
-        >>> import torch
-        >>> metric = SplicedKLDivergence()
-        >>> logits = torch.randn(10, 5)
-        >>> float(metric(logits, logits))
-        0.0
-    """
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("kl_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(
-        self, clean_logits: Tensor, spliced_logits: Tensor, mask: Tensor | None = None
-    ) -> None:
-        """Add the tokens of one batch (``[..., V]`` logits, optional ``[...]`` bool mask)."""
-        if clean_logits.shape != spliced_logits.shape:
-            raise ShapeMismatchError("clean and spliced logits differ in shape")
-        clean = _flatten(clean_logits, mask)[0].float().log_softmax(-1)
-        spliced = _flatten(spliced_logits, mask)[0].float().log_softmax(-1)
-        kl = F.kl_div(spliced, clean, log_target=True, reduction="none").sum(-1)
-        self.kl_sum += kl.double().sum()
-        self.count += kl.numel()
-
-    def compute(self) -> Tensor:
-        """Mean KL (nats per token) since the last reset (float32; NaN before any token)."""
-        return (self.kl_sum / self.count).float()
+# SAELens's structural special tokens (sae_lens.util._SPECIAL_TOKEN_ATTRS).
+_STRUCTURAL_IDS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+)
 
 
 def has_lm_head(backbone: Backbone | nn.Module) -> bool:
@@ -196,36 +99,127 @@ def _require_lm_head(backbone: Backbone) -> None:
         )
 
 
-def _special_ids(backbone: Backbone) -> list[int]:
-    if backbone.tokenizer is not None:
-        from lightning_interp.data.tokens import special_token_ids
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ConfigError(
+            f"unknown downstream-metrics convention {convention!r}; use one of {CONVENTIONS} "
+            f"('saelens' gives numbers comparable with SAELens and Neuronpedia)"
+        )
 
-        return special_token_ids(getattr(backbone.tokenizer, "tokenizer", backbone.tokenizer))
-    # No tokenizer (a model built from a config): the config's BOS / EOS / pad ids.
+
+def _ids_from(holder: Any, attributes: Sequence[str]) -> set[int]:
     ids: set[int] = set()
-    for which in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(backbone.model.config, which, None)
+    for which in attributes:
+        value = getattr(holder, which, None)
         if value is not None:
-            ids.update(value if isinstance(value, list | tuple) else [value])
-    return sorted(int(i) for i in ids)
+            ids.update(int(i) for i in (value if isinstance(value, list | tuple) else [value]))
+    return ids
 
 
-def _masked_splice(fn: Callable[[Tensor], Tensor], positions: Tensor) -> Callable[[Tensor], Tensor]:
-    """``fn`` applied at ``positions`` (``[B, T]`` bool); other positions keep ``a``."""
+def _special_ids(backbone: Backbone, convention: str) -> list[int]:
+    """Default special ids: SAELens's structural set, or every special id of the tokenizer."""
+    tokenizer = backbone.tokenizer
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+    if tokenizer is None:
+        # A model built from a config: its BOS / EOS / pad ids (SEP for the structural set).
+        attributes = _STRUCTURAL_IDS if convention == "saelens" else _STRUCTURAL_IDS[:3]
+        return sorted(_ids_from(backbone.model.config, attributes))
+    if convention == "saelens":
+        return sorted(_ids_from(tokenizer, _STRUCTURAL_IDS))
+    from lightning_interp.data.tokens import special_token_ids
+
+    return special_token_ids(tokenizer)
+
+
+@dataclass(frozen=True)
+class _TokenPlan:
+    """Which positions of a ``[B, T]`` batch are spliced, zeroed and counted."""
+
+    spliced: Tensor  # [B, T] bool: the reconstruction replaces the activation here
+    zeroed: Tensor | None  # [B, T] bool, or None for every position
+    ce_keep: Tensor  # [B, T - 1] bool: predictions of token t + 1 that count
+    kl_keep: Tensor  # [B, T] or [B, T - 1] bool over the positions KL averages
+    kl_positions: int  # how many leading positions of the logits KL sees (T or T - 1)
+
+
+def _token_plan(
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    special_ids: Collection[int] | None,
+    convention: str,
+) -> _TokenPlan:
+    real = (
+        torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is None
+        else attention_mask.bool().to(input_ids.device)
+    )
+    ordinary = real
+    if special_ids is not None:
+        ids = torch.tensor(list(special_ids), dtype=input_ids.dtype, device=input_ids.device)
+        ordinary = real & ~torch.isin(input_ids, ids)
+    seq = input_ids.shape[1]
+    if convention == "saelens":
+        # SAELens drops a prediction where its *input* is special; padding (which its packed
+        # contexts never have) is neither a prediction's input nor its target.
+        ce_keep = ordinary[:, :-1] & real[:, 1:]
+        return _TokenPlan(ordinary, None, ce_keep, ordinary, seq)
+    ce_keep = ordinary[:, :-1] & ordinary[:, 1:]
+    return _TokenPlan(ordinary, ordinary, ce_keep, ce_keep, seq - 1)
+
+
+def _placement(dictionary: Callable[[Tensor], Tensor]) -> tuple[torch.device, torch.dtype] | None:
+    """Where and in which dtype a dictionary computes, or None for a plain function.
+
+    A :class:`~lightning_interp.dictionaries.Dictionary` says so itself (``device`` and
+    ``dtype``); any other module by its first floating-point parameter or buffer.
+    """
+    device, dtype = getattr(dictionary, "device", None), getattr(dictionary, "dtype", None)
+    if isinstance(device, torch.device) and isinstance(dtype, torch.dtype):
+        return device, dtype
+    if isinstance(dictionary, nn.Module):
+        for tensor in chain(dictionary.parameters(), dictionary.buffers()):
+            if tensor.is_floating_point():
+                return tensor.device, tensor.dtype
+    return None
+
+
+def _run_dictionary(dictionary: Callable[[Tensor], Tensor], rows: Tensor) -> Tensor:
+    """``dictionary(rows)`` with the rows moved to the dictionary's device and dtype.
+
+    The backbone may run on the CPU in float32 while the dictionary sits on a GPU, or in
+    float64; the caller moves the output back.
+    """
+    placement = _placement(dictionary)
+    if placement is not None:
+        rows = rows.to(device=placement[0], dtype=placement[1])
+    return dictionary(rows)
+
+
+def _replace(activation: Tensor, new_rows: Tensor, positions: Tensor) -> Tensor:
+    """``activation`` with its rows at ``positions`` (``[B, T]`` bool) taken from ``new_rows``.
+
+    ``new_rows`` is ``[B * T, d]`` on any device and dtype; the result has the activation's
+    shape, device and dtype.
+    """
+    if activation.shape[:2] == positions.shape:
+        where = positions[..., None]
+    elif activation.ndim == 2 and activation.shape[0] == positions.numel():
+        # Some modules see tokens flattened to rows (transformers 5's GPT-2 MLP).
+        where = positions.reshape(-1, 1)
+    else:
+        raise ShapeMismatchError(
+            f"activation {tuple(activation.shape)} does not start with the batch's "
+            f"[batch, seq] {tuple(positions.shape)}; downstream metrics need a per-token site"
+        )
+    new = new_rows.to(device=activation.device, dtype=activation.dtype).reshape(activation.shape)
+    return torch.where(where.to(activation.device), new, activation)
+
+
+def _spliced_at(fn: Callable[[Tensor], Tensor], positions: Tensor) -> Callable[[Tensor], Tensor]:
+    """A splice function: ``fn`` applied at ``positions``; other positions keep ``a``."""
 
     def splice(a: Tensor) -> Tensor:
-        if a.shape[:2] == positions.shape:
-            where = positions[..., None]
-        elif a.ndim == 2 and a.shape[0] == positions.numel():
-            # Some modules see tokens flattened to rows (transformers 5's GPT-2 MLP).
-            where = positions.reshape(-1, 1)
-        else:
-            raise ShapeMismatchError(
-                f"activation {tuple(a.shape)} does not start with the batch's [batch, seq] "
-                f"{tuple(positions.shape)}; downstream metrics need a per-token site"
-            )
-        new = fn(a.reshape(-1, a.shape[-1])).reshape(a.shape).to(a.dtype)
-        return torch.where(where, new, a)
+        return _replace(a, _run_dictionary(fn, a.reshape(-1, a.shape[-1])), positions)
 
     return splice
 
@@ -239,6 +233,7 @@ def splice_evaluation(
     *,
     exclude_special_tokens: bool = True,
     special_token_ids: Collection[int] | None = None,
+    convention: Convention = "saelens",
     ce_metric: CrossEntropyLossRecovered | None = None,
     kl_metric: SplicedKLDivergence | None = None,
     site_out: str | None = None,
@@ -246,18 +241,18 @@ def splice_evaluation(
     """Run one batch clean, zero-ablated and spliced, and update the metrics.
 
     Three forwards run: the clean model, the model with the site's activation zeroed, and
-    the model with it replaced by ``dictionary(activation)`` (the dictionary sees
-    ``[batch * seq, d]`` rows and its output is cast back to the model's dtype). Position
-    ``t`` predicts token ``t + 1``; a prediction counts when both tokens are real
-    (``attention_mask`` 1) and, with ``exclude_special_tokens``, neither is special.
+    the model with it replaced by ``dictionary(activation)``. The dictionary sees
+    ``[batch * seq, d]`` rows on its own device and in its own dtype (a
+    :class:`~lightning_interp.dictionaries.Dictionary`'s ``device``/``dtype``, or any
+    module's parameters), and its output goes back to the backbone's device and dtype.
+    Position ``t`` predicts token ``t + 1``.
 
-    Special tokens (BOS, EOS, pad, chat markers) are excluded because they mislead: BOS is
-    an attention sink whose activation has an outsized norm, training streams drop it
-    (so a dictionary never saw it), and a prediction from or of a separator says little
-    about the text. With ``exclude_special_tokens`` the activation at special positions
-    is also left clean in both the ablated and the spliced run, so the metrics measure the
-    dictionary on the tokens it was trained on rather than the damage done by replacing
-    the sink. Padding positions are never spliced (they cannot affect real tokens).
+    Which tokens are spliced, zeroed and counted is SAELens's choice by default (see
+    :data:`CONVENTIONS`): with ``exclude_special_tokens``, special positions keep their
+    activation in the spliced run, the baseline zeroes every position, and predictions
+    made *from* a special token are dropped. BOS is the reason this matters: it is an
+    attention sink with an outsized norm that training streams drop, so a dictionary never
+    saw it. Padding (``attention_mask`` 0; pad on the right) is never spliced or counted.
 
     Args:
         backbone: A causal LM backbone (see :func:`has_lm_head`).
@@ -265,21 +260,26 @@ def splice_evaluation(
             :class:`~lightning_interp.dictionaries.Dictionary`.
         site: The site the dictionary was trained on, e.g. ``"layers.5.resid_post"``.
         inputs: ``{"input_ids": [B, T], "attention_mask": [B, T]}`` (mask optional).
-            Pad on the right: left padding shifts GPT-2's positions.
-        exclude_special_tokens: Leave special tokens out, as described above.
-        special_token_ids: Which ids are special (default: the tokenizer's special ids, or
-            the config's BOS / EOS / pad ids when the backbone has no tokenizer).
+        exclude_special_tokens: Treat special tokens as described above; off, every real
+            token is spliced and counted (SAELens's ``exclude_special_tokens=False``).
+        special_token_ids: Which ids are special. Default: with ``"saelens"``, the
+            tokenizer's BOS / EOS / pad / SEP ids (as SAELens); with
+            ``"special_tokens_clean"``, every special id of the tokenizer; without a
+            tokenizer, the model config's ids of the same kinds.
+        convention: ``"saelens"`` (default) or ``"special_tokens_clean"``, see
+            :data:`CONVENTIONS`.
         ce_metric: Updated with the three runs' logits, if given.
-        kl_metric: Updated with the clean and spliced logits, if given.
+        kl_metric: Updated with the clean, spliced and zero-ablated logits, if given.
         site_out: For a transcoder, the site its output replaces (``site`` is the one it
             reads): the spliced run writes ``dictionary(activation at site)`` at
             ``site_out``, and the zero-ablation baseline zeroes ``site_out``.
 
     Returns:
-        The number of predicted tokens counted in this batch.
+        The number of predicted tokens counted for CE in this batch.
 
     Raises:
-        ConfigError: If the backbone has no causal LM head (encoders, CLIP).
+        ConfigError: If the backbone has no causal LM head (encoders, CLIP), or the
+            convention is unknown.
     """
     target = SpliceTarget(dictionary, site, site_out, ce_metric, kl_metric)
     return splice_evaluation_many(
@@ -288,6 +288,7 @@ def splice_evaluation(
         inputs,
         exclude_special_tokens=exclude_special_tokens,
         special_token_ids=special_token_ids,
+        convention=convention,
     )
 
 
@@ -300,7 +301,7 @@ class SpliceTarget:
         site: The site it reads (and, without ``site_out``, replaces).
         site_out: For a transcoder, the later site its output replaces.
         ce_metric: Updated with the clean, zero-ablated and spliced logits, if given.
-        kl_metric: Updated with the clean and spliced logits, if given.
+        kl_metric: Updated with the clean, spliced and zero-ablated logits, if given.
     """
 
     dictionary: Callable[[Tensor], Tensor]
@@ -318,6 +319,7 @@ def splice_evaluation_many(
     *,
     exclude_special_tokens: bool = True,
     special_token_ids: Collection[int] | None = None,
+    convention: Convention = "saelens",
 ) -> int:
     """:func:`splice_evaluation` for several dictionaries on one batch.
 
@@ -325,39 +327,45 @@ def splice_evaluation_many(
     spliced forward per dictionary: ``1 + sites + N`` forwards rather than ``3N``.
 
     Returns:
-        The number of predicted tokens counted in this batch.
+        The number of predicted tokens counted for CE in this batch.
     """
     _require_lm_head(backbone)
+    _check_convention(convention)
     encoded = backbone.encode(dict(inputs))
     input_ids = encoded["input_ids"]
-    attention = encoded.get("attention_mask")
-    real = torch.ones_like(input_ids, dtype=torch.bool) if attention is None else attention.bool()
-    spliced_positions = real
+    special: Collection[int] | None = None
     if exclude_special_tokens:
-        ids = _special_ids(backbone) if special_token_ids is None else list(special_token_ids)
-        ids_tensor = torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device)
-        special = torch.isin(input_ids, ids_tensor)
-        spliced_positions = real & ~special
-    keep = spliced_positions[:, :-1] & spliced_positions[:, 1:]
+        special = (
+            _special_ids(backbone, convention) if special_token_ids is None else special_token_ids
+        )
+    plan = _token_plan(input_ids, encoded.get("attention_mask"), special, convention)
     next_tokens = input_ids[:, 1:]
+    zero_fn = (
+        torch.zeros_like if plan.zeroed is None else _spliced_at(torch.zeros_like, plan.zeroed)
+    )
 
     def logits() -> Tensor:
-        output = backbone(encoded)
-        return output.logits[:, :-1]
+        return backbone(encoded).logits
 
     clean = logits()
     zero_by_site: dict[str, Tensor] = {}
     for target in targets:
         replaced = target.site if target.site_out is None else target.site_out
         if replaced not in zero_by_site:
-            with backbone.splice(replaced, _masked_splice(torch.zeros_like, spliced_positions)):
+            with backbone.splice(replaced, zero_fn):
                 zero_by_site[replaced] = logits()
-        spliced = _spliced_logits(backbone, target, spliced_positions, logits)
+        zero = zero_by_site[replaced]
+        spliced = _spliced_logits(backbone, target, plan.spliced, logits)
         if target.ce_metric is not None:
-            target.ce_metric.update(clean, spliced, zero_by_site[replaced], next_tokens, keep)
+            target.ce_metric.update(
+                clean[:, :-1], spliced[:, :-1], zero[:, :-1], next_tokens, plan.ce_keep
+            )
         if target.kl_metric is not None:
-            target.kl_metric.update(clean, spliced, keep)
-    return int(keep.sum())
+            upto = plan.kl_positions
+            target.kl_metric.update(
+                clean[:, :upto], spliced[:, :upto], plan.kl_keep, zero[:, :upto]
+            )
+    return int(plan.ce_keep.sum())
 
 
 def _spliced_logits(
@@ -367,12 +375,12 @@ def _spliced_logits(
     logits: Callable[[], Tensor],
 ) -> Tensor:
     if target.site_out is None:
-        with backbone.splice(target.site, _masked_splice(target.dictionary, positions)):
+        with backbone.splice(target.site, _spliced_at(target.dictionary, positions)):
             return logits()
 
     def transcode(inputs: Tensor, activation: Tensor) -> Tensor:
         rows = inputs.reshape(-1, inputs.shape[-1])
-        return _masked_splice(lambda _: target.dictionary(rows), positions)(activation)
+        return _replace(activation, _run_dictionary(target.dictionary, rows), positions)
 
     with backbone.transcode(target.site, target.site_out, transcode):
         return logits()

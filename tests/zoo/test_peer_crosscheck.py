@@ -14,6 +14,11 @@ python, one subprocess per library (importing either library takes about 10 s).
   ``save_model`` / ``save_inference_model``; ``read_folder`` must give the same function.
 - dictionary_learning, its files -> our reader: each dictionary class is built by its real
   trainer and saved by its own ``trainSAE`` (``config.json`` + ``ae.pt``).
+- SAELens's downstream metrics: on a tiny trained GPT-2 with a real tokenizer, a fixed SAE
+  and fixed token batches (BOS, EOS, chat markers and ``<unk>`` among them), SAELens's own
+  ``run_evals`` (on the same weights as a TransformerLens ``HookedTransformer``) and our
+  ``splice_evaluation`` must give the same CE loss score and KL divergence score, with
+  SAELens's default ``exclude_special_tokens=True`` and with ``False``.
 
 All weights are random with non-zero biases and uneven decoder norms, so every centring,
 threshold, gate and norm-folding path changes the numbers; each case also checks that its
@@ -34,7 +39,14 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.peers import install_peer, peer_python
 from lightning_interp import create_dictionary
+from lightning_interp.backbones import Backbone
+from lightning_interp.metrics.downstream import (
+    CrossEntropyLossRecovered,
+    SplicedKLDivergence,
+    splice_evaluation,
+)
 from lightning_interp.zoo.formats import read_folder, write_folder
+from tests.metrics import lm_helpers
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -314,3 +326,99 @@ def test_we_read_what_dictionary_learning_saves(dictionary_learning_run, x, name
     theirs = load_file(str(dictionary_learning_run / f"{name}.out"))
     decoded_key = "decoded_batch" if codes_key == "codes_batch" else "decoded"
     assert_same(outputs(ours, x[0]), theirs, {"codes": codes_key, "decoded": decoded_key})
+
+
+# ------------------------------------------------------------------ SAELens's downstream metrics
+DOWNSTREAM_SITE = "layers.1.resid_post"  # SAELens's blocks.1.hook_resid_post
+CONTEXTS, BATCH, CONTEXT = 12, 4, 16
+# Ours -> SAELens's names (run_evals' model_performance/behavior_preservation groups).
+SAELENS_NAMES = {
+    "ce_clean": "ce_loss_without_sae",
+    "ce_spliced": "ce_loss_with_sae",
+    "ce_zero_ablation": "ce_loss_with_ablation",
+    "ce_loss_recovered": "ce_loss_score",
+    "kl_divergence": "kl_div_with_sae",
+    "kl_zero_ablation": "kl_div_with_ablation",
+    "kl_div_score": "kl_div_score",
+}
+
+
+def lossy_topk(d: int) -> torch.nn.Module:
+    """A fixed TopK SAE that keeps about half of each activation: codes near [x+, x-]."""
+    sae = create_dictionary("topk", d_in=d, d_latent=2 * d, k=d // 2)
+    generator = torch.Generator().manual_seed(2)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(
+            torch.cat([eye, -eye], 1) + 0.05 * torch.randn(d, 2 * d, generator=generator)
+        )
+        sae.W_dec.copy_(
+            torch.cat([eye, -eye], 0) + 0.05 * torch.randn(2 * d, d, generator=generator)
+        )
+        sae.b_enc.copy_(0.01 * torch.randn(2 * d, generator=generator))
+        sae.b_dec.copy_(0.01 * torch.randn(d, generator=generator))
+    sae.config.provenance.site = DOWNSTREAM_SITE
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def downstream_run(tmp_path_factory) -> tuple[dict, Backbone, torch.nn.Module, torch.Tensor]:
+    """SAELens's run_evals on our tiny GPT-2, SAE and tokens: its results and our inputs."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("saelens_downstream")
+    model, tokenizer = lm_helpers.trained_gpt2(), lm_helpers.word_tokenizer()
+    model.save_pretrained(root / "gpt2")
+    tokenizer.save_pretrained(root / "gpt2")
+    sae = lossy_topk(model.config.n_embd)
+    write_folder(sae, root / "sae", format="saelens")
+    tokens = lm_helpers.documents(CONTEXTS, CONTEXT, seed=1000)
+    save_file({"tokens": tokens}, str(root / "tokens.safetensors"))
+    job = {
+        "model": str(root / "gpt2"),
+        "sae": str(root / "sae"),
+        "tokens": str(root / "tokens.safetensors"),
+        "batch_size": BATCH,
+        "exclude_special_tokens": [True, False],
+        "out": str(root / "downstream.json"),
+    }
+    run_peer("saelens", "saelens_side.py", {"downstream": job}, root)
+    theirs = json.loads((root / "downstream.json").read_text())
+    return theirs, Backbone(model, tokenizer), sae, tokens
+
+
+def ours(backbone, sae, tokens, **kwargs) -> dict[str, float]:
+    ce, kl = CrossEntropyLossRecovered(), SplicedKLDivergence()
+    for batch in tokens.split(BATCH):
+        inputs = {"input_ids": batch}
+        splice_evaluation(
+            backbone, sae, DOWNSTREAM_SITE, inputs, ce_metric=ce, kl_metric=kl, **kwargs
+        )
+    return {name: float(v) for name, v in {**ce.compute_all(), **kl.compute_all()}.items()}
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_downstream_metrics_equal_saelens_run_evals(downstream_run, exclude):
+    theirs, backbone, sae, tokens = downstream_run
+    assert theirs["hook_name"] == "blocks.1.hook_resid_post"
+    assert theirs["special_token_ids"] == [lm_helpers.BOS, lm_helpers.EOS]
+    mine = ours(backbone, sae, tokens, exclude_special_tokens=exclude)
+    expected = theirs[f"exclude_{str(exclude).lower()}"]
+    print(f"\nexclude_special_tokens={exclude}")
+    for name, their_name in SAELENS_NAMES.items():
+        print(f"  {name:18s} ours {mine[name]:.6f}  SAELens {expected[their_name]:.6f}")
+    assert 0.5 < mine["ce_loss_recovered"] < 1.0  # a lossy SAE: the score is informative
+    for name, their_name in SAELENS_NAMES.items():
+        assert mine[name] == pytest.approx(expected[their_name], rel=1e-4, abs=1e-5), name
+
+
+def test_the_old_convention_does_not_match_saelens(downstream_run):
+    """The cross-check can tell conventions apart: the previous default fails it."""
+    theirs, backbone, sae, tokens = downstream_run
+    old = ours(backbone, sae, tokens, convention="special_tokens_clean")
+    expected = theirs["exclude_true"]
+    print(
+        f"\nspecial_tokens_clean: ce_loss_recovered {old['ce_loss_recovered']:.6f}, "
+        f"ce_zero_ablation {old['ce_zero_ablation']:.6f}"
+    )
+    assert old["ce_zero_ablation"] != pytest.approx(expected["ce_loss_with_ablation"], rel=1e-2)
+    assert old["ce_clean"] != pytest.approx(expected["ce_loss_without_sae"], rel=1e-2)
