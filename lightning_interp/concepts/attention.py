@@ -1,4 +1,4 @@
-"""Attention for the concept-transformer head: xformers on CUDA, SDPA elsewhere, same numbers.
+"""Attention for the concept-slot head: xformers on CUDA, SDPA elsewhere, same numbers.
 
 Inputs are ``[batch, heads, length, head_dim]`` (SDPA's layout). The reference
 :func:`attention_reference` is the plain formula, used in tests and to return the

@@ -54,11 +54,18 @@ class ConceptBank:
     concept activation vectors learned on example sets (:meth:`from_examples`), or are
     given directly (learned predictors' weights). Names are unique; order is kept.
 
+    A concept learned from examples is a boundary ``w . x + b = 0``: ``vectors`` holds ``w``
+    and ``intercepts`` holds ``b``, and :meth:`margins` is the signed distance
+    ``(w . x + b) / |w|`` that post-hoc CBMs read (as ``mertyg/post-hoc-cbm`` does). Text
+    concepts have intercept 0.
+
     Args:
         names: Concept names (for text concepts, the phrase itself).
         vectors: Directions ``[len(names), d]``.
         sources: How each direction was made (``"text"``, ``"cav"``, ``"learned"``).
         metadata: Free JSON-serialisable facts (encoder, pooling, filters applied).
+        intercepts: Boundary offsets ``[len(names)]`` on the scale of ``vectors``
+            (default 0).
 
     Example:
         >>> bank = ConceptBank(["striped", "furry"], torch.eye(2, 4))
@@ -72,6 +79,7 @@ class ConceptBank:
         vectors: Tensor,
         sources: Sequence[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        intercepts: Tensor | None = None,
     ) -> None:
         names = [str(n) for n in names]
         if not names:
@@ -86,8 +94,15 @@ class ConceptBank:
             raise ShapeMismatchError(
                 f"vectors must be [n_concepts={len(names)}, d], got {tuple(vectors.shape)}"
             )
+        if intercepts is None:
+            intercepts = torch.zeros(len(names))
+        if intercepts.shape != (len(names),):
+            raise ShapeMismatchError(
+                f"intercepts must be [n_concepts={len(names)}], got {tuple(intercepts.shape)}"
+            )
         self.names = names
         self.vectors = vectors.detach().float().cpu().contiguous()
+        self.intercepts = intercepts.detach().float().cpu().contiguous()
         self.sources = list(sources) if sources is not None else ["given"] * len(names)
         if len(self.sources) != len(names):
             raise ShapeMismatchError("sources must have one entry per concept")
@@ -128,13 +143,16 @@ class ConceptBank:
             method: ``"logistic"`` (torch) or ``"svm"`` (scikit-learn's LinearSVC).
             **kwargs: Passed to :func:`~lightning_interp.concepts.cav.learn_cav`.
         """
-        from lightning_interp.concepts.cav import learn_cav
+        from lightning_interp.concepts.cav import fit_cav
 
         names = list(examples)
-        vectors = [learn_cav(pos, neg, method=method, **kwargs) for pos, neg in examples.values()]
-        if not vectors:
+        cavs = [fit_cav(pos, neg, method=method, **kwargs) for pos, neg in examples.values()]
+        if not cavs:
             raise EmptyConceptBankError("no example sets given; pass {name: (pos, neg)}")
-        return cls(names, torch.stack(vectors), ["cav"] * len(names), {"cav_method": method})
+        vectors = torch.stack([cav.direction for cav in cavs])
+        intercepts = torch.tensor([cav.intercept for cav in cavs])
+        sources = ["cav"] * len(names)
+        return cls(names, vectors, sources, {"cav_method": method}, intercepts)
 
     @classmethod
     def from_labels(
@@ -194,7 +212,9 @@ class ConceptBank:
         """A bank holding only ``names``, in that order."""
         rows = [self.index(n) for n in names]
         sources = [self.sources[i] for i in rows]
-        return ConceptBank(list(names), self.vectors[rows], sources, self.metadata)
+        return ConceptBank(
+            list(names), self.vectors[rows], sources, self.metadata, self.intercepts[rows]
+        )
 
     def keep(self, mask: Tensor | Sequence[bool]) -> ConceptBank:
         """A bank holding the concepts where ``mask`` is true."""
@@ -204,6 +224,20 @@ class ConceptBank:
     def normalized(self) -> Tensor:
         """Unit-norm directions ``[n, d]`` (float32)."""
         return torch.nn.functional.normalize(self.vectors, dim=-1)
+
+    def normalized_intercepts(self) -> Tensor:
+        """Intercepts on the scale of :meth:`normalized`, ``b / |w|`` ``[n]``."""
+        return self.intercepts / self.vectors.norm(dim=-1).clamp_min(1e-12)
+
+    def margins(self, embeddings: Tensor) -> Tensor:
+        """Signed distance of each embedding to each concept boundary, ``[..., n]``.
+
+        ``(w . x + b) / |w|``: the PCBM concept margin (intercept included).
+        """
+        self.check_width(embeddings)
+        x = embeddings.float()
+        normal = self.normalized().to(x.device)
+        return x @ normal.T + self.normalized_intercepts().to(x.device)
 
     def check_width(self, embeddings: Tensor) -> None:
         """Raise :class:`ShapeMismatchError` unless ``embeddings[..., d]`` match the bank."""
@@ -232,7 +266,7 @@ class ConceptBank:
             "width": self.width,
             "metadata": self.metadata,
         }
-        vectors = {"vectors": self.vectors}
+        vectors = {"vectors": self.vectors, "intercepts": self.intercepts}
         atomic_write(folder / BANK_WEIGHTS, lambda p: save_file(vectors, str(p)))
         text = json.dumps(config, indent=2) + "\n"
         atomic_write(folder / BANK_CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
@@ -255,4 +289,11 @@ class ConceptBank:
             raise CorruptFileError(f"cannot read the concept bank in {folder}: {error}") from None
         if config.get("format") != BANK_FORMAT:
             raise CorruptFileError(f"{config_path} is not a {BANK_FORMAT} file")
-        return cls(config["names"], vectors, config.get("sources"), config.get("metadata"))
+        # Banks saved before intercepts were kept hold text or unit directions: intercept 0.
+        intercepts = tensors.get("intercepts")
+        try:
+            return cls(
+                config["names"], vectors, config.get("sources"), config.get("metadata"), intercepts
+            )
+        except (KeyError, ShapeMismatchError) as error:
+            raise CorruptFileError(f"cannot read the concept bank in {folder}: {error}") from None

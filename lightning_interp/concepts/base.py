@@ -37,13 +37,18 @@ class HeadOutput:
         concepts: The bottleneck ``[b, concepts]`` the final layer reads (probabilities,
             margins or standardised activations, by head).
         concept_logits: Pre-sigmoid concept predictions where concepts are predicted.
-        attention: Concept-to-token attention ``[b, concepts, tokens]`` (concept transformer).
+        attention: The head's attention explanation: concept attention ``[b, concepts]``
+            (softmax over concepts) of the concept transformer, concept-to-token
+            attention ``[b, concepts, tokens]`` of the concept-slot head.
+        token_attention: Where in the input a head looked, ``[b, tokens]`` (the concept
+            transformer's token pooling weights).
     """
 
     logits: Tensor
     concepts: Tensor
     concept_logits: Tensor | None = None
     attention: Tensor | None = None
+    token_attention: Tensor | None = None
 
 
 def register_head(name: str):
@@ -82,8 +87,11 @@ class ConceptHead(nn.Module):
     """
 
     head_type: ClassVar[str] = ""
-    # "after": the head fits a closed-form part on all training data once training ends.
+    # A closed-form part fitted on all training rows (fit_full_data): "before" the optimizer
+    # trains the rest (PCBM's elastic-net layer) or "after" (label-free CBM's sparse layer).
     full_data_fit: ClassVar[str | None] = None
+    # Whether that fit selects on the validation rows (fit_full_data's ``val``).
+    full_data_fit_reads_val: ClassVar[bool] = False
 
     def __init__(self, d_in: int, concept_names: Sequence[str], class_names: Sequence[str]):
         super().__init__()
@@ -137,16 +145,44 @@ class ConceptHead(nn.Module):
 
     def training_loss(
         self, x: Tensor, y: Tensor, concepts: Tensor | None, *, epoch: int, mask: Tensor | None
-    ) -> dict[str, Tensor]:
-        """Loss terms for one batch; ``"loss"`` is minimised."""
+    ) -> dict[str, Tensor | None]:
+        """Loss terms for one batch; ``"loss"`` is minimised (``None``: nothing to train).
+
+        The other terms are logged under ``train/``.
+        """
         raise NotImplementedError
 
-    def fit_full_data(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """Closed-form fit on all training rows (heads with ``full_data_fit``)."""
+    def fit_full_data(
+        self, x: Tensor, y: Tensor, val: tuple[Tensor, Tensor] | None = None
+    ) -> dict[str, Any]:
+        """Closed-form fit on all training rows (heads with ``full_data_fit``).
+
+        Args:
+            x: All training embeddings.
+            y: Their labels.
+            val: All validation embeddings and labels, for heads that select on held-out
+                rows (``None``: there are none).
+
+        Returns:
+            A report (floats and strings) of what was fitted.
+        """
         raise NotImplementedError
 
-    def after_optimizer_step(self, lr: float) -> None:
-        """Hook for proximal updates (soft-thresholding) after each optimizer step."""
+    # ------------------------------------------------------------------ old saves
+    @classmethod
+    def upgrade_spec(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        """A saved spec (``config.json``) as this version reads it (default: unchanged).
+
+        Heads whose constructor changed map old configs here, so heads saved by earlier
+        versions (folders, Hub repos, checkpoints) keep loading. Returning another
+        ``head_type`` hands the spec to that head.
+        """
+        return spec
+
+    @classmethod
+    def upgrade_state(cls, tensors: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+        """Saved tensors (keys under ``prefix``) as this version reads them (default: same)."""
+        return tensors
 
     # ------------------------------------------------------------------ storage
     def head_spec(self) -> dict[str, Any]:
@@ -264,6 +300,8 @@ def build_head(spec: Mapping[str, Any], where: str = "the head config") -> Conce
         )
     try:
         head_cls = head_class(spec["head_type"])
+        spec = head_cls.upgrade_spec(dict(spec))
+        head_cls = head_class(spec["head_type"])  # an old spec may name another head now
         head = head_cls(
             spec["d_in"], spec["concept_names"], spec["class_names"], **spec.get("config", {})
         )
@@ -305,7 +343,8 @@ def load_head_folder(directory: str | os.PathLike[str]) -> ConceptHead:
     return head.eval()
 
 
-def _load_exact(head: nn.Module, tensors: Mapping[str, Tensor], folder: Path) -> None:
+def _load_exact(head: ConceptHead, tensors: Mapping[str, Tensor], folder: Path) -> None:
+    tensors = head.upgrade_state(dict(tensors))
     expected = head.state_dict()
     shapes = {name: tuple(value.shape) for name, value in expected.items()}
     check_tensors(shapes, tensors, folder / HEAD_WEIGHTS)

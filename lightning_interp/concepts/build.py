@@ -34,7 +34,8 @@ def create_head(
     """A head of registered type ``name`` over ``bank``'s concepts.
 
     Heads with a ``from_bank`` constructor (PCBM, label-free CBM) take the bank's vectors;
-    the others (supervised CBM, concept transformer) take its names and width only.
+    the others (supervised CBM, concept transformer, concept slots) take its names and width
+    only.
     """
     cls = head_class(name)
     from_bank = getattr(cls, "from_bank", None)

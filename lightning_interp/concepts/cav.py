@@ -1,11 +1,32 @@
-"""Concept activation vectors: a linear direction separating concept examples from others."""
+"""Concept activation vectors: a linear boundary separating concept examples from others.
+
+A CAV is the weight ``w`` and intercept ``b`` of a linear classifier of concept examples
+(positives) against others (negatives). Post-hoc CBMs (Yuksekgonul et al., ICLR 2023;
+reference code ``mertyg/post-hoc-cbm``, ``concepts/concept_utils.py``) read an embedding's
+*margin* to that boundary, ``(w . x + b) / |w|``: the signed distance, intercept included.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from lightning_interp.errors import ConfigError, ShapeMismatchError
+
+
+class CAV(NamedTuple):
+    """A concept boundary with a unit normal.
+
+    Attributes:
+        direction: Unit normal ``w / |w|`` ``[d]``, pointing to the positives.
+        intercept: ``b / |w|``: ``x @ direction + intercept`` is the signed distance of
+            ``x`` to the boundary (the PCBM concept margin).
+    """
+
+    direction: Tensor
+    intercept: float
 
 
 def _check(positives: Tensor, negatives: Tensor) -> None:
@@ -18,13 +39,13 @@ def _check(positives: Tensor, negatives: Tensor) -> None:
         raise ConfigError("a CAV needs at least one positive and one negative example")
 
 
-def logistic_direction(
+def logistic_boundary(
     positives: Tensor, negatives: Tensor, weight_decay: float = 1e-3, steps: int = 100
-) -> Tensor:
-    """Weight vector of an L2-regularised logistic regression (full-batch L-BFGS, fp64).
+) -> tuple[Tensor, float]:
+    """Weight and intercept of an L2-regularised logistic regression (full-batch L-BFGS, fp64).
 
-    Inputs are standardised per feature for conditioning; the returned weight is mapped
-    back to the raw space, so ``x @ w`` ranks examples exactly as the classifier does.
+    Inputs are standardised per feature for conditioning; the returned weight and
+    intercept are mapped back to the raw space, so ``x @ w + b`` is the classifier's logit.
     """
     x = torch.cat([positives, negatives]).double()
     y = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))]).double()
@@ -43,11 +64,12 @@ def logistic_direction(
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return (w.detach() / std).float()
+    raw = w.detach() / std
+    return raw, float(b.detach() - raw @ mean)
 
 
-def svm_direction(positives: Tensor, negatives: Tensor, C: float = 1.0) -> Tensor:
-    """Weight vector of scikit-learn's ``LinearSVC`` (needs scikit-learn installed)."""
+def svm_boundary(positives: Tensor, negatives: Tensor, C: float = 1.0) -> tuple[Tensor, float]:
+    """Weight and intercept of scikit-learn's ``LinearSVC`` (needs scikit-learn installed)."""
     try:
         from sklearn.svm import LinearSVC
     except ImportError:
@@ -58,7 +80,44 @@ def svm_direction(positives: Tensor, negatives: Tensor, C: float = 1.0) -> Tenso
     x = torch.cat([positives, negatives]).double().numpy()
     y = [1] * len(positives) + [0] * len(negatives)
     svm = LinearSVC(C=C).fit(x, y)
-    return torch.from_numpy(svm.coef_[0]).float()
+    return torch.from_numpy(svm.coef_[0]).double(), float(svm.intercept_[0])
+
+
+def fit_cav(positives: Tensor, negatives: Tensor, method: str = "logistic", **kwargs: float) -> CAV:
+    """The concept boundary between ``positives`` and ``negatives``, with a unit normal.
+
+    Args:
+        positives: Embeddings of examples showing the concept ``[n+, d]``.
+        negatives: Embeddings of examples without it ``[n-, d]``.
+        method: ``"logistic"`` (torch only) or ``"svm"`` (scikit-learn ``LinearSVC``; the
+            PCBM reference uses a linear-kernel ``SVC``).
+        **kwargs: ``weight_decay``/``steps`` (logistic) or ``C`` (svm).
+
+    Returns:
+        A :class:`CAV`: unit direction and the intercept on the same scale.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> pos = torch.randn(50, 3, generator=g) + torch.tensor([4.0, 0, 0])
+        >>> neg = torch.randn(50, 3, generator=g)
+        >>> cav = fit_cav(pos, neg)
+        >>> int(cav.direction.abs().argmax()), -4 < cav.intercept < 0
+        (0, True)
+    """
+    _check(positives, negatives)
+    if method == "logistic":
+        w, b = logistic_boundary(positives.detach(), negatives.detach(), **kwargs)
+    elif method == "svm":
+        w, b = svm_boundary(positives.detach(), negatives.detach(), **kwargs)
+    else:
+        raise ConfigError(f"CAV method must be 'logistic' or 'svm', got {method!r}")
+    norm = float(w.norm())
+    if norm == 0.0:
+        raise ConfigError(
+            "the concept classifier learned a zero weight (positives and negatives are not "
+            "linearly separable at all); give more distinct example sets or less regularisation"
+        )
+    return CAV((w / norm).float(), b / norm)
 
 
 def learn_cav(
@@ -66,11 +125,7 @@ def learn_cav(
 ) -> Tensor:
     """A unit-norm CAV pointing from the negative to the positive examples.
 
-    Args:
-        positives: Embeddings of examples showing the concept ``[n+, d]``.
-        negatives: Embeddings of examples without it ``[n-, d]``.
-        method: ``"logistic"`` (torch only) or ``"svm"`` (scikit-learn ``LinearSVC``).
-        **kwargs: ``weight_decay``/``steps`` (logistic) or ``C`` (svm).
+    The direction of :func:`fit_cav` (which also gives the intercept PCBM margins need).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -80,11 +135,4 @@ def learn_cav(
         >>> int(cav.abs().argmax()), round(float(cav.norm()), 4)
         (0, 1.0)
     """
-    _check(positives, negatives)
-    if method == "logistic":
-        w = logistic_direction(positives.detach(), negatives.detach(), **kwargs)
-    elif method == "svm":
-        w = svm_direction(positives.detach(), negatives.detach(), **kwargs)
-    else:
-        raise ConfigError(f"CAV method must be 'logistic' or 'svm', got {method!r}")
-    return torch.nn.functional.normalize(w, dim=0)
+    return fit_cav(positives, negatives, method, **kwargs).direction

@@ -1,9 +1,11 @@
 """Classification by description (Menon & Vondrick, ICLR 2023): zero-shot, no training.
 
-Each class has descriptor phrases ("has a long neck", "is spotted"); each is embedded as
-``"{class}, which {descriptor}"`` and a class's score is the mean cosine similarity of an
-embedding to its descriptors. The descriptors are the explanation, and editing them
-(adding, removing, rewording) changes the classifier at once.
+Each class has descriptor phrases ("a long neck", "has spots", "four legs"); each is
+embedded as a sentence built by the reference's rule (``sachit-menon/classify_by_descriptions``,
+``descriptor_strings.py``: ``make_descriptor_sentence``, with the class name prepended and
+``", "`` between; see :func:`descriptor_sentence`), and a class's score is the mean cosine
+similarity of an embedding to its descriptors. The descriptors are the explanation, and
+editing them (adding, removing, rewording) changes the classifier at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,31 @@ from lightning_interp.concepts.base import ConceptHead, HeadOutput, register_hea
 from lightning_interp.errors import ConfigError
 
 SEPARATOR = ": "
+# Descriptor openings the reference keeps after "which" (descriptor_strings.py).
+_VERB_OPENINGS = ("has", "often", "typically", "may", "can")
+
+
+def descriptor_sentence(class_name: str, descriptor: str) -> str:
+    """The text the reference embeds for one descriptor of a class.
+
+    ``"{class}, which is {d}"`` for a descriptor starting with "a" (the reference tests
+    the first letter, so "antlers" too) or "used"; ``"{class}, which {d}"`` for one
+    starting with has / often / typically / may / can; ``"{class}, which has {d}"``
+    otherwise. Underscores in the class name become spaces (the reference's ``wordify``).
+
+    Example:
+        >>> descriptor_sentence("tree_frog", "bright green skin")
+        'tree frog, which has bright green skin'
+        >>> descriptor_sentence("zebra", "a striped coat"), descriptor_sentence("owl", "can fly")
+        ('zebra, which is a striped coat', 'owl, which can fly')
+    """
+    if descriptor.startswith("a") or descriptor.startswith("used"):
+        clause = f"which is {descriptor}"
+    elif descriptor.startswith(_VERB_OPENINGS):
+        clause = f"which {descriptor}"
+    else:
+        clause = f"which has {descriptor}"
+    return f"{class_name.replace('_', ' ')}, {clause}"
 
 
 def descriptor_name(class_name: str, descriptor: str) -> str:
@@ -35,7 +62,9 @@ class DescriptionClassifier(ConceptHead):
         d_in: Embedding width.
         concept_names: ``"class: descriptor"`` names, grouped by class.
         class_names: Class names.
-        template: How a descriptor is phrased for the text encoder.
+        template: ``None`` (default): descriptors are phrased by the reference's rule,
+            :func:`descriptor_sentence`; else a format string with ``{class_name}`` and
+            ``{descriptor}``.
         scale: Multiplier of the mean similarities (a softmax temperature; CLIP uses 100).
 
     Example:
@@ -52,7 +81,7 @@ class DescriptionClassifier(ConceptHead):
         d_in: int,
         concept_names: Sequence[str],
         class_names: Sequence[str],
-        template: str = "{class_name}, which {descriptor}",
+        template: str | None = None,
         scale: float = 100.0,
     ) -> None:
         super().__init__(d_in, concept_names, class_names)
@@ -81,12 +110,15 @@ class DescriptionClassifier(ConceptHead):
     ) -> DescriptionClassifier:
         """Embed every class's descriptors with ``encoder`` (texts -> ``[n, d]``)."""
         class_names = list(descriptors)
-        template = kwargs.get("template", "{class_name}, which {descriptor}")
+        template = kwargs.get("template")
         names, phrases = [], []
         for class_name, items in descriptors.items():
             for descriptor in items:
                 names.append(descriptor_name(class_name, descriptor))
-                phrases.append(template.format(class_name=class_name, descriptor=descriptor))
+                if template is None:
+                    phrases.append(descriptor_sentence(class_name, descriptor))
+                else:
+                    phrases.append(template.format(class_name=class_name, descriptor=descriptor))
         with torch.no_grad():
             vectors = encoder(phrases)
         head = cls(vectors.shape[1], names, class_names, **kwargs)

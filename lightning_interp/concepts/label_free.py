@@ -2,15 +2,22 @@
 
 1. A projection ``W_c`` maps backbone embeddings to one unit per concept, trained so each
    unit's activations over the data match the concept's text-embedding similarities
-   (the cos^3 objective: standardise each column over the batch, cube, cosine).
-2. Concepts whose projected activations match poorly (below the interpretability cut-off)
-   are dropped; the rest are standardised.
+   (the cos^3 objective: centre each column over the batch, cube, cosine).
+2. Concepts whose projected activations match poorly *on the validation rows* (cos^3
+   similarity at or below the interpretability cut-off, 0.45) are dropped; the rest are
+   standardised with the training rows' mean and standard deviation.
 3. A sparse final layer is fitted on all training rows with the elastic-net path solver.
+
+Reference code: ``Trustworthy-ML-Lab/Label-free-CBM``, ``train_cbm.py`` (the cut-off is
+computed on ``val_target_features``, the standardisation on the training rows) and
+``similarity.py`` (``cos_similarity_cubed_single``).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +29,12 @@ from lightning_interp.errors import ConfigError, EmptyConceptBankError
 
 
 def cos_cubed(a: Tensor, b: Tensor, power: int = 3, eps: float = 1e-6) -> Tensor:
-    """Per column, cosine similarity of standardised-then-cubed ``a`` and ``b`` ``[n, k]``.
+    """Per column, cosine similarity of centred-then-cubed ``a`` and ``b`` ``[n, k]``.
 
     Cubing stresses the highly activating rows, the ones a human reads a concept from.
+    Each column is also divided by its standard deviation before cubing (for float range
+    only: the cosine does not change with a column's scale), so this equals the
+    reference's ``cos_similarity_cubed_single``.
     """
 
     def prep(t: Tensor) -> Tensor:
@@ -46,7 +56,8 @@ class LabelFreeCBM(ConceptHead):
         d_in: Embedding width (that of the bank).
         concept_names: Concept names (bank order).
         class_names: Class names.
-        cutoff: Interpretability cut-off on the cos^3 similarity (paper: 0.45).
+        cutoff: Interpretability cut-off on the validation rows' cos^3 similarity (paper:
+            0.45); concepts at or below it are dropped.
         target_density: Share of non-zero final-layer weights the solver aims for.
         alpha: L1 share of the final layer's elastic net (paper: 0.99).
         power: Exponent of the similarity (3: cos^3).
@@ -59,6 +70,7 @@ class LabelFreeCBM(ConceptHead):
     """
 
     full_data_fit = "after"
+    full_data_fit_reads_val = True  # the interpretability cut-off
 
     def __init__(
         self,
@@ -123,19 +135,48 @@ class LabelFreeCBM(ConceptHead):
         sims = cos_cubed(self.projection(x), self.concept_targets_of(x), self.config["power"])
         return {"loss": -sims.mean(), "similarity": sims.mean().detach()}
 
+    def _projected(self, x: Tensor) -> Tensor:
+        return self.projection(x.to(self.projection.weight.dtype)).float()
+
     @torch.no_grad()
-    def fit_full_data(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """Cut off poorly matched concepts, standardise, fit the sparse final layer."""
+    def interpretability(self, x: Tensor) -> Tensor:
+        """Per concept, the cos^3 similarity of projected and target activations on ``x``."""
         self.check_input(x)
-        raw = self.projection(x.to(self.projection.weight.dtype)).float()
-        sims = cos_cubed(raw, self.concept_targets_of(x), self.config["power"])
+        return cos_cubed(self._projected(x), self.concept_targets_of(x), self.config["power"])
+
+    @torch.no_grad()
+    def fit_full_data(
+        self, x: Tensor, y: Tensor, val: tuple[Tensor, Tensor] | None = None
+    ) -> dict[str, Any]:
+        """Cut off poorly matched concepts, standardise, fit the sparse final layer.
+
+        Args:
+            x: All training embeddings (standardisation and the final layer).
+            y: Their labels.
+            val: Validation embeddings and labels: the interpretability cut-off is measured
+                on them, as in the reference. Without them the training rows are used, with
+                a warning (the similarity is then optimistic: the projection was fitted
+                there) and ``"cutoff_rows": "train"`` in the report.
+        """
+        self.check_input(x)
+        if val is not None and len(val[0]) >= 2:
+            sims, rows = self.interpretability(val[0]), "validation"
+        else:
+            warnings.warn(
+                "LabelFreeCBM: no validation rows, so the interpretability cut-off is measured "
+                "on the training rows the projection was fitted on (optimistic); give the "
+                "Trainer validation data",
+                stacklevel=3,  # past torch.no_grad's wrapper: the caller of fit_full_data
+            )
+            sims, rows = self.interpretability(x), "train"
         active = sims > self.config["cutoff"]
         if not active.any():
             raise EmptyConceptBankError(
-                f"no concept passed the interpretability cut-off {self.config['cutoff']} "
-                f"(best similarity {float(sims.max()):.3f}); lower cutoff or train the "
-                f"projection longer"
+                f"no concept passed the interpretability cut-off {self.config['cutoff']} on "
+                f"the {rows} rows (best similarity {float(sims.max()):.3f}); lower cutoff or "
+                f"train the projection longer"
             )
+        raw = self._projected(x)
         mean, std = raw.mean(0), raw.std(0).clamp_min(1e-6)
         z = ((raw - mean) / std)[:, active]
         fit = fit_sparse_linear(
@@ -154,6 +195,7 @@ class LabelFreeCBM(ConceptHead):
         self.final_layer.bias.copy_(fit.bias)
         return {
             "active_concepts": float(active.sum()),
+            "cutoff_rows": rows,
             "final_density": int((weight != 0).sum()) / weight.numel(),
             "final_lambda": fit.lam,
         }

@@ -3,9 +3,17 @@
 ``x -> concept predictor -> c_hat -> label predictor -> y``. Three ways to train:
 independent (each part on true targets: the label predictor reads the true concepts),
 sequential (the concept predictor first, then the label predictor on its frozen
-predictions) and joint (both together, a weighted sum of the two losses). The bottleneck is
-soft (probabilities) or hard (0/1, with a straight-through gradient in joint training).
-Test-time interventions replace chosen predicted concepts by their true values.
+predictions) and joint (both together). The bottleneck is soft (probabilities) or hard
+(0/1, with a straight-through gradient in joint training). Test-time interventions replace
+chosen predicted concepts by their true values.
+
+The joint loss is Koh et al.'s ``L_Y + lambda * sum_j L_Cj``: one binary cross-entropy per
+concept (each a mean over the batch), *summed* over concepts (reference code
+``yewsiang/ConceptBottleneck``, ``CUB/train.py``: ``attr_loss_weight`` times each
+attribute's loss, added to the task loss). ``concept_weight`` is that ``lambda``; a weight
+``w`` of a mean over concepts equals ``lambda = w / n_concepts``. The concept stage of the
+independent and sequential modes minimises the mean over concepts, as the reference's
+concept-only model (``sum(losses) / n_attributes``).
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ class SupervisedCBM(ConceptHead):
         bottleneck: ``"soft"`` (probabilities) or ``"hard"`` (thresholded at 0.5).
         concept_hidden: Hidden width of the concept predictor (0: linear).
         label_hidden: Hidden width of the label predictor (0: linear, interpretable).
-        concept_weight: Weight of the concept loss in joint training.
+        concept_weight: Koh et al.'s ``lambda`` in joint training: the weight of the *sum*
+            over concepts of the per-concept losses (the reference's ``attr_loss_weight``;
+            the paper's CUB joint models use 0.01).
         concept_epochs: Sequential training: epochs of the concept stage before the
             label predictor is trained on frozen predictions.
 
@@ -137,7 +147,10 @@ class SupervisedCBM(ConceptHead):
     def training_loss(
         self, x: Tensor, y: Tensor, concepts: Tensor | None, *, epoch: int, mask: Tensor | None
     ) -> dict[str, Tensor]:
-        """Concept BCE and task CE, combined as the training mode prescribes."""
+        """Concept BCE and task CE, combined as the training mode prescribes.
+
+        ``concept_loss`` is ``sum_j L_Cj`` (per-concept mean BCE, summed over concepts).
+        """
         if concepts is None:
             raise ConfigError(
                 "a supervised CBM needs concept labels in each batch; use a data module that "
@@ -146,22 +159,29 @@ class SupervisedCBM(ConceptHead):
         self.check_input(x)
         self._check_concepts(concepts, x.shape[0])
         concept_logits = self.concept_predictor(x)
-        concept_loss = F.binary_cross_entropy_with_logits(concept_logits.float(), concepts.float())
+        per_concept = F.binary_cross_entropy_with_logits(
+            concept_logits.float(), concepts.float(), reduction="none"
+        ).mean(0)
+        concept_loss = per_concept.sum()  # Koh et al.'s sum_j L_Cj
+        # The concept stage of independent / sequential training: the mean over concepts.
+        concept_stage = concept_loss / self.num_concepts
         mode = self.config["training"]
         if mode == "independent":
             task_input = concepts.to(concept_logits.dtype)
         elif mode == "sequential":
             if epoch < self.config["concept_epochs"]:
-                return {"loss": concept_loss, "concept_loss": concept_loss}
+                return {"loss": concept_stage, "concept_loss": concept_loss.detach()}
             # Stage two: only the label predictor learns, from frozen predictions.
             task_input = self.bottleneck(concept_logits).detach()
-            concept_loss = concept_loss.detach()
+            concept_stage = concept_stage.detach()
         else:
             task_input = self.bottleneck(concept_logits)
         task_loss = F.cross_entropy(self.label_predictor(task_input).float(), y)
-        weight = self.config["concept_weight"] if mode == "joint" else 1.0
-        loss = task_loss + weight * concept_loss
-        return {"loss": loss, "task_loss": task_loss, "concept_loss": concept_loss}
+        if mode == "joint":
+            loss = task_loss + self.config["concept_weight"] * concept_loss
+        else:
+            loss = task_loss + concept_stage
+        return {"loss": loss, "task_loss": task_loss, "concept_loss": concept_loss.detach()}
 
 
 def intervention_order(

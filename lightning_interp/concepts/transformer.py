@@ -1,42 +1,85 @@
-"""Concept-transformer head (after Rigotti et al., ICLR 2022): concept slots attend to tokens.
+"""The concept transformer of Rigotti et al. (ICLR 2022), over frozen token embeddings.
 
-Learned concept slots are queries; the backbone's patch or token embeddings are keys and
-values. Each slot's attended vector gives that concept's score, and a linear layer turns
-concept scores into classes. The attention maps ``[b, concepts, tokens]`` show where in the
-input each concept was found: that is the explanation.
+"Attention-based Interpretability with Concept Transformers"; reference code
+``IBM/concept_transformer`` (``ctc/ctc.py``: ``CrossAttention``, ``ConceptTransformer``,
+``concepts_cost``; ``ctc/ctc_model.py``: the loss). This is its non-spatial (global)
+concept stream:
+
+1. the tokens are pooled by a learned softmax over tokens (the reference's sequence
+   pooling, ``token_attention_pool``; or the first token, the ViT variant's CLS token);
+2. the pooled token *queries* learned concept embeddings (keys and values are
+   projections of the concepts): the attention is a softmax *over concepts*;
+3. the logits are a linear layer of the attention-weighted concept values,
+   ``logits = W_o (sum_k a_k v_k) + b``, so they are linear in the attention ``a``;
+4. with concept annotations, the explanation loss ``n_concepts * MSE(a, c / sum(c))``
+   pulls the attention (averaged over heads) towards the annotated concepts.
+
+The attention ``[b, concepts]`` is the explanation: which concepts the decision used.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_interp.concepts.attention import attention, attention_weights
+from lightning_interp.concepts.attention import key_bias
 from lightning_interp.concepts.base import ConceptHead, HeadOutput, register_head
 from lightning_interp.errors import ConfigError, ShapeMismatchError
 
 
-@register_head("concept_transformer")
-class ConceptTransformer(ConceptHead):
-    """Cross-attention from learned concept slots to token embeddings.
+def explanation_loss(attention: Tensor, concepts: Tensor) -> Tensor:
+    """``n_concepts * MSE(attention, concepts / concepts.sum(-1))`` (the reference's cost).
+
+    Rows without a present concept (all zero) or with a missing annotation (NaN) carry no
+    target, as NaN rows are skipped in the reference; the loss is 0 when no row has one.
 
     Args:
-        d_in: Token embedding width.
-        concept_names: Concept names (one slot each).
+        attention: Attention over concepts ``[b, concepts]`` (rows sum to 1).
+        concepts: Concept annotations ``[b, concepts]`` (0/1, or non-negative weights).
+    """
+    totals = concepts.float().sum(-1, keepdim=True)
+    usable = (totals.squeeze(-1) > 0) & torch.isfinite(totals.squeeze(-1))
+    if not usable.any():
+        return attention.float().sum() * 0.0  # keeps the graph, adds nothing
+    targets = concepts.float()[usable] / totals[usable]
+    return concepts.shape[-1] * F.mse_loss(attention.float()[usable], targets)
+
+
+def attention_entropy(attention: Tensor) -> Tensor:
+    """Mean of ``-a log a``: the reference's sparsity cost on the concept attention."""
+    return -(attention.float() * torch.log(attention.float() + 1e-8)).mean()
+
+
+@register_head("concept_transformer")
+class ConceptTransformer(ConceptHead):
+    """Rigotti et al.'s concept transformer (global concepts) over token embeddings.
+
+    Args:
+        d_in: Token embedding width (the attention works at this width, as the reference's
+            ``embedding_dim``).
+        concept_names: Concept names (one learned concept embedding each).
         class_names: Class names.
-        d_attn: Width of queries, keys and values.
-        heads: Attention heads (``d_attn`` must divide by it).
-        concept_weight: Weight of the concept BCE loss when batches carry concept labels.
-        backend: Attention backend (see :func:`~lightning_interp.concepts.attention.attention`).
+        heads: Attention heads (``d_in`` must divide by it; reference 2).
+        explanation_weight: Weight of the explanation loss when batches carry concept
+            annotations (the reference's ``expl_lambda``, 5.0).
+        attention_sparsity: Weight of the attention's entropy (reference default 0).
+        pooling: ``"attention"`` (learned softmax over tokens, ``ctc.py``) or ``"first"``
+            (the first token: CLS of a ViT, as ``vit.py``).
+        attention_dropout: Dropout on the concept attention (reference 0.1).
+        projection_dropout: Dropout on the output logits (reference 0.1).
 
     Example:
-        >>> head = ConceptTransformer(8, ["ear", "tail"], ["cat", "dog"], d_attn=4)
-        >>> out = head(torch.randn(2, 5, 8))
-        >>> out.logits.shape, out.attention.shape
-        (torch.Size([2, 2]), torch.Size([2, 2, 5]))
+        >>> head = ConceptTransformer(8, ["ear", "tail", "fur"], ["cat", "dog"], heads=2)
+        >>> out = head(torch.randn(4, 5, 8))
+        >>> out.logits.shape, out.attention.shape, out.token_attention.shape
+        (torch.Size([4, 2]), torch.Size([4, 3]), torch.Size([4, 5]))
+        >>> bool(torch.allclose(out.attention.sum(-1), torch.ones(4)))
+        True
     """
 
     def __init__(
@@ -44,78 +87,119 @@ class ConceptTransformer(ConceptHead):
         d_in: int,
         concept_names: Sequence[str],
         class_names: Sequence[str],
-        d_attn: int = 64,
-        heads: int = 1,
-        concept_weight: float = 1.0,
-        backend: str = "auto",
+        heads: int = 2,
+        explanation_weight: float = 5.0,
+        attention_sparsity: float = 0.0,
+        pooling: Literal["attention", "first"] = "attention",
+        attention_dropout: float = 0.1,
+        projection_dropout: float = 0.1,
     ) -> None:
         super().__init__(d_in, concept_names, class_names)
-        if d_attn % heads:
-            raise ConfigError(f"d_attn={d_attn} must be divisible by heads={heads}")
+        if heads <= 0 or d_in % heads:
+            raise ConfigError(f"d_in={d_in} must be divisible by heads={heads} (heads >= 1)")
+        if pooling not in ("attention", "first"):
+            raise ConfigError(f"pooling must be 'attention' or 'first', got {pooling!r}")
+        if explanation_weight < 0 or attention_sparsity < 0:
+            raise ConfigError(
+                f"explanation_weight and attention_sparsity must be >= 0, got "
+                f"{explanation_weight}, {attention_sparsity}"
+            )
         self.config = dict(
-            d_attn=d_attn, heads=heads, concept_weight=concept_weight, backend=backend
+            heads=heads,
+            explanation_weight=explanation_weight,
+            attention_sparsity=attention_sparsity,
+            pooling=pooling,
+            attention_dropout=attention_dropout,
+            projection_dropout=projection_dropout,
         )
         self.heads = heads
-        self.slots = nn.Parameter(torch.randn(self.num_concepts, d_attn) / d_attn**0.5)
+        # The reference normalises the tokens (CTC.norm) before its concept transformer.
         self.norm = nn.LayerNorm(d_in)
-        self.key = nn.Linear(d_in, d_attn)
-        self.value = nn.Linear(d_in, d_attn)
-        self.score = nn.Linear(d_attn, 1)
-        self.classifier = nn.Linear(self.num_concepts, self.num_classes)
+        self.token_pool = nn.Linear(d_in, 1)
+        self.concept_embeddings = nn.Parameter(torch.empty(self.num_concepts, d_in))
+        nn.init.trunc_normal_(self.concept_embeddings, std=1.0 / math.sqrt(d_in))
+        self.query = nn.Linear(d_in, d_in, bias=False)
+        self.key_value = nn.Linear(d_in, 2 * d_in, bias=False)
+        self.output = nn.Linear(d_in, self.num_classes)
+        self.attention_dropout = nn.Dropout(attention_dropout)
+        self.projection_dropout = nn.Dropout(projection_dropout)
 
-    @property
-    def final(self) -> nn.Linear:
-        """The concept-to-class layer."""
-        return self.classifier
+    @classmethod
+    def upgrade_spec(cls, spec: dict) -> dict:
+        """Heads saved as "concept_transformer" before this model were concept-slot heads."""
+        if "d_attn" in (spec.get("config") or {}):
+            return {**spec, "head_type": "concept_slots"}
+        return spec
 
-    def _split(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, -1).transpose(1, 2)
-
-    def _qkv(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _check_tokens(self, tokens: Tensor) -> None:
         if tokens.ndim != 3:
             raise ShapeMismatchError(
                 f"the concept transformer reads token embeddings [batch, tokens, {self.d_in}], "
                 f"got {tuple(tokens.shape)}; embed with pooling='tokens'"
             )
         self.check_input(tokens)
-        h = self.norm(tokens)
-        k, v = self._split(self.key(h)), self._split(self.value(h))
-        q = self.slots.to(k.dtype).expand(tokens.shape[0], -1, -1)
-        return self._split(q), k, v
 
-    def forward(
-        self, x: Tensor, mask: Tensor | None = None, *, return_attention: bool = True
-    ) -> HeadOutput:
-        """Concept scores, class logits and head-averaged attention maps.
-
-        With ``return_attention`` the weights are computed once (the plain formula) and the
-        output is ``weights @ v``; without it (training) the fused kernel of ``backend``
-        runs and ``HeadOutput.attention`` is ``None``.
-        """
-        q, k, v = self._qkv(x)
-        maps = None
-        if return_attention:
-            weights = attention_weights(q, k, mask)
-            out = (weights @ v.float()).to(v.dtype)
-            maps = weights.detach().mean(1)
+    def pool(self, h: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The pooled token ``[b, d]`` and the pooling weights over tokens ``[b, tokens]``."""
+        if self.config["pooling"] == "first":
+            weights = torch.zeros(h.shape[:2], dtype=torch.float32, device=h.device)
+            weights[:, 0] = 1.0
         else:
-            out = attention(q, k, v, mask, backend=self.config["backend"])
-        out = out.transpose(1, 2).reshape(x.shape[0], self.num_concepts, -1)
-        concept_logits = self.score(out).squeeze(-1)
-        probs = torch.sigmoid(concept_logits)
-        return HeadOutput(self.classifier(probs), probs, concept_logits, maps)
+            scores = self.token_pool(h).squeeze(-1).float()
+            bias = key_bias(mask, scores.dtype)
+            if bias is not None:
+                scores = scores + bias[:, 0, 0, :]
+            weights = scores.softmax(dim=-1)
+        return (weights.unsqueeze(1) @ h.float()).squeeze(1).to(h.dtype), weights
+
+    def _split(self, t: Tensor) -> Tensor:
+        """``[..., d] -> [..., heads, d / heads]``."""
+        return t.unflatten(-1, (self.heads, -1))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> HeadOutput:
+        """Logits, the concept attention ``[b, concepts]`` and the token pooling weights."""
+        self._check_tokens(x)
+        h = self.norm(x)
+        pooled, token_weights = self.pool(h, mask)
+        q = self._split(self.query(pooled)).float()  # [b, heads, hd]
+        k, v = self.key_value(self.concept_embeddings.to(h.dtype)).chunk(2, dim=-1)
+        k, v = self._split(k).transpose(0, 1).float(), self._split(v).transpose(0, 1).float()
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = torch.einsum("bhd,hkd->bhk", q, k) * scale  # [b, heads, concepts]
+        weights = scores.softmax(dim=-1)
+        mixed = torch.einsum("bhk,hkd->bhd", self.attention_dropout(weights), v)
+        logits = self.projection_dropout(self.output(mixed.flatten(1).to(h.dtype)))
+        attention = weights.mean(1)  # averaged over heads, as the reference
+        return HeadOutput(logits, attention, attention=attention, token_attention=token_weights)
+
+    def concept_class_weights(self) -> Tensor:
+        """``[heads, classes, concepts]``: head ``h``'s logits are this times its attention.
+
+        ``logits = sum_h M_h a_h + b``, with ``a_h`` head ``h``'s attention over concepts;
+        with one head, ``M`` is the concept-to-class weight of the decision.
+        """
+        v = self._split(self.key_value(self.concept_embeddings).chunk(2, dim=-1)[1])
+        w = self.output.weight.unflatten(1, (self.heads, -1))  # [classes, heads, hd]
+        return torch.einsum("chd,khd->hck", w, v)
 
     def training_loss(
         self, x: Tensor, y: Tensor, concepts: Tensor | None, *, epoch: int, mask: Tensor | None
-    ) -> dict[str, Tensor]:
-        """Cross-entropy, plus concept BCE when concept labels are given."""
-        out = self(x, mask, return_attention=False)
+    ) -> dict[str, Tensor | None]:
+        """Cross-entropy, plus the explanation loss with annotations and the sparsity term."""
+        out = self(x, mask)
         task = F.cross_entropy(out.logits.float(), y)
-        if concepts is None:
-            return {"loss": task, "task_loss": task}
-        concept_loss = F.binary_cross_entropy_with_logits(
-            out.concept_logits.float(), concepts.float()
-        )
-        loss = task + self.config["concept_weight"] * concept_loss
-        return {"loss": loss, "task_loss": task, "concept_loss": concept_loss}
+        terms: dict[str, Tensor | None] = {"task_loss": task}
+        loss = task
+        if concepts is not None:
+            if concepts.shape != out.attention.shape:
+                raise ShapeMismatchError(
+                    f"concept annotations must be [{x.shape[0]}, {self.num_concepts}], got "
+                    f"{tuple(concepts.shape)}"
+                )
+            terms["explanation_loss"] = explanation_loss(out.attention, concepts)
+            loss = loss + self.config["explanation_weight"] * terms["explanation_loss"]
+        if self.config["attention_sparsity"] > 0:
+            terms["attention_entropy"] = attention_entropy(out.attention)
+            loss = loss + self.config["attention_sparsity"] * terms["attention_entropy"]
+        terms["loss"] = loss
+        return terms

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
@@ -66,9 +67,16 @@ class ConceptBottleneckModule(L.LightningModule):
     ``concepts``: then the head is built in :meth:`configure_model` from the data
     module, which must offer ``text_encoder()``, ``class_names`` and ``train_embeddings()``
     (as :class:`~lightning_interp.data.embeddings.EmbeddingDataModule` does). Heads that
-    learn their concepts (``"concept_transformer"``, ``"supervised_cbm"``) take only the
-    names from ``concepts`` (default ``concept_i`` per labelled concept) and the width of
-    the training embeddings, so they also train on token data (``pooling="tokens"``).
+    learn their concepts (``"concept_transformer"``, ``"concept_slots"``, ``"supervised_cbm"``)
+    take only the names from ``concepts`` (default ``concept_i`` per labelled concept) and
+    the width of the training embeddings, so they also train on token data
+    (``pooling="tokens"``).
+
+    Heads with a closed-form part (``full_data_fit``) get it fitted on every training row:
+    PCBM's elastic-net layer when training starts (the optimizer then trains only what is
+    left, PCBM-h's residual; plain PCBM has nothing left and its steps are skipped), the
+    label-free CBM's cut-off and sparse layer when it ends (the cut-off on the validation
+    rows). ``fit_report`` holds what the fit reports.
 
     Args:
         head: A concept head.
@@ -120,7 +128,7 @@ class ConceptBottleneckModule(L.LightningModule):
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         name = self.hparams.head_name
-        # Heads without from_bank (supervised CBM, concept transformer) learn their concepts:
+        # Heads without from_bank (supervised CBM, concept transformer / slots) learn concepts:
         # they need names and a width, not phrase directions (unless filters compare them).
         directions = getattr(head_class(name), "from_bank", None) is not None
         directions = directions or self.hparams.filters is not None
@@ -138,7 +146,7 @@ class ConceptBottleneckModule(L.LightningModule):
             raise ConfigError(
                 f"head {name!r} (or concept filters) compares concept phrases with pooled "
                 f"embeddings; pooling='tokens' serves heads that learn their concepts "
-                f"(concept_transformer, supervised_cbm) without filters"
+                f"(concept_transformer, concept_slots, supervised_cbm) without filters"
             )
         else:
             encoder = datamodule.text_encoder()
@@ -191,9 +199,19 @@ class ConceptBottleneckModule(L.LightningModule):
             checkpoint[HEAD_SPEC_KEY] = self.head.head_spec()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild a head built by name from the checkpoint's spec (weights load after)."""
-        if self.head is not None:
-            return
+        """Rebuild a head built by name from the checkpoint's spec (weights load after).
+
+        Tensors saved by earlier versions of the head are upgraded in place first
+        (:meth:`ConceptHead.upgrade_state <lightning_interp.concepts.ConceptHead.upgrade_state>`).
+        """
+        if self.head is None:
+            self._rebuild_head(checkpoint)
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = self.head.upgrade_state(
+                dict(checkpoint["state_dict"]), prefix="head."
+            )
+
+    def _rebuild_head(self, checkpoint: dict[str, Any]) -> None:
         spec = checkpoint.get(HEAD_SPEC_KEY)
         if spec is None:
             raise ConfigError(
@@ -216,58 +234,100 @@ class ConceptBottleneckModule(L.LightningModule):
             setattr(self, f"{stage}_concept_auroc", ConceptAUROC())
         self._metrics_built = True
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | None:
-        """The optimizer over the head's trainable parameters (none: evaluation only)."""
-        params = [p for p in self.head.parameters() if p.requires_grad]
-        return self.optimizer_factory(params) if params else None
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.head.parameters() if p.requires_grad] if self.head else []
+
+    @property
+    def automatic_optimization(self) -> bool:
+        """Off for heads with nothing to train (plain PCBM, classification by description).
+
+        Their steps then do nothing, quietly (no optimizer, no skipped-step warning), and
+        validation runs as usual.
+        """
+        return self.head is None or bool(self._trainable())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | list:
+        """The optimizer over the head's trainable parameters (none: ``[]``)."""
+        params = self._trainable()
+        return self.optimizer_factory(params) if params else []
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Any:
         """The head's :class:`~lightning_interp.concepts.HeadOutput`."""
         return self.head(x, mask=mask)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One step of the head's own training loss."""
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """One step of the head's own training loss (``None``: the head has nothing to train)."""
         b = split_concept_batch(batch)
         terms = self.head.training_loss(b.x, b.y, b.concepts, epoch=self.current_epoch, mask=b.mask)
-        self.log_dict({f"train/{k}": v.detach().float() for k, v in terms.items()})
-        self.log("loss", terms["loss"].detach().float(), prog_bar=True, logger=False)
+        logged = {k: v.detach().float() for k, v in terms.items() if v is not None}
+        self.log_dict({f"train/{k}": v for k, v in logged.items()})
+        if terms["loss"] is not None:
+            self.log("loss", logged["loss"], prog_bar=True, logger=False)
         return terms["loss"]
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Proximal updates after the optimizer step (elastic-net heads)."""
-        optimizers = self.trainer.optimizers
-        if optimizers:
-            self.head.after_optimizer_step(float(optimizers[0].param_groups[0]["lr"]))
+    def on_train_start(self) -> None:
+        """Closed-form fits that the optimizer's training builds on (PCBM's sparse layer)."""
+        if self.head.full_data_fit == "before":
+            self._fit_full_data()
 
     def on_train_end(self) -> None:
         """Closed-form fits on all training rows (the label-free CBM's sparse layer)."""
         if self.head.full_data_fit == "after":
-            x, y = self._all_training_rows()
-            self.fit_report = self.head.fit_full_data(x, y)
+            self._fit_full_data()
         if self.hparams.save_dir and self.trainer.is_global_zero:
             self.head.save_pretrained(Path(self.hparams.save_dir))
 
-    def _all_training_rows(self) -> tuple[Tensor, Tensor]:
-        """Every training row once, on every rank (the same closed-form fit everywhere).
+    def _fit_full_data(self) -> None:
+        x, y = self._all_rows("train")
+        val = self._all_rows("val") if self.head.full_data_fit_reads_val else None
+        self.fit_report = self.head.fit_full_data(x, y, val)
 
-        A data module that holds its rows (``train_embeddings()``) gives them directly;
-        otherwise the train loader is read again and, under DDP, gathered from all ranks.
+    def _all_rows(self, split: str) -> tuple[Tensor, Tensor] | None:
+        """Every row of ``split`` once, on every rank (the same closed-form fit everywhere).
+
+        A data module that holds its training rows (``train_embeddings()``) gives them
+        directly; otherwise the split's loader is read again and, under DDP, gathered from
+        all ranks. ``None`` when there is no such loader (no validation data).
         """
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "train_embeddings"):
+        if split == "train" and datamodule is not None and hasattr(datamodule, "train_embeddings"):
             x, y = datamodule.train_embeddings()
             return x.to(self.device).float(), y.to(self.device).long()
+        loader = self._loader(split)
+        if loader is None:
+            return None
         xs, ys = [], []
-        for batch in self.trainer.train_dataloader:
+        for batch in loader:
             b = split_concept_batch(batch)
             xs.append(b.x.to(self.device))
             ys.append(b.y.to(self.device))
+        if not xs:
+            return None
         x, y = torch.cat(xs), torch.cat(ys)
         if self.trainer.world_size > 1:  # every rank fits on all rows: same layer everywhere
             x = self.all_gather(x).flatten(0, 1)
             y = self.all_gather(y).flatten(0, 1)
         return x.float(), y
+
+    def _loader(self, split: str) -> Any:
+        """The trainer's loader of ``split`` (the first, if several), or ``None``."""
+        if split == "train":
+            return self.trainer.train_dataloader
+        loaders = self.trainer.val_dataloaders
+        if loaders is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or self.trainer.limit_val_batches == 0:
+                return None
+            try:
+                loaders = datamodule.val_dataloader()
+            except (MisconfigurationException, ConfigError):  # no validation split
+                return None
+        if isinstance(loaders, Sequence):
+            return loaders[0] if loaders else None
+        if isinstance(loaders, Mapping):
+            return next(iter(loaders.values()), None)
+        return loaders
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         b = split_concept_batch(batch)

@@ -26,7 +26,7 @@ HEAD_METRICS = {
 TOP_CONCEPTS = 5  # concepts per class in the class x concept table
 _LIST_INLINE = 30  # longer concept lists are folded into a <details> block
 # Heads whose concepts are predicted from concept labels, not read off fixed directions.
-LEARNED_CONCEPTS = {"supervised_cbm", "concept_transformer"}
+LEARNED_CONCEPTS = {"supervised_cbm", "concept_transformer", "concept_slots"}
 
 
 def normalise_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -96,8 +96,9 @@ def class_concept_table(head: ConceptHead, k: int = TOP_CONCEPTS) -> str:
         return intro + "\n".join(lines) + "\n"
     if head.final is None:
         return (
-            f"This {type(head).__name__} maps concepts to classes with a non-linear label "
-            "predictor, so there is no class-concept weight table.\n"
+            f"This {type(head).__name__} has no single linear concept-to-class layer (a "
+            "non-linear label predictor, or attention over concepts), so there is no "
+            "class-concept weight table.\n"
         )
     k = min(k, head.num_concepts)
     top = top_concepts_per_class(head, k=k)
@@ -117,7 +118,7 @@ def class_concept_table(head: ConceptHead, k: int = TOP_CONCEPTS) -> str:
 
 
 def _usage(head: ConceptHead, repo_id: str) -> str:
-    if head.head_type == "concept_transformer":
+    if head.head_type in ("concept_transformer", "concept_slots"):  # token inputs
         inputs = (
             "x = torch.randn(4, 10, head.d_in)  # token embeddings from the head's backbone\n"
             "mask = torch.ones(4, 10, dtype=torch.bool)  # False marks padding\n"

@@ -1,4 +1,4 @@
-"""The concept transformer's attention: SDPA and xformers paths equal the formula."""
+"""The concept-slot head's attention: SDPA and xformers paths equal the formula."""
 
 import pytest
 import torch
@@ -38,11 +38,11 @@ def test_xformers_equals_sdpa_on_cuda():
     torch.testing.assert_close(fast, attention(q, k, v, mask, backend="sdpa"), atol=2e-3, rtol=2e-3)
 
 
-def test_concept_transformer_maps_only_when_asked_and_same_output():
-    from lightning_interp.concepts import ConceptTransformer
+def test_concept_slots_map_only_when_asked_and_same_output():
+    from lightning_interp.concepts import ConceptSlotAttention
 
     torch.manual_seed(0)
-    head = ConceptTransformer(8, ["a", "b", "c"], ["x", "y"], d_attn=8, heads=2)
+    head = ConceptSlotAttention(8, ["a", "b", "c"], ["x", "y"], d_attn=8, heads=2)
     x, mask = torch.randn(4, 6, 8), torch.rand(4, 6) > 0.3
     mask[:, 0] = True
     fused = head(x, mask, return_attention=False)

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from lightning_interp.backbones import Backbone
-from lightning_interp.concepts import ConceptBank, filter_concepts, learn_cav
+from lightning_interp.concepts import ConceptBank, filter_concepts, fit_cav, learn_cav
 from lightning_interp.data.embed import embed_all, text_encoder
 from lightning_interp.errors import (
     CorruptFileError,
@@ -91,30 +92,80 @@ def test_cav_matches_sklearn_logistic_regression():
     ref = sklearn.LogisticRegression(C=1 / (1e-3 * len(y)), tol=1e-10, max_iter=10_000).fit(z, y)
     theirs = torch.nn.functional.normalize(torch.from_numpy(ref.coef_[0]).float() / std, dim=0)
     assert float(ours @ theirs) > 0.9999
+    # The boundary's offset too: the margin (w.x + b) / |w| of the same classifier.
+    raw = torch.from_numpy(ref.coef_[0]) / std.double()
+    offset = (float(ref.intercept_[0]) - float(raw @ mean.double())) / float(raw.norm())
+    cav = fit_cav(pos, neg, weight_decay=1e-3)
+    assert cav.intercept == pytest.approx(offset, abs=1e-3)
+    torch.testing.assert_close(cav.direction, ours)
 
 
 def test_filters_each_drop_their_kind():
     vectors = torch.tensor(
-        [[1.0, 0, 0, 0], [0.99, 0.1, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]
+        [
+            [1.0, 0, 0, 0],
+            [0.99, 0.1, 0, 0.05],  # a little closer to "never seen": more general than red
+            [0, 1.0, 0, 0],
+            [0, 0, 1.0, 0],
+            [0, 0, 0, 1.0],
+            [0.5, 0.5, 0.5, 0.5],
+        ]
     )
-    names = ["red", "crimson", "cat-like", "an extremely long concept phrase", "never seen"]
+    names = [
+        "red",
+        "crimson",
+        "cat-like",
+        "an extremely long concept phrase",
+        "never seen",
+        "The cat",
+    ]
     bank = ConceptBank(names, vectors)
-    classes = {"cat": torch.tensor([0.0, 1.0, 0.1, 0.0])}
+    texts = dict(zip(names, vectors, strict=True)) | {"cat": torch.tensor([0.0, 1.0, 0.15, 0.0])}
     data = torch.tensor([[1.0, 0.3, 0.2, -0.1]] * 5 + [[0.2, 1.0, 0.0, 0.0]] * 5)
     kept, report = filter_concepts(
         bank,
         max_length=20,
-        class_names=list(classes),
-        encoder=lambda texts: torch.stack([classes[t] for t in texts]),
+        class_names=["cat"],
+        encoder=lambda phrases: torch.stack([texts[t] for t in phrases]),
         embeddings=data,
         min_activation=0.05,
     )
-    assert kept.names == ["red"]
-    assert report.dropped["crimson"].startswith("similarity 0.99 to 'red'")
-    assert report.dropped["cat-like"].startswith("similarity")
-    assert "'cat'" in report.dropped["cat-like"]
+    assert kept.names == ["crimson"]
+    assert report.dropped["The cat"] == "spells class 'cat'"  # removed as text
+    assert report.dropped["cat-like"].startswith("similarity 0.99 to class 'cat'")
+    # Of a near-duplicate pair, the less general phrase (smaller summed similarity) goes.
+    assert report.dropped["red"].startswith("similarity 0.99 to 'crimson'")
     assert report.dropped["an extremely long concept phrase"].startswith("longer than 20")
     assert report.dropped["never seen"].startswith("top-5 activation")
+
+
+def test_near_duplicates_go_before_the_activation_filter():
+    """The reference's order: one of a near-duplicate pair goes, then the data filter runs."""
+    vectors = torch.tensor(
+        [[1.0, 0.0, 0.0], [0.98, 0.2, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    )
+    bank = ConceptBank(["red", "crimson", "purple", "blue", "green"], vectors)
+    data = torch.tensor([[1.0, 0.0, 0.0]] * 5 + [[0.0, 1.0, 0.0]] * 5)
+    kept, report = filter_concepts(bank, embeddings=data, min_activation=0.99)
+    # crimson is more general than red (closer to purple and green), so red goes as its
+    # duplicate; then crimson is too weak on the data. (The data filter first keeps red.)
+    assert report.dropped["red"] == "similarity 0.98 to 'crimson'"
+    assert report.dropped["crimson"].startswith("top-5 activation 0.980 <= 0.99")
+    assert kept.names == ["green"]
+
+
+def test_weighted_encoders_average_their_cosines_as_mpnet_plus_three_clip():
+    """Label-free CBM's text similarity: (mpnet + 3 * CLIP) / 4."""
+    first = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 1.0])}
+    second = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([1.0, 0.0])}
+    mpnet = lambda texts: torch.stack([first[t] for t in texts])  # noqa: E731
+    clip = lambda texts: torch.stack([second[t] for t in texts])  # noqa: E731
+    bank = ConceptBank(["a", "b"], torch.eye(2))
+    # cos(a, b) is 0 for mpnet and 1 for CLIP: (0 + 3 * 1) / 4 = 0.75.
+    _, report = filter_concepts(bank, encoder=[(mpnet, 1), (clip, 3)], mutual_similarity=0.75)
+    assert list(report.dropped.values()) == ["similarity 0.75 to 'a'"]
+    kept, _ = filter_concepts(bank, encoder=[(mpnet, 1), (clip, 3)], mutual_similarity=0.76)
+    assert kept.names == ["a", "b"]
 
 
 def test_filtering_everything_is_a_typed_error_naming_the_fix():
@@ -134,12 +185,20 @@ def test_unknown_concept_and_wrong_width_errors():
 
 
 def test_save_load_round_trip(tmp_path):
-    bank = ConceptBank(["é accent", "b"], torch.randn(2, 8), ["text", "cav"], {"encoder": "x"})
+    intercepts = torch.tensor([0.0, -1.5])
+    bank = ConceptBank(
+        ["é accent", "b"], torch.randn(2, 8), ["text", "cav"], {"encoder": "x"}, intercepts
+    )
     bank.save(tmp_path / "bank")
     loaded = ConceptBank.load(tmp_path / "bank")
     assert loaded.names == bank.names and loaded.sources == bank.sources
     assert loaded.metadata == {"encoder": "x"}
     assert torch.equal(loaded.vectors, bank.vectors)
+    assert torch.equal(loaded.intercepts, intercepts)
+    assert torch.equal(loaded.select(["b"]).intercepts, intercepts[1:])
+    # A bank saved before intercepts were kept reads with intercept 0.
+    save_file({"vectors": bank.vectors}, str(tmp_path / "bank" / "concepts.safetensors"))
+    assert torch.equal(ConceptBank.load(tmp_path / "bank").intercepts, torch.zeros(2))
     assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == [
         "concepts.json",
         "concepts.safetensors",

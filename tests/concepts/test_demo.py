@@ -28,7 +28,7 @@ def demo():
 def test_label_free_cbm_on_minilm_reviews(demo, tmp_path):
     results = demo.run(n_sentences=120, epochs=10, seeds=(0,), out=tmp_path)
     split = results["splits"][0]
-    assert results["sentences"] == {"train": 90, "test": 30}
+    assert results["sentences"] == {"train": 72, "validation": 18, "test": 30}
     assert split["concepts_after_filters"] < len(demo.CONCEPTS)  # the long phrases went
     assert "longer than 30 characters" in results["dropped_by_filters"].values()
     assert 0 < split["nonzero_share"] <= 0.2

@@ -1,4 +1,7 @@
-"""Every head trains through a real Lightning Trainer on planted concepts and beats chance."""
+"""Supervised, label-free and description heads on planted concepts, and what every head shares.
+
+PCBM / PCBM-h are tested in test_pcbm.py, the concept transformer in test_transformer.py.
+"""
 
 from functools import partial
 
@@ -9,22 +12,22 @@ import torch
 from lightning_interp.concepts import (
     ConceptBank,
     ConceptHead,
+    ConceptSlotAttention,
     ConceptTransformer,
     DescriptionClassifier,
     LabelFreeCBM,
     PosthocCBM,
     SupervisedCBM,
-    evaluate_removal,
     intervention_logits,
     intervention_order,
     remove_concept,
     top_concepts_per_class,
-    top_concepts_per_example,
 )
+from lightning_interp.concepts.description import descriptor_sentence
 from lightning_interp.errors import EmptyConceptBankError, ShapeMismatchError, UnknownConceptError
 from lightning_interp.metrics import InterventionCurve
 from lightning_interp.modules import ConceptBottleneckModule
-from tests.concepts.planted import CLASSES, QUIET, accuracy, loader, planted, planted_tokens
+from tests.concepts.planted import CLASSES, QUIET, accuracy, loader, planted
 
 CHANCE = 0.25  # four balanced classes
 
@@ -66,6 +69,37 @@ def test_supervised_cbm_learns_concepts_and_labels(easy, training, bottleneck):
     assert logged["val/concept_auroc"] > 0.98 and logged["val/accuracy"] > 0.95
 
 
+@pytest.mark.parametrize("training", ["joint", "independent", "sequential"])
+def test_joint_loss_sums_the_concept_losses_as_koh_et_al(training):
+    """Joint: L_Y + lambda * sum_j L_Cj; the concept stage alone: the mean over concepts."""
+    torch.manual_seed(0)
+    head = SupervisedCBM(
+        8,
+        [f"c{i}" for i in range(5)],
+        CLASSES,
+        training=training,
+        concept_weight=0.01,
+        concept_epochs=1,
+    )
+    x, y, c = torch.randn(32, 8), torch.randint(0, 4, (32,)), (torch.rand(32, 5) > 0.5).float()
+    logits = head.concept_predictor(x)
+    per_concept = [
+        torch.nn.functional.binary_cross_entropy_with_logits(logits[:, j], c[:, j])
+        for j in range(5)
+    ]
+    terms = head.training_loss(x, y, c, epoch=1, mask=None)
+    torch.testing.assert_close(terms["concept_loss"], sum(per_concept))
+    task_input = {"joint": torch.sigmoid(logits), "independent": c}.get(training)
+    if task_input is not None:
+        expected_task = torch.nn.functional.cross_entropy(head.label_predictor(task_input), y)
+        torch.testing.assert_close(terms["task_loss"], expected_task)
+    if training == "joint":
+        expected = terms["task_loss"] + 0.01 * sum(per_concept)
+    else:
+        expected = terms["task_loss"] + sum(per_concept) / 5
+    torch.testing.assert_close(terms["loss"], expected)
+
+
 def test_interventions_with_true_concepts_raise_accuracy(hard):
     train_set, (x, y, c) = hard
     head = SupervisedCBM(32, planted().names, CLASSES, training="independent")
@@ -83,43 +117,13 @@ def test_interventions_with_true_concepts_raise_accuracy(hard):
     assert areas["uncertainty"] > areas["random"]  # fixing the doubtful concepts first pays
 
 
-# ---------------------------------------------------------------- PCBM and PCBM-h
-def test_pcbm_is_sparse_and_explained_by_planted_concepts(easy):
-    (train_set, (x, y, _)), p = easy, planted()
-    head = PosthocCBM.from_bank(p.bank(distractors=4), CLASSES, lam=0.03)
-    train(head, train_set, lr=0.5, optimizer=torch.optim.SGD)
-    assert accuracy(head, x, y) > 0.95
-    density = float((head.classifier.weight != 0).float().mean())
-    assert density < 0.5  # the proximal step zeroes weights exactly
-    tops = top_concepts_per_class(head, k=2)
-    assert tops["only_a"][0][0] == "concept_0" and tops["only_b"][0][0] == "concept_1"
-    assert {name for name, _ in tops["both"]} == {"concept_0", "concept_1"}
-    for explanation, label in zip(top_concepts_per_example(head, x[:20]), y[:20], strict=True):
-        # Presence and absence of the two planted concepts decide every class.
-        assert {name for name, _, _ in explanation[:2]} == {"concept_0", "concept_1"}, label
-    edited, report = evaluate_removal(head, "concept_0", x, y)
-    assert report.change < -0.3 and accuracy(edited, x, y) == report.accuracy_after
-    assert torch.equal(edited.classifier.weight[:, 0], torch.zeros(4))
-    assert head.classifier.weight[:, 0].abs().sum() > 0  # the original is untouched
-
-
-def test_pcbm_h_residual_recovers_a_missing_concept(easy):
-    (train_set, (x, y, _)), p = easy, planted()
-    bank = p.bank().select([n for n in p.names if n != "concept_1"])
-    pcbm = PosthocCBM.from_bank(bank, CLASSES, lam=0.01)
-    train(pcbm, train_set, lr=0.5, optimizer=torch.optim.SGD)
-    hybrid = PosthocCBM.from_bank(bank, CLASSES, lam=0.01, hybrid=True, bottleneck_epochs=5)
-    train(hybrid, train_set, lr=0.5, optimizer=torch.optim.SGD)
-    assert accuracy(pcbm, x, y) < 0.6  # without concept_1 only c_0 is readable
-    assert accuracy(hybrid, x, y) > 0.95
-
-
 # ---------------------------------------------------------------- label-free CBM
 def test_label_free_cbm_fits_a_sparse_layer_at_its_target(easy):
     (train_set, (x, y, _)), p = easy, planted()
     head = LabelFreeCBM.from_bank(p.bank(distractors=4), CLASSES, cutoff=0.3, target_density=0.2)
-    module, _ = train(head, train_set, epochs=5, lr=1e-3)
+    module, _ = train(head, train_set, epochs=5, lr=1e-3, val=(x, y))
     report = module.fit_report
+    assert report["cutoff_rows"] == "validation"
     assert report["final_density"] <= 0.2 and report["final_density"] > 0
     assert int(head.active.sum()) == report["active_concepts"] >= 2
     assert accuracy(head, x, y) > 0.95
@@ -127,11 +131,56 @@ def test_label_free_cbm_fits_a_sparse_layer_at_its_target(easy):
     assert tops["only_a"][0][0] == "concept_0" and tops["only_b"][0][0] == "concept_1"
 
 
+def coupled_rows(p, n=1000, seed=3):
+    """Planted rows in which concept_3 always equals concept_2 (held-out rows: independent)."""
+    g = torch.Generator().manual_seed(seed)
+    c = (torch.rand(n, 6, generator=g) > 0.5).float()
+    c[:, 3] = c[:, 2]
+    x = (2 * c - 1) @ p.directions + 0.5 * torch.randn(n, 32, generator=g)
+    return x, (2 * c[:, 0] + c[:, 1]).long()
+
+
+def shortcut_head(p):
+    """A label-free head whose concept_2 unit reads concept_3's direction (a shortcut)."""
+    head = LabelFreeCBM.from_bank(p.bank(), CLASSES, cutoff=0.45, target_density=0.5)
+    with torch.no_grad():
+        head.projection.weight[2] = head.projection.weight[3]
+    return head
+
+
+def test_label_free_cut_off_is_measured_on_validation_rows(easy):
+    """As train_cbm.py: a unit that matched on training rows is cut if it fails on held-out ones."""
+    p = planted()
+    (x, y), (_, val) = coupled_rows(p), easy
+    head = shortcut_head(p)
+    # Cut-off 0.45: the shortcut passes on the coupled training rows (0.63 measured) and
+    # fails on held-out rows (0.01 measured).
+    assert head.interpretability(x)[2] > 0.55
+    assert head.interpretability(val[0])[2] < 0.2
+    report = head.fit_full_data(x, y, val[:2])
+    assert report["cutoff_rows"] == "validation"
+    assert head.active.tolist() == [True, True, False, True, True, True]
+    # Without validation rows the training rows decide (optimistic), and the user is told.
+    with pytest.warns(UserWarning, match="no validation rows"):
+        report = head.fit_full_data(x, y, None)
+    assert report["cutoff_rows"] == "train" and bool(head.active.all())
+
+
+def test_label_free_module_hands_the_validation_rows_to_the_cut_off(easy):
+    p = planted()
+    (x, y), (_, val) = coupled_rows(p), easy
+    head = shortcut_head(p)
+    module, _ = train(head, (x, y), epochs=1, lr=1e-5, val=val[:2])
+    assert module.fit_report["cutoff_rows"] == "validation"
+    assert not bool(head.active[2]) and int(head.active.sum()) == 5
+    assert accuracy(head, val[0], val[1]) > 0.95  # concepts 0 and 1 decide the class
+
+
 def test_label_free_cut_off_of_every_concept_is_a_typed_error(easy):
     (train_set, _), p = easy, planted()
     head = LabelFreeCBM.from_bank(p.bank(), CLASSES, cutoff=1.01)
     with pytest.raises(EmptyConceptBankError, match="lower cutoff"):
-        head.fit_full_data(train_set[0], train_set[1])
+        head.fit_full_data(train_set[0], train_set[1], (train_set[0], train_set[1]))
 
 
 # ---------------------------------------------------------------- description
@@ -159,6 +208,32 @@ DESCRIPTORS = {
 }
 
 
+@pytest.mark.parametrize(
+    "descriptor,sentence",
+    [
+        ("a long neck", "giraffe, which is a long neck"),
+        ("antlers", "giraffe, which is antlers"),  # the reference tests the letter "a"
+        ("has spots", "giraffe, which has spots"),
+        ("often seen in herds", "giraffe, which often seen in herds"),
+        ("typically tall", "giraffe, which typically tall"),
+        ("may eat leaves", "giraffe, which may eat leaves"),
+        ("can run fast", "giraffe, which can run fast"),
+        ("used in zoos", "giraffe, which is used in zoos"),
+        ("four legs", "giraffe, which has four legs"),
+    ],
+)
+def test_descriptor_sentences_follow_the_reference_rule(descriptor, sentence):
+    """classify_by_descriptions' make_descriptor_sentence, class name prepended with ", "."""
+    assert descriptor_sentence("giraffe", descriptor) == sentence
+    seen = []
+    head = DescriptionClassifier.from_descriptors(
+        {"giraffe": [descriptor], "tree_frog": ["green skin"]},
+        lambda texts: seen.extend(texts) or torch.eye(2)[: len(texts)],
+    )
+    assert seen == [sentence, "tree frog, which has green skin"]
+    assert head.descriptors() == {"giraffe": [descriptor], "tree_frog": ["green skin"]}
+
+
 def test_description_classifier_is_zero_shot_and_editable(easy):
     (_, test_set), p = easy, planted()
     head = DescriptionClassifier.from_descriptors(DESCRIPTORS, descriptor_encoder(p.directions))
@@ -171,29 +246,16 @@ def test_description_classifier_is_zero_shot_and_editable(easy):
     assert accuracy(broken, test_set[0], test_set[1]) < 0.8  # "both" now never wins
 
 
-# ---------------------------------------------------------------- concept transformer
-def test_concept_transformer_attends_to_the_planted_tokens():
-    x, mask, c, y, where = planted_tokens()
-    torch.manual_seed(0)
-    head = ConceptTransformer(16, [f"concept_{i}" for i in range(4)], CLASSES, d_attn=16)
-    train(head, (x[:600], y[:600], c[:600], mask[:600]), epochs=20, lr=1e-2)
-    out = head(x[600:], mask[600:])
-    assert accuracy(head, x[600:], y[600:], mask=mask[600:]) > CHANCE + 0.45
-    present = where[600:] >= 0
-    peak = out.attention.argmax(-1)
-    assert (peak[present] == where[600:][present]).float().mean() > 0.85
-    assert out.attention[~mask[600:].unsqueeze(1).expand_as(out.attention)].abs().max() == 0
-
-
 # ---------------------------------------------------------------- shared properties
 def built_heads():
     p = planted()
     bank = p.bank(distractors=2)
     return {
         "supervised": SupervisedCBM(32, p.names, CLASSES, concept_hidden=8),
-        "pcbm_h": PosthocCBM.from_bank(bank, CLASSES, hybrid=True, bottleneck_epochs=1),
+        "pcbm_h": PosthocCBM.from_bank(bank, CLASSES, hybrid=True),
         "label_free": LabelFreeCBM.from_bank(bank, CLASSES, cutoff=0.0),
-        "transformer": ConceptTransformer(32, p.names, CLASSES, d_attn=8, heads=2),
+        "transformer": ConceptTransformer(32, p.names, CLASSES, heads=2),
+        "slots": ConceptSlotAttention(32, p.names, CLASSES, d_attn=8, heads=2),
         "description": DescriptionClassifier.from_descriptors(
             DESCRIPTORS, descriptor_encoder(torch.randn(6, 32))
         ),
@@ -201,13 +263,13 @@ def built_heads():
 
 
 def head_inputs(name, n=16):
-    x = torch.randn(n, 5, 32) if name == "transformer" else torch.randn(n, 32)
+    x = torch.randn(n, 5, 32) if name in ("transformer", "slots") else torch.randn(n, 32)
     return x, torch.randint(0, 4, (n,)), (torch.rand(n, 6) > 0.5).float()
 
 
 @pytest.mark.parametrize("name", list(built_heads()))
 def test_save_load_round_trips_exactly(name, tmp_path):
-    head = built_heads()[name]
+    head = built_heads()[name].eval()  # the loaded head is in eval mode (dropout off)
     with torch.no_grad():
         for param in head.parameters():
             param.add_(torch.randn_like(param) * 0.1)

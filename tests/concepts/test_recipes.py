@@ -148,7 +148,7 @@ def test_concept_transformer_recipe_trains_on_clip_patch_tokens(tiny_clip, tmp_p
         default_root_dir=str(tmp_path),
         enable_progress_bar=False,
     )
-    config["model"]["init_args"]["head_kwargs"].update(d_attn=16, heads=2)
+    config["model"]["init_args"]["head_kwargs"].update(heads=2)  # the tiny CLIP is 32 wide
     # 64 training images make 2 steps an epoch: a larger step than on real data.
     config["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.01
     config["model"]["init_args"]["save_dir"] = str(tmp_path / "head")

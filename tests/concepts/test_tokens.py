@@ -1,4 +1,4 @@
-"""Token embeddings (``pooling="tokens"``) train the concept transformer end to end."""
+"""Token embeddings (``pooling="tokens"``) train the token heads end to end."""
 
 import json
 import shutil
@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from lightning_interp.concepts import ConceptTransformer
+from lightning_interp.concepts import ConceptSlotAttention, ConceptTransformer
 from lightning_interp.data.embeddings import EmbeddingDataModule, TokenDataset, collate_tokens
 from lightning_interp.errors import ConfigError
 from lightning_interp.modules import ConceptBottleneckModule
@@ -148,7 +148,7 @@ def test_concept_transformer_trains_by_name_on_token_batches(tiny_bert):
     data = token_data(tiny_bert)
     module = ConceptBottleneckModule(
         head_name="concept_transformer",
-        head_kwargs={"d_attn": 16},
+        head_kwargs={"heads": 2},
         concepts=["label word", "filler"],
         optimizer=partial(torch.optim.Adam, lr=3e-2),
     )
@@ -159,6 +159,7 @@ def test_concept_transformer_trains_by_name_on_token_batches(tiny_bert):
     assert isinstance(head, ConceptTransformer) and head.d_in == 32
     assert head.concept_names == ["label word", "filler"] and head.class_names == ["no", "yes"]
     first, last = sum(log.losses[:3]) / 3, sum(log.losses[-3:]) / 3
+    print(f"loss {first:.3f} -> {last:.3f}")
     assert len(log.losses) == 36 and last < 0.7 * first, (first, last)
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     assert tested["test/accuracy"] >= 0.5
@@ -199,11 +200,11 @@ def planted_marker_tokens(n=600, tokens=8, d=16, k=4, noise=0.3, seed=0):
     return x, mask, c, (2 * c[:, 0] + c[:, 1]).long(), where
 
 
-def test_concept_transformer_finds_the_planted_tokens():
+def test_concept_slots_find_the_planted_tokens():
     x, mask, c, y, where = planted_marker_tokens()
     classes = ["neither", "only_b", "only_a", "both"]
     torch.manual_seed(0)
-    head = ConceptTransformer(16, [f"concept_{i}" for i in range(4)], classes, d_attn=16)
+    head = ConceptSlotAttention(16, [f"concept_{i}" for i in range(4)], classes, d_attn=16)
     module = ConceptBottleneckModule(head=head, optimizer=partial(torch.optim.Adam, lr=2e-2))
     train = DataLoader(
         TokenDataset(x[:480], y[:480], mask[:480], c[:480]),
