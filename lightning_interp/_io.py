@@ -87,3 +87,22 @@ def safe_join(root: str | os.PathLike[str], *parts: str) -> Path:
             f"path {str(joined)!r} resolves to {str(resolved)!r}, outside {str(resolved_root)!r}"
         )
     return joined
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (unknown counts as alive: never clean up).
+
+    Used to tell a dead writer's leftovers (lock files, temporaries named with a pid) from
+    those of a writer that still runs.
+    """
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True

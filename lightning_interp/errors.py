@@ -93,3 +93,11 @@ class EmptyCacheError(ConfigError):
 
 class TokenIdError(LightningInterpError, ValueError, IndexError):
     """A token id is negative or not below the size of the model's token embedding."""
+
+
+class OutputExistsError(LightningInterpError, FileExistsError):
+    """An output folder already holds another run's results and overwriting was not asked for."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A configuration value has the wrong type (e.g. the string ``"false"`` for a bool)."""

@@ -16,7 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from lightning_interp.errors import CatalogueError
+from lightning_interp._io import check_folder_name
+from lightning_interp.errors import CatalogueError, UnsafePathError
 
 CATALOGUE_DIR = Path(__file__).resolve().parent.parent / "catalogue"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -106,6 +107,15 @@ def _check(condition: bool, where: str, message: str) -> None:
         raise CatalogueError(f"{where}: {message}")
 
 
+def _check_names(value: str, where: str, what: str) -> None:
+    """``value`` must be folder names joined by ``/``: it becomes a download or output path."""
+    try:
+        for part in value.rstrip("/").split("/"):
+            check_folder_name(part, what)
+    except UnsafePathError as err:
+        raise CatalogueError(f"{where}: {err}") from err
+
+
 def _optional_number(value: Any, where: str, name: str, upper: float | None = None) -> None:
     if value is None:
         return
@@ -134,6 +144,8 @@ def parse_entry(values: Any, where: str) -> CatalogueEntry:
         _check(isinstance(values[key], str) and values[key], where, f"{key} must be a string")
     _check(bool(_REPO_ID.match(values["repo"])), where, f"repo {values['repo']!r} is not org/name")
     _check(values["format"] in FORMATS, where, f"format must be one of {sorted(FORMATS)}")
+    # The release names the folder `lightning-interp pull zoo:<release>/...` writes to.
+    _check_names(values["release"], where, "release")
     _check(isinstance(values.get("links", {}), dict), where, "links must be a mapping")
     raw_sites = values["sites"]
     _check(isinstance(raw_sites, list) and raw_sites, where, "sites must be a non-empty list")
@@ -146,6 +158,7 @@ def parse_entry(values: Any, where: str) -> CatalogueEntry:
         _check(not set(raw) - site_fields, at, f"unknown keys {sorted(set(raw) - site_fields)}")
         for key in ("id", "path"):
             _check(isinstance(raw[key], str) and raw[key].strip("/"), at, f"{key} must be a string")
+        _check_names(raw["path"], at, "path")
         _optional_number(raw.get("l0"), at, "l0")
         _optional_number(raw.get("variance_explained"), at, "variance_explained", upper=1.0)
         sites.append(CatalogueSite(**raw))

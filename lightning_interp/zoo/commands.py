@@ -101,6 +101,9 @@ def _convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("dst", help="output folder")
     parser.add_argument("--from", dest="from_format", default="auto", help="default: detect")
     parser.add_argument("--to", dest="to_format", default="native", help="default: native")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a dictionary already in DST"
+    )
     return parser
 
 
@@ -149,15 +152,24 @@ def publish(args: argparse.Namespace) -> int:
 
 
 def _default_pull_dir(args: argparse.Namespace) -> Path:
-    """``./<repo name>[/<site>]``, or ``./<release>/<id>`` for a catalogue id."""
+    """``./<repo name>[/<site>]``, or ``./<release>/<id>`` for a catalogue id.
+
+    Each level comes from an argument, so each is checked to be one plain folder name: a
+    ``--site ..`` or a repo named ``..`` cannot make the default point elsewhere.
+    """
+    from lightning_interp._io import check_folder_name
+
     if args.source.startswith("zoo:"):
         release, _, name = args.source.removeprefix("zoo:").partition("/")
-        folder = Path(release)
+        folder = check_folder_name(release, "release")
     else:
-        folder = Path(args.source.removeprefix("hf://").rstrip("/").rsplit("/", 1)[-1])
+        repo_name = args.source.removeprefix("hf://").rstrip("/").rsplit("/", 1)[-1]
+        folder = check_folder_name(repo_name, "repo name")
         name = ""
     name = args.site or args.subfolder or name
-    return folder / name.replace("/", "_") if name else folder
+    if not name:
+        return Path(folder)
+    return Path(folder, check_folder_name(name.strip("/").replace("/", "_"), "site"))
 
 
 @_command("pull")
@@ -166,6 +178,7 @@ def pull(args: argparse.Namespace) -> int:
     from lightning_interp.zoo.formats import write_folder
     from lightning_interp.zoo.load import load_dictionary
 
+    target = Path(args.dir) if args.dir else _default_pull_dir(args)  # checked before download
     dictionary = load_dictionary(
         args.source,
         site=args.site,
@@ -174,7 +187,7 @@ def pull(args: argparse.Namespace) -> int:
         format=args.format,
         token=args.token,
     )
-    folder = write_folder(dictionary, Path(args.dir) if args.dir else _default_pull_dir(args))
+    folder = write_folder(dictionary, target)
     revision = dictionary.config.provenance.revision
     print(
         f"saved {dictionary.architecture} (d_in={dictionary.d_in}, d_latent={dictionary.d_latent})"
@@ -204,11 +217,15 @@ def card(args: argparse.Namespace) -> int:
 
 @_command("convert")
 def convert(args: argparse.Namespace) -> int:
-    """``lightning-interp convert SRC DST --from FORMAT --to FORMAT``."""
+    """``lightning-interp convert SRC DST --from FORMAT --to FORMAT [--overwrite]``."""
     from lightning_interp.zoo.formats import convert as convert_folder
 
     folder = convert_folder(
-        args.src, args.dst, from_format=args.from_format, to_format=args.to_format
+        args.src,
+        args.dst,
+        from_format=args.from_format,
+        to_format=args.to_format,
+        overwrite=args.overwrite,
     )
     print(f"wrote {args.to_format} dictionary to {folder}")
     return 0

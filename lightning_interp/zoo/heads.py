@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lightning_interp._io import safe_join
 from lightning_interp.concepts.base import (
     HEAD_CONFIG,
     HEAD_WEIGHTS,
@@ -23,7 +24,7 @@ from lightning_interp.concepts.base import (
 )
 from lightning_interp.errors import DictionaryNotFoundError
 from lightning_interp.zoo.head_card import build_head_card
-from lightning_interp.zoo.load import HF_PREFIX, hub_repo_id
+from lightning_interp.zoo.load import HF_PREFIX, check_source, hub_repo_id
 from lightning_interp.zoo.publish import METRICS_NAME, PublishResult, read_metrics, write_metrics
 
 HEAD_FILES = (HEAD_CONFIG, HEAD_WEIGHTS)
@@ -65,10 +66,10 @@ def load_head(
         >>> load_head(folder).concept_names
         ['round', 'red']
     """
-    text = os.fspath(source)
+    text = check_source(source)
     sub = (subfolder or "").strip("/")
     if Path(text).is_dir():
-        head = load_head_folder(Path(text) / sub)
+        head = load_head_folder(safe_join(text, sub) if sub else Path(text))
     else:
         repo_id = hub_repo_id(source)
         if repo_id is None:
@@ -110,7 +111,7 @@ def _load_from_hub(
             f"{', '.join(missing)}); pass subfolder=... naming the head's folder{hint}"
         )
     snapshot = download_files(listing, files, token)
-    head = load_head_folder(snapshot / subfolder)
+    head = load_head_folder(safe_join(snapshot, subfolder) if subfolder else snapshot)
     head.provenance.update(
         hub_repo_id=repo_id, hub_subfolder=subfolder, revision=snapshot_sha(snapshot)
     )
@@ -163,6 +164,7 @@ def push_head(
             commit_message=commit_message
             or f"Publish a {head.head_type} concept head with lightning-interp",
             deletions=stale,
+            expected=[*HEAD_FILES, "README.md", *([METRICS_NAME] if metrics is not None else [])],
         )
 
 

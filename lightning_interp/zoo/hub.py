@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_interp._io import safe_join
 from lightning_interp.errors import DictionaryNotFoundError, HubError
 
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
@@ -58,6 +59,7 @@ def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
+        HFValidationError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -70,6 +72,10 @@ def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         raise DictionaryNotFoundError(
             f"Hub repo {repo_id!r} was not found (or is private or gated: log in with "
             f"`hf auth login` or pass token=...); check the repo id"
+        ) from err
+    except HFValidationError as err:
+        raise DictionaryNotFoundError(
+            f"{at} is not a valid Hub repo id or revision ({err}); check the spelling"
         ) from err
     except RevisionNotFoundError as err:
         raise DictionaryNotFoundError(
@@ -127,11 +133,13 @@ def cached_listing(repo_id: str, revision: str | None) -> RepoListing | None:
     storage = _storage_folder(repo_id)
     revision = revision or "main"
     sha = revision if _COMMIT_SHA.fullmatch(revision) else None
-    ref = storage / "refs" / revision
+    ref = safe_join(storage, "refs", revision)  # a branch may hold "/", never ".."
     if sha is None and ref.is_file():
         sha = ref.read_text(encoding="utf-8").strip()
-    snapshot = storage / "snapshots" / (sha or "")
-    if sha is None or not snapshot.is_dir():
+    if sha is None or not _COMMIT_SHA.fullmatch(sha):
+        return None
+    snapshot = safe_join(storage, "snapshots", sha)
+    if not snapshot.is_dir():
         return None
     files = tuple(
         sorted(
@@ -175,8 +183,21 @@ def list_revision(repo_id: str, revision: str | None, token: str | bool | None) 
         if listing is None:
             raise
         return listing
-    files = tuple(sorted(s.rfilename for s in info.siblings or []))
+    files = checked_listing(repo_id, info.sha, [s.rfilename for s in info.siblings or []])
     return RepoListing(repo_id, revision or "main", files, offline=False)
+
+
+def checked_listing(repo_id: str, sha: str | None, files: list[str]) -> tuple[str, ...]:
+    """``files`` (a Hub listing) sorted, each checked to land inside the repo's cache folder.
+
+    Raises:
+        UnsafePathError: a listed path is absolute or climbs out (``"../x"``): the server
+            is not a Hub to trust.
+    """
+    storage = _storage_folder(repo_id)
+    for name in files:
+        safe_join(storage, "snapshots", sha or "listing", name)
+    return tuple(sorted(files))
 
 
 def _status(err: BaseException) -> int:

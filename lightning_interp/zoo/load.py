@@ -67,7 +67,7 @@ def load_dictionary(
         >>> load_dictionary(folder).config.k
         2
     """
-    text = os.fspath(source)
+    text = check_source(source)
     if text.startswith(ZOO_PREFIX):
         from lightning_interp.zoo.catalogue import resolve_catalogue_id
 
@@ -121,6 +121,21 @@ def load_dictionary(
         raise type(err)(f"{err}; no local folder {text!r} exists either") from err
 
 
+def check_source(source: str | os.PathLike[str]) -> str:
+    """``source`` as text, refusing an empty one (``Path("")`` would mean the working folder).
+
+    Raises:
+        DictionaryNotFoundError: ``source`` is empty or blank.
+    """
+    text = os.fspath(source)
+    if not text.strip():
+        raise DictionaryNotFoundError(
+            f"source {text!r} is empty; pass a dictionary folder, a Hub repo id ('org/name') "
+            f"or a catalogue id ('zoo:<release>/<id>')"
+        )
+    return text
+
+
 def is_local_path(source: str | os.PathLike[str]) -> bool:
     """Whether ``source`` can only mean a local path (a Path, absolute, or ``./``, ``~``).
 
@@ -134,9 +149,16 @@ def hub_repo_id(source: str | os.PathLike[str]) -> str | None:
     """The Hub repo id ``source`` names (``org/name`` or ``hf://org/name``), else ``None``."""
     if is_local_path(source):
         return None
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     repo_id = os.fspath(source).removeprefix(HF_PREFIX).strip("/")
     parts = repo_id.split("/")
     valid = len(parts) == 2 and all(parts) and not repo_id.startswith((".", "~"))
+    try:
+        validate_repo_id(repo_id)  # the Hub's own rule: no "..", "--", spaces, ...
+    except HFValidationError:
+        valid = False
     return repo_id if valid else None
 
 
@@ -171,7 +193,7 @@ def load_local(
         # Not a recognised layout: let the reader name the missing files.
         return _read(root, format, device, dtype)
     chosen = select_folder(folders, source=str(root), site=site, subfolder=subfolder)
-    return _read(root / chosen.path, chosen.format, device, dtype)
+    return _read(chosen.under(root), chosen.format, device, dtype)
 
 
 def load_from_hub(
@@ -208,7 +230,7 @@ def load_from_hub(
             f"be loaded; load this one once online, or unset HF_HUB_OFFLINE"
         ) from err
     snapshot = download_files(listing, list(chosen.files), token)
-    dictionary = _read(snapshot / chosen.path, chosen.format, device, dtype)
+    dictionary = _read(chosen.under(snapshot), chosen.format, device, dtype)
     provenance = dataclasses.replace(
         dictionary.config.provenance,
         revision=snapshot_sha(snapshot),

@@ -1,4 +1,13 @@
-"""Publish dictionaries to the Hugging Face Hub: one folder per site, a card, one commit."""
+"""Publish dictionaries to the Hugging Face Hub: one folder per site, a card, one commit.
+
+Repo folders come from sites (a dictionary's ``provenance.site``, a ``push_to_hub(site=...)``
+argument, the keys of a ``{site: dictionary}`` map) or from a run's folder layout. Both are
+untrusted text (a pulled config can say ``"site": "../../x"``), so a site must be a plain
+folder name (:func:`~lightning_interp._io.check_folder_name`, per ``/``-separated level) and
+every staged path is joined with :func:`~lightning_interp._io.safe_join`. After the commit,
+the repo is listed at the new commit: a publication that lacks any staged file raises
+:class:`~lightning_interp.errors.HubError` instead of reporting success.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+from lightning_interp._io import check_folder_name, safe_join
+from lightning_interp.dictionaries.atomic import remove_stale_temporaries
 from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.dictionaries.serialization import (
     CONFIG_NAME,
@@ -20,7 +31,7 @@ from lightning_interp.dictionaries.serialization import (
     read_config,
     read_json,
 )
-from lightning_interp.errors import ConfigError, DictionaryNotFoundError
+from lightning_interp.errors import ConfigError, DictionaryNotFoundError, HubError, UnsafePathError
 from lightning_interp.zoo.card import CardEntry, build_card
 
 METRICS_NAME = "metrics.json"
@@ -65,8 +76,31 @@ def write_metrics(folder: Path, metrics: dict[str, Any]) -> Path:
     """Write ``metrics`` as ``folder/metrics.json`` (UTF-8, atomically) and return its path."""
     path = folder / METRICS_NAME
     text = json.dumps(metrics, indent=2) + "\n"
+    remove_stale_temporaries(folder, [METRICS_NAME])
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
     return path
+
+
+def site_folder(site: str, origin: str) -> str:
+    """``site`` checked for use as a repo folder: plain names joined by ``/``.
+
+    Args:
+        site: The site (``"layers.8.resid_post"``), from ``origin``.
+        origin: Where it came from, for the message (``"provenance.site of runs/x"``).
+
+    Raises:
+        UnsafePathError: a level is empty, ``.``/``..``, absolute, or has characters
+            outside ``[A-Za-z0-9_.-]``.
+    """
+    try:
+        for level in site.split("/"):
+            check_folder_name(level, "site")
+    except UnsafePathError as err:
+        raise UnsafePathError(
+            f"site {site!r} (from {origin}) cannot be a repo folder: {err}; set a plain site "
+            f"name, or pass {{folder: dictionary}} to publish_run"
+        ) from err
+    return site
 
 
 def items_from_folder(root: str | os.PathLike[str]) -> list[PublishItem]:
@@ -95,7 +129,11 @@ def items_from_folder(root: str | os.PathLike[str]) -> list[PublishItem]:
     sites = [d.config.provenance.site for _, d, _ in loaded]
     by_site = all(sites) and len(set(sites)) == len(sites)
     return [
-        PublishItem(site if by_site else rel, dictionary, metrics)
+        PublishItem(
+            site_folder(site, f"provenance.site in {root / rel / CONFIG_NAME}") if by_site else rel,
+            dictionary,
+            metrics,
+        )
         for (rel, dictionary, metrics), site in zip(loaded, sites, strict=True)
     ]
 
@@ -106,7 +144,9 @@ def _items(source: Any) -> list[PublishItem]:
     if isinstance(source, Dictionary):
         source = [source]
     if isinstance(source, Mapping):
-        return [PublishItem(str(site), d) for site, d in source.items()]
+        return [
+            PublishItem(site_folder(str(site), "a key of the map"), d) for site, d in source.items()
+        ]
     if isinstance(source, Sequence):
         sites = [d.config.provenance.site for d in source]
         if not all(sites) or len(set(sites)) != len(sites):
@@ -114,7 +154,10 @@ def _items(source: Any) -> list[PublishItem]:
                 f"cannot name a repo folder for each dictionary: their sites are {sites}; pass "
                 f"a dict {{site: dictionary}} instead"
             )
-        return [PublishItem(site, d) for site, d in zip(sites, source, strict=True)]
+        return [
+            PublishItem(site_folder(site, "provenance.site"), d)
+            for site, d in zip(sites, source, strict=True)
+        ]
     raise ConfigError(f"cannot publish a {type(source).__name__}; pass a folder or dictionaries")
 
 
@@ -144,10 +187,14 @@ def _remote_state(
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+    from lightning_interp.zoo.hub import checked_listing
+
     try:
-        files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
+        info = HfApi(token=token).model_info(repo_id, revision=revision)
     except (RepositoryNotFoundError, RevisionNotFoundError):
         return [], [], None
+    # Listed paths become cache paths and card entries: refuse any that would leave a folder.
+    files = list(checked_listing(repo_id, info.sha, [s.rfilename for s in info.siblings or []]))
 
     def fetch(filename: str) -> Path:
         return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))
@@ -198,7 +245,7 @@ def _stage(items: list[PublishItem], folder: Path) -> list[CardEntry]:
 
     entries = []
     for item in items:
-        target = folder / item.path
+        target = safe_join(folder, item.path) if item.path else folder
         write_folder(item.dictionary, target, format="native")
         if item.metrics is not None:
             write_metrics(target, item.metrics)
@@ -232,9 +279,12 @@ def publish(
         raise ConfigError(f"two dictionaries would share a repo folder: {paths}")
     api = HfApi(token=token)
     with hub_errors(repo_id, revision), tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp)
+        for path in paths:  # before the Hub is touched: a bad folder creates no repo
+            if path:
+                safe_join(staged, path)
         prepare_repo(api, repo_id, private=private, revision=revision)
         remote_files, kept, remote_config = _remote_state(repo_id, revision, token, set(paths))
-        staged = Path(tmp)
         entries = _stage(items, staged)
         if training_config is not None:
             (staged / TRAINING_CONFIG_NAME).write_text(training_config, encoding="utf-8")
@@ -255,7 +305,17 @@ def publish(
             commit_message=commit_message
             or f"Publish {len(items)} dictionaries ({where}) with lightning-interp",
             deletions=stale,
+            expected=_expected_files(items, with_training_config=training_config is not None),
         )
+
+
+def _expected_files(items: list[PublishItem], *, with_training_config: bool) -> list[str]:
+    """Every repo path a publication of ``items`` must commit, derived from the items alone."""
+    expected = ["README.md"] + ([TRAINING_CONFIG_NAME] if with_training_config else [])
+    for item in items:
+        names = [CONFIG_NAME, WEIGHTS_NAME] + ([METRICS_NAME] if item.metrics is not None else [])
+        expected += [f"{item.path}/{name}" if item.path else name for name in names]
+    return expected
 
 
 def prepare_repo(api: Any, repo_id: str, *, private: bool, revision: str | None) -> None:
@@ -278,20 +338,40 @@ def commit_staged(
     revision: str | None,
     commit_message: str,
     deletions: Sequence[str] = (),
+    expected: Sequence[str] = (),
 ) -> PublishResult:
     """Upload every file under ``staged`` and delete ``deletions`` as ONE commit.
 
     One commit means readers never see a half-published repo: either the old files or
-    all of the new ones.
+    all of the new ones. ``expected`` (repo paths) must all be staged before the commit
+    and present in the repo at the new commit after it.
+
+    Raises:
+        HubError: an expected file was not staged (nothing is committed), or is missing
+            from the commit the Hub reports (the publication is incomplete).
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
+    files = staged_files(staged)
+    unstaged = sorted(set(expected) - set(files))
+    if unstaged:
+        raise HubError(
+            f"refusing to publish to {repo_id}: {unstaged} were not staged (written "
+            f"elsewhere?); nothing was committed"
+        )
     operations: list[Any] = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-        for name, path in staged_files(staged).items()
+        for name, path in files.items()
     ]
     operations += [CommitOperationDelete(path_in_repo=name) for name in deletions]
     info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+    committed = set(api.list_repo_files(repo_id, revision=info.oid))
+    lost = sorted(set(expected) - committed)
+    if lost:
+        raise HubError(
+            f"the Hub accepted commit {info.oid} to {repo_id} but it lacks {lost}; the "
+            f"publication is incomplete: publish again (and check the repo's storage quota)"
+        )
     return PublishResult(repo_id, info.oid, info.commit_url)
 
 
@@ -303,8 +383,14 @@ def push_to_hub(
     metrics: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> PublishResult:
-    """Publish one dictionary (to the repo root, or to folder ``site``); see :func:`publish`."""
-    return publish([PublishItem((site or "").strip("/"), dictionary, metrics)], repo_id, **kwargs)
+    """Publish one dictionary (to the repo root, or to folder ``site``); see :func:`publish`.
+
+    Raises:
+        UnsafePathError: ``site`` is not a plain folder name (e.g. ``"../x"``).
+    """
+    site = (site or "").rstrip("/")  # "a/" means "a"; "/a" is refused, not reinterpreted
+    folder = site_folder(site, "push_to_hub(site=...)") if site else ""
+    return publish([PublishItem(folder, dictionary, metrics)], repo_id, **kwargs)
 
 
 def publish_run(

@@ -1,6 +1,10 @@
 """save_pretrained -> load_dictionary round trips, and every way a folder can be bad."""
 
 import json
+import os
+import signal
+import stat
+import warnings
 
 import pytest
 import torch
@@ -273,3 +277,158 @@ def test_check_tensors_takes_a_plain_shape_map(tmp_path):
     message = str(info.value)
     assert "missing tensors ['b']" in message and "unexpected tensors ['c']" in message
     assert "a has shape (3, 2), config implies (2, 3)" in message
+
+
+# ---------------------------------------------------------------- crash consistency
+
+FORMAT_FILES = {
+    "native": ("config.json", "model.safetensors"),
+    "saelens": ("cfg.json", "sae_weights.safetensors"),
+}
+
+
+def _write(dictionary, folder, fmt):
+    from lightning_interp.zoo.formats import write_folder
+
+    return write_folder(dictionary, folder, format=fmt)
+
+
+def _same_dictionary(loaded, reference):
+    expected = reference.to_inference()
+    assert loaded.config.k == expected.config.k
+    for name, tensor in expected.export_tensors().items():
+        torch.testing.assert_close(loaded.export_tensors()[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to kill a writer for real")
+@pytest.mark.parametrize("fmt", sorted(FORMAT_FILES))
+@pytest.mark.parametrize(
+    ("when", "which", "survivor"),
+    [
+        ("before", 1, "old"),  # killed with the new weights complete, not yet renamed
+        ("after", 1, "new"),  # killed between the weights' rename and the config's
+        ("after", 0, "new"),  # killed after both renames
+    ],
+)
+def test_a_writer_killed_at_any_step_leaves_the_old_or_the_new_dictionary(
+    tmp_path, fmt, when, which, survivor
+):
+    from tests.zoo.helpers import write_then_kill
+
+    torch.set_num_threads(1)
+    config_name, weights_name = FORMAT_FILES[fmt]
+    # Same shapes, different k and weights: the silent mix the pairing must prevent.
+    old, new = trained_like("topk", k=2), trained_like("topk", k=5)
+    with torch.no_grad():
+        new.W_enc.mul_(-1)
+    folder = tmp_path / "sae"
+    _write(old, folder, fmt)
+    (folder / "metrics.json").write_text('{"fvu": 0.5}')  # a neighbour the writes keep
+
+    target = (config_name, weights_name)[which]
+    status = write_then_kill(lambda: _write(new, folder, fmt), when=when, target=target)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+    expected = {"old": old, "new": new}[survivor]
+    mixed = survivor == "new" and target == weights_name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _same_dictionary(load_dictionary(folder), expected)
+    assert any("a save was interrupted" in str(w.message) for w in caught) == mixed
+    strays = [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert bool(strays) == (when == "before")  # the killed writer's complete temporary
+
+    # The next write clears what the killed one left, and leaves a consistent pair.
+    _write(old, folder, fmt)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*FORMAT_FILES[fmt], "metrics.json"])
+    _same_dictionary(load_dictionary(folder), old)
+    assert (folder / "metrics.json").read_text() == '{"fvu": 0.5}'
+
+
+def test_a_config_edited_by_hand_after_a_complete_save_is_read_as_written(tmp_path):
+    trained_like("topk", k=2).save_pretrained(tmp_path)
+    trained_like("topk", k=3).save_pretrained(tmp_path)  # its weights replace the k=2 config
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["k"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_dictionary(tmp_path).config.k == 4
+
+
+def test_temporaries_of_a_live_writer_are_kept(tmp_path):
+    from lightning_interp.dictionaries.serialization import remove_stale_temporaries
+
+    live = tmp_path / f".model.safetensors.{os.getppid()}.0a1b2c3d.tmp"  # our parent: alive
+    dead = tmp_path / ".model.safetensors.999999999.0a1b2c3d.tmp"  # beyond any pid_max
+    legacy = tmp_path / ".config.json.k2x_9qzt.tmp"  # mkstemp's name, before pids
+    other = tmp_path / ".notes.txt.999999999.0a1b2c3d.tmp"  # not a file we write
+    for path in (live, dead, legacy, other):
+        path.write_bytes(b"partial")
+    removed = remove_stale_temporaries(tmp_path, ["model.safetensors", "config.json"])
+    assert sorted(removed) == sorted([dead, legacy])
+    assert live.exists() and other.exists()
+
+
+# ---------------------------------------------------------------- what reaches a file
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMAT_FILES))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_never_written(tmp_path, fmt, bad):
+    from lightning_interp.errors import NonFiniteError
+
+    good = trained_like("topk")
+    _write(good, tmp_path, fmt)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    broken = trained_like("topk")
+    with torch.no_grad():
+        broken.b_dec[3] = bad
+    with pytest.raises(NonFiniteError, match=r"b_dec \(\d NaN, \d Inf of 8\).*learning rate"):
+        _write(broken, tmp_path, fmt)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    _same_dictionary(load_dictionary(tmp_path), good)
+
+
+def test_convert_of_a_non_finite_source_writes_nothing(tmp_path):
+    from lightning_interp.zoo.formats import convert
+
+    trained_like("topk").save_pretrained(tmp_path / "src")
+    tensors = load_file(tmp_path / "src" / "model.safetensors")
+    tensors["W_dec"][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "src" / "model.safetensors")
+    with pytest.raises(CorruptFileError, match=r"non-finite weights in W_dec \(1 NaN"):
+        convert(tmp_path / "src", tmp_path / "dst", to_format="saelens")
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
+def test_non_float_weights_in_a_native_folder_are_refused(tmp_path, dtype):
+    trained_like("topk").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["W_enc"] = tensors["W_enc"].to(dtype)
+    save_file(tensors, tmp_path / "model.safetensors")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CorruptFileError, match=rf"W_enc \({name}\) must hold floating-point"):
+        load_dictionary(tmp_path)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_written_files_have_ordinary_permissions(tmp_path, umask_022):
+    from lightning_interp.zoo.publish import write_metrics
+
+    sae = trained_like("topk")
+    sae.save_pretrained(tmp_path / "native")
+    _write(sae, tmp_path / "saelens", "saelens")
+    write_metrics(tmp_path / "native", {"fvu": 0.1})
+    files = [*(tmp_path / "native").iterdir(), *(tmp_path / "saelens").iterdir()]
+    assert len(files) == 5
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+    # An existing file keeps the mode its owner gave it, as an ordinary write would.
+    (tmp_path / "native" / "config.json").chmod(0o640)
+    sae.save_pretrained(tmp_path / "native")
+    assert stat.S_IMODE((tmp_path / "native" / "config.json").stat().st_mode) == 0o640

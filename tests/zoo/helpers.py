@@ -1,6 +1,9 @@
 """Small builders shared by the zoo tests."""
 
 import json
+import os
+import signal
+from pathlib import Path
 
 import torch
 
@@ -34,3 +37,31 @@ def assert_same_weights(a, b):
     assert ta.keys() == tb.keys()
     for name in ta:
         torch.testing.assert_close(ta[name], tb[name], rtol=0, atol=0)
+
+
+def write_then_kill(write, *, when, target):
+    """Run ``write()`` in a forked child that SIGKILLs itself at the rename onto ``target``.
+
+    ``when`` is ``"before"`` (the temporary is complete, the rename never happens) or
+    ``"after"`` (the rename happened, nothing after it does). The kill is real: the child
+    dies by SIGKILL at that point, as a process killed by the OOM killer or ``kill -9``
+    would, leaving the folder as the kernel has it. Returns the child's wait status.
+    """
+    pid = os.fork()
+    if pid == 0:  # the child: it never returns into pytest
+        try:
+            real_replace = os.replace
+
+            def replace(src, dst):
+                if when == "before" and Path(dst).name == target:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real_replace(src, dst)
+                if when == "after" and Path(dst).name == target:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            os.replace = replace
+            write()
+        finally:
+            os._exit(1)  # reached only if the kill point never came
+    _, status = os.waitpid(pid, 0)
+    return status

@@ -53,9 +53,10 @@ class Repo:
 class Fault:
     """Make requests whose method matches and whose path contains ``path_part`` fail.
 
-    ``kind`` is ``"500"`` (an internal server error), ``"404"`` (the entry is missing) or
-    ``"drop"`` (send headers and half the body, then close the connection). ``times``
-    counts down; ``None`` means always.
+    ``kind`` is ``"500"`` (an internal server error), ``"404"`` (the entry is missing),
+    ``"drop"`` (send headers and half the body, then close the connection) or
+    ``"lose-lfs"`` (a commit succeeds without its LFS files, as a Hub losing the weights
+    would). ``times`` counts down; ``None`` means always.
     """
 
     method: str
@@ -198,7 +199,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, {"errors": [], "warnings": []})
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo_id, rest = "/".join(parts[2:4]), parts[4:]
-            return self._api_model(repo_id, rest, query, body, base)
+            return self._api_model(repo_id, rest, query, body, base, fault)
         if parts[0] == "lfs-upload" and self.command == "PUT":
             oid = parts[1]
             if hashlib.sha256(body).hexdigest() != oid:
@@ -231,7 +232,13 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"url": url, "name": repo_id})
 
     def _api_model(
-        self, repo_id: str, rest: list[str], query: dict, body: bytes, base: str
+        self,
+        repo_id: str,
+        rest: list[str],
+        query: dict,
+        body: bytes,
+        base: str,
+        fault: Fault | None = None,
     ) -> None:
         repo = self._repo(repo_id)
         if repo is None:
@@ -263,7 +270,8 @@ class Handler(BaseHTTPRequestHandler):
             ]
             self._json(200, {"files": modes})
         elif action == "commit":
-            self._create_commit(repo_id, repo, revision, body, base)
+            lose_lfs = fault is not None and fault.kind == "lose-lfs"
+            self._create_commit(repo_id, repo, revision, body, base, lose_lfs=lose_lfs)
         elif action == "branch" and self.command == "POST":
             with self.state.lock:
                 if revision in repo.branches:
@@ -305,13 +313,17 @@ class Handler(BaseHTTPRequestHandler):
             objects.append(entry)
         self._json(200, {"transfer": "basic", "objects": objects})
 
-    def _create_commit(self, repo_id: str, repo: Repo, branch: str, body: bytes, base: str) -> None:
+    def _create_commit(
+        self, repo_id: str, repo: Repo, branch: str, body: bytes, base: str, *, lose_lfs: bool
+    ) -> None:
         changes: dict[str, StoredFile | None] = {}
         for line in body.decode().splitlines():
             item = json.loads(line)
             value = item["value"]
             if item["key"] == "file":
                 changes[value["path"]] = StoredFile(base64.b64decode(value["content"]), False)
+            elif item["key"] == "lfsFile" and lose_lfs:
+                continue
             elif item["key"] == "lfsFile":
                 content = self.state.lfs_objects.get(value["oid"])
                 if content is None:

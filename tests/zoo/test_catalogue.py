@@ -121,6 +121,7 @@ def test_the_wheel_ships_the_catalogue(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"lightning_interp/catalogue/{p.name}" for p in YAML_FILES} <= set(names)
+    assert "lightning_interp/py.typed" in names  # PEP 561 marker (pyproject package-data)
 
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = (

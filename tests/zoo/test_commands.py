@@ -138,3 +138,16 @@ def test_card_entries_come_from_the_staged_files(tmp_path):
         assert entry.config == staged
     assert entries[0].metrics == METRICS == json.loads((tmp_path / "a/metrics.json").read_text())
     assert entries[1].metrics is None and not (tmp_path / "b/c/metrics.json").exists()
+
+
+def test_convert_refuses_to_overwrite_a_dictionary_unless_asked(tmp_path, capsys):
+    first, second = make_sae(seed=1), make_sae(seed=2)
+    write_folder(first, tmp_path / "a", format="saelens")
+    write_folder(second, tmp_path / "b", format="saelens")
+    assert run("convert", str(tmp_path / "a"), str(tmp_path / "out")) == 0
+    assert run("convert", str(tmp_path / "b"), str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a dictionary" in err and "--overwrite" in err
+    assert_same_weights(read_folder(tmp_path / "out"), first)  # untouched
+    assert run("convert", str(tmp_path / "b"), str(tmp_path / "out"), "--overwrite") == 0
+    assert_same_weights(read_folder(tmp_path / "out"), second)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from lightning_interp import create_dictionary, load_dictionary
 from lightning_interp.dictionaries import JumpReLUSAE, TopKSAE
+from lightning_interp.dictionaries.serialization import PAIRED_CONFIG_KEY, REPLACED_CONFIG_KEY
 from lightning_interp.zoo.formats import FORMATS, convert, detect_format, read_folder, write_folder
 from tests.zoo import foreign_layouts as fl
 from tests.zoo.foreign_layouts import D_OUT, D, F
@@ -212,7 +213,9 @@ def test_saelens_writer_layout(tmp_path, architecture, kwargs):
     expected = {"W_enc": (D, F), "W_dec": (F, sae.d_out), "b_dec": (sae.d_out,)}
     with safe_open(str(tmp_path / "sae_weights.safetensors"), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        assert f.metadata() is None  # SAELens's save_file passes no metadata
+        # SAELens's save_file passes no metadata and its loader ignores it: ours holds only
+        # the pairing keys that make the two-file write crash-consistent.
+        assert set(f.metadata()) == {PAIRED_CONFIG_KEY, REPLACED_CONFIG_KEY}
     assert expected.items() <= shapes.items()
     if cfg["architecture"] == "transcoder" or "transcoder" in cfg["architecture"]:
         assert cfg["d_out"] == D_OUT and cfg["apply_b_dec_to_input"] is False

@@ -29,6 +29,7 @@ import torch
 from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.errors import (
     DictionaryNotFoundError,
+    OutputExistsError,
     UnknownFormatError,
     UnsupportedFormatError,
 )
@@ -192,15 +193,33 @@ def convert(
     *,
     from_format: str = "auto",
     to_format: str = "native",
+    overwrite: bool = False,
 ) -> Path:
     """Read the dictionary in ``src`` and write it to ``dst`` in another format.
 
     Nothing is written unless the read succeeds and the target format can hold the
     dictionary.
 
+    Args:
+        src: The source dictionary folder.
+        dst: The output folder.
+        from_format: The source format, or ``"auto"``.
+        to_format: The format to write.
+        overwrite: Replace a dictionary already in ``dst`` (refused otherwise).
+
     Returns:
         The folder written.
+
+    Raises:
+        OutputExistsError: ``dst`` already holds a dictionary and ``overwrite`` is false.
     """
     target = _writer(to_format)  # fail on a bad or read-only target before reading
+    out = Path(dst)
+    present = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if not overwrite and _matching(present):
+        raise OutputExistsError(
+            f"{out} already holds a dictionary ({', '.join(sorted(present))}); pass "
+            f"overwrite=True (--overwrite on the command line) to replace it, or another folder"
+        )
     dictionary = read_folder(src, format=from_format)
     return target.write(dictionary, Path(dst))

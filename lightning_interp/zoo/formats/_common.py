@@ -148,16 +148,10 @@ def read_npz(path: Path) -> dict[str, Tensor]:
         raise UnsafeFileError(f"{path} holds object arrays that need unpickling ({err})") from err
     except (OSError, zipfile.BadZipFile, EOFError) as err:
         raise CorruptFileError(f"{path} is not a readable .npz file ({err})") from err
-
-
-def require_keys(values: dict[str, Any], keys: list[str], path: Path) -> None:
-    """Raise CorruptFileError naming the keys of ``keys`` that ``values`` lacks."""
-    missing = [k for k in keys if k not in values]
-    if missing:
+    except TypeError as err:  # string or other non-numeric arrays: no tensor holds them
         raise CorruptFileError(
-            f"{path} lacks required key(s) {missing} (has {sorted(values)}); re-download it "
-            f"or add them"
-        )
+            f"{path} holds an array that is not numeric ({err}); re-download the file"
+        ) from err
 
 
 def require_tensors(tensors: dict[str, Any], names: list[str], path: Path) -> None:
@@ -169,6 +163,22 @@ def require_tensors(tensors: dict[str, Any], names: list[str], path: Path) -> No
             f"{path} lacks tensor(s) {missing} (has {present}); it is not a complete "
             f"dictionary of this kind"
         )
+
+
+def matrix(tensors: dict[str, Any], name: str, path: Path) -> Tensor:
+    """``tensors[name]``, checked to be a matrix: readers transpose it or read sizes off it.
+
+    Raises:
+        CorruptFileError: it is missing or not 2-D.
+    """
+    require_tensors(tensors, [name], path)
+    tensor = tensors[name]
+    if tensor.ndim != 2:
+        raise CorruptFileError(
+            f"{path}: {name} must be a matrix (2-D), got shape {tuple(tensor.shape)}; "
+            f"re-download the file"
+        )
+    return tensor
 
 
 def build_dictionary(
@@ -195,7 +205,10 @@ def build_dictionary(
     Raises:
         CorruptFileError: the fields are invalid, or contradict the tensors' names or shapes.
     """
-    saved = dtype_name(tensors["W_dec"].dtype) if "W_dec" in tensors else "float32"
+    w_dec = tensors.get("W_dec")
+    # A non-float W_dec is reported by build_from_tensors, naming the tensor and its dtype.
+    floating = isinstance(w_dec, Tensor) and w_dec.is_floating_point()
+    saved = dtype_name(w_dec.dtype) if floating else "float32"
     where = f" and {config_path}" if config_path else ""
 
     def mismatch_hint(config: Any) -> str:
@@ -235,7 +248,7 @@ def provenance(
         site=site,
         site_out=site_out,
         dataset=dataset or None,
-        context_size=int(context_size) if context_size else None,
+        context_size=context_size or None,
         normalization=normalization,
         trained_as=trained_as,
         extra={k: v for k, v in (extra or {}).items() if v is not None},

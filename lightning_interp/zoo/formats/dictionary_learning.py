@@ -44,13 +44,14 @@ from lightning_interp.zoo.formats._common import (
     DtypeLike,
     FormatAdapter,
     build_dictionary,
+    matrix,
     provenance,
     read_json,
     read_pt_state_dict,
     require_config_and_weights,
-    require_keys,
     require_tensors,
 )
+from lightning_interp.zoo.formats._fields import ConfigFields
 
 WEIGHTS_NAME = "ae.pt"
 CONFIG_NAME = "config.json"
@@ -61,9 +62,9 @@ def _linear_layout(state: dict[str, Tensor], path: Path, bias: str) -> dict[str,
     """``nn.Linear`` encoder/decoder (weights ``[F, d]`` / ``[d, F]``) -> our layout."""
     require_tensors(state, ["encoder.weight", "encoder.bias", "decoder.weight", bias], path)
     return {
-        "W_enc": state["encoder.weight"].T,
+        "W_enc": matrix(state, "encoder.weight", path).T,
         "b_enc": state["encoder.bias"],
-        "W_dec": state["decoder.weight"].T,
+        "W_dec": matrix(state, "decoder.weight", path).T,
         "b_dec": state[bias],
     }
 
@@ -91,8 +92,8 @@ def _convert(dict_class: str, state: dict[str, Tensor], path: Path) -> tuple[str
         ]
         require_tensors(state, names, path)
         tensors = {
-            "W_enc": state["encoder.weight"].T,
-            "W_dec": state["decoder.weight"].T,
+            "W_enc": matrix(state, "encoder.weight", path).T,
+            "W_dec": matrix(state, "decoder.weight", path).T,
             "b_dec": state["decoder_bias"],
             "b_gate": state["gate_bias"],
             "b_mag": state["mag_bias"],
@@ -113,7 +114,7 @@ def _convert(dict_class: str, state: dict[str, Tensor], path: Path) -> tuple[str
             tensors = _linear_layout(state, path, "b_dec")
         if dict_class == "AutoEncoderTopK":
             return "topk", tensors, {"apply_b_dec_to_input": True}
-        threshold = float(state["threshold"]) if "threshold" in state else -1.0
+        threshold = ConfigFields(state, path).number("threshold", -1.0)
         if threshold < 0:
             # No threshold estimated yet: keep batch-level selection (our BatchTopK), as it
             # trained. Its own default encode would keep relu(pre) > -1: dense ReLU codes
@@ -145,20 +146,21 @@ class DictionaryLearningFormat(FormatAdapter):
         cfg_path, weights_path = require_config_and_weights(
             folder, CONFIG_NAME, WEIGHTS_NAME, self.name
         )
-        config = read_json(cfg_path)
-        require_keys(config, ["trainer"], cfg_path)
-        trainer = config["trainer"]
-        require_keys(trainer, ["dict_class", "activation_dim", "dict_size"], cfg_path)
+        config = ConfigFields(read_json(cfg_path), cfg_path)
+        if "trainer" not in config:
+            raise CorruptFileError(
+                f"{cfg_path} lacks the 'trainer' section dictionary_learning writes; "
+                f"re-download the folder"
+            )
+        trainer = config.section("trainer")
+        dict_class = trainer.string("dict_class")
+        d_in, d_latent = trainer.integer("activation_dim"), trainer.integer("dict_size")
         state = read_pt_state_dict(weights_path)
-        architecture, tensors, fields = _convert(str(trainer["dict_class"]), state, weights_path)
-        fields = {
-            "d_in": int(trainer["activation_dim"]),
-            "d_latent": int(trainer["dict_size"]),
-            **fields,
-        }
+        architecture, tensors, fields = _convert(dict_class, state, weights_path)
+        fields = {"d_in": d_in, "d_latent": d_latent, **fields}
         if architecture in ("topk", "batchtopk"):
-            fields["k"] = self._k(trainer, state, cfg_path)
-        fields["provenance"] = self._provenance(config, state, architecture)
+            fields["k"] = self._k(trainer, ConfigFields(state, weights_path), cfg_path)
+        fields["provenance"] = self._provenance(config, state, architecture, weights_path)
         return build_dictionary(
             architecture,
             fields,
@@ -170,36 +172,37 @@ class DictionaryLearningFormat(FormatAdapter):
         )
 
     @staticmethod
-    def _k(trainer: dict[str, Any], state: dict[str, Any], cfg_path: Path) -> int:
-        k = trainer.get("k", None)
-        saved = int(state["k"]) if isinstance(state.get("k"), Tensor) else None
-        if k is not None and saved is not None and int(k) != saved:
+    def _k(trainer: ConfigFields, state: ConfigFields, cfg_path: Path) -> int:
+        k, saved = trainer.integer("k", None), state.integer("k", None)
+        if k is not None and saved is not None and k != saved:
             raise CorruptFileError(
                 f"{cfg_path} says k={k} but ae.pt's k buffer is {saved}; re-download the pair"
             )
         if k is None and saved is None:
             raise CorruptFileError(f"{cfg_path} has no trainer.k and ae.pt no k buffer")
-        return int(k if k is not None else saved)
+        return k if k is not None else saved
 
-    def _provenance(self, config: dict[str, Any], state: dict[str, Any], architecture: str) -> Any:
-        trainer, buffer = config["trainer"], config.get("buffer") or {}
-        submodule = trainer.get("submodule_name")
+    def _provenance(
+        self, config: ConfigFields, state: dict[str, Any], architecture: str, weights_path: Path
+    ) -> Any:
+        trainer = config.section("trainer")
+        submodule = trainer.string("submodule_name", None)
         extra: dict[str, Any] = {
             "format": self.name,
-            "dict_class": trainer["dict_class"],
-            "trainer_class": trainer.get("trainer_class"),
+            "dict_class": trainer.string("dict_class"),
+            "trainer_class": trainer.string("trainer_class", None),
             "submodule_name": submodule,
-            "layer": trainer.get("layer"),
+            "layer": trainer.integer("layer", None),
         }
         if isinstance(state.get("group_sizes"), Tensor):
             extra["group_sizes"] = [int(s) for s in state["group_sizes"].tolist()]
-        if architecture == "topk" and isinstance(state.get("threshold"), Tensor):
-            extra["inference_threshold"] = float(state["threshold"])
+        if architecture == "topk" and "threshold" in state:
+            extra["inference_threshold"] = ConfigFields(state, weights_path).number("threshold")
         return provenance(
-            trained_as=f"{self.name}:{trainer['dict_class']}",
-            backbone=trainer.get("lm_name"),
+            trained_as=f"{self.name}:{extra['dict_class']}",
+            backbone=trainer.string("lm_name", None),
             site=sitenames.from_dictionary_learning(submodule),
-            context_size=buffer.get("ctx_len"),
+            context_size=config.section("buffer").integer("ctx_len", None),
             extra=extra,
         )
 

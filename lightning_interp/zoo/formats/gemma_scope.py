@@ -30,6 +30,7 @@ from lightning_interp.zoo.formats._common import (
     DtypeLike,
     FormatAdapter,
     build_dictionary,
+    matrix,
     provenance,
     read_json,
     read_npz,
@@ -38,6 +39,7 @@ from lightning_interp.zoo.formats._common import (
     require_file,
     require_tensors,
 )
+from lightning_interp.zoo.formats._fields import ConfigFields
 
 V1_WEIGHTS = "params.npz"
 V2_WEIGHTS = "params.safetensors"
@@ -69,7 +71,7 @@ class GemmaScopeFormat(FormatAdapter):
         weights_path = require_file(folder, V1_WEIGHTS, self.name)
         tensors = _canonical_names(read_npz(weights_path))
         require_tensors(tensors, list(_NAMES), weights_path)
-        fields = self._fields(tensors, transcoder=False)
+        fields = self._fields(tensors, weights_path, transcoder=False)
         fields["provenance"] = provenance(
             trained_as=f"{self.name}:v1",
             extra={"format": self.name, "version": 1, "folder": folder.name},
@@ -88,25 +90,27 @@ class GemmaScopeFormat(FormatAdapter):
         cfg_path, weights_path = require_config_and_weights(
             folder, V2_CONFIG, V2_WEIGHTS, self.name
         )
-        cfg = read_json(cfg_path)
-        if cfg.get("architecture", "jump_relu") != "jump_relu":
+        cfg = ConfigFields(read_json(cfg_path), cfg_path)
+        architecture = cfg.string("architecture", "jump_relu")
+        if architecture != "jump_relu":
             raise UnsupportedFormatError(
-                f"{cfg_path}: architecture {cfg['architecture']!r} is not supported "
-                f"(only jump_relu)"
+                f"{cfg_path}: architecture {architecture!r} is not supported (only jump_relu)"
             )
         raw = _canonical_names(read_weights(weights_path))
         require_tensors(raw, list(_NAMES), weights_path)
         tensors = {k: raw[k] for k in _NAMES}
-        hook_in, hook_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out")
-        transcoder = cfg.get("type") == "transcoder" or (hook_out not in (None, hook_in))
-        fields = self._fields(tensors, transcoder=transcoder)
+        hook_in = cfg.string("hf_hook_point_in", None)
+        hook_out = cfg.string("hf_hook_point_out", None)
+        kind = cfg.string("type", "sae")
+        transcoder = kind == "transcoder" or (hook_out not in (None, hook_in))
+        fields = self._fields(tensors, weights_path, transcoder=transcoder)
         if "affine_skip_connection" in raw:
             # Gemma Scope applies x @ A with A [d_in, d_out]; ours is x @ W_skip.T.
-            tensors["W_skip"] = raw["affine_skip_connection"].T
+            tensors["W_skip"] = matrix(raw, "affine_skip_connection", weights_path).T
             fields["skip_connection"] = True
         fields["provenance"] = provenance(
-            trained_as=f"{self.name}:v2-{cfg.get('type', 'sae')}",
-            backbone=cfg.get("model_name"),
+            trained_as=f"{self.name}:v2-{kind}",
+            backbone=cfg.string("model_name", None),
             site=sitenames.from_hf_module(hook_in),
             site_out=sitenames.from_hf_module(hook_out) if transcoder else None,
             extra={
@@ -114,8 +118,8 @@ class GemmaScopeFormat(FormatAdapter):
                 "version": 2,
                 "hf_hook_point_in": hook_in,
                 "hf_hook_point_out": hook_out,
-                "l0": cfg.get("l0"),
-                "width": cfg.get("width"),
+                "l0": cfg.number("l0", None),
+                "width": cfg.integer("width", None),
             },
         )
         return build_dictionary(
@@ -129,8 +133,9 @@ class GemmaScopeFormat(FormatAdapter):
         )
 
     @staticmethod
-    def _fields(tensors: dict[str, Tensor], *, transcoder: bool) -> dict[str, Any]:
-        d_in, d_latent = tensors["W_enc"].shape
+    def _fields(tensors: dict[str, Tensor], path: Path, *, transcoder: bool) -> dict[str, Any]:
+        d_in, d_latent = matrix(tensors, "W_enc", path).shape
+        matrix(tensors, "W_dec", path)  # its last size is the output width
         return {
             "d_in": int(d_in),
             "d_latent": int(d_latent),

@@ -15,17 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from lightning_interp.dictionaries.base import Dictionary
-from lightning_interp.errors import DictionaryNotFoundError, UnsupportedFormatError
+from lightning_interp.errors import (
+    DictionaryNotFoundError,
+    UnsupportedFormatError,
+)
 from lightning_interp.zoo.formats._common import (
     DeviceLike,
     DtypeLike,
     FormatAdapter,
     build_dictionary,
+    matrix,
     provenance,
     read_pt_state_dict,
     record_input_normalization,
     require_tensors,
 )
+from lightning_interp.zoo.formats._fields import ConfigFields
 
 # Other libraries' .pt files that are not OpenAI autoencoders.
 _FOREIGN_PT = {"ae.pt", "trainer_state.pt"}
@@ -58,37 +63,40 @@ class OpenAIFormat(FormatAdapter):
         path = folder / files[0]
         state = read_pt_state_dict(path)
         require_tensors(state, ["encoder.weight", "latent_bias", "pre_bias"], path)
-        activation = state.get("activation", "ReLU")
-        act_state: dict[str, Any] = state.get("activation_state_dict") or {}
+        encoder = matrix(state, "encoder.weight", path)  # [n_latents, d_model]
+        fields_in = ConfigFields(state, path)
+        activation = fields_in.string("activation", "ReLU")
+        act_state = fields_in.section("activation_state_dict")
+        tied = "decoder.weight" not in state
         tensors = {
-            "W_enc": state["encoder.weight"].T,
+            "W_enc": encoder.T,
             "b_enc": state["latent_bias"],
             # A tied decoder is the encoder's transpose: decoder(z) = z @ encoder.weight.
-            "W_dec": state["decoder.weight"].T
+            "W_dec": matrix(state, "decoder.weight", path).T
             if "decoder.weight" in state
-            else state["encoder.weight"],
+            else encoder,
             "b_dec": state["pre_bias"],
         }
-        n_latents, d_in = state["encoder.weight"].shape
+        n_latents, d_in = encoder.shape
         fields: dict[str, Any] = {
             "d_in": int(d_in),
             "d_latent": int(n_latents),
             "normalize_decoder": False,
         }
         if activation == "TopK":
-            if act_state.get("postact_fn", "ReLU") != "ReLU" or "k" not in act_state:
+            if act_state.string("postact_fn", "ReLU") != "ReLU" or "k" not in act_state:
                 raise UnsupportedFormatError(
                     f"{path}: TopK needs activation_state_dict with k and postact_fn 'ReLU', "
-                    f"got {act_state}"
+                    f"got {act_state.values}"
                 )
-            fields["k"] = int(act_state["k"])
+            fields["k"] = act_state.integer("k")
         elif activation != "ReLU":
             raise UnsupportedFormatError(
                 f"{path}: activation {activation!r} is not supported (ReLU, TopK)"
             )
         fields["provenance"] = provenance(
             trained_as=f"{self.name}:{activation}",
-            extra={"format": self.name, "file": path.name, "tied": "decoder.weight" not in state},
+            extra={"format": self.name, "file": path.name, "tied": tied},
         )
         dictionary = build_dictionary(
             "topk" if activation == "TopK" else "standard",

@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.dictionaries.config import dtype_name
-from lightning_interp.dictionaries.serialization import atomic_write
+from lightning_interp.dictionaries.serialization import paired_config, write_weights_and_config
 from lightning_interp.errors import UnsupportedFormatError
 from lightning_interp.zoo.formats import sitenames
 from lightning_interp.zoo.formats._common import (
@@ -45,8 +44,8 @@ from lightning_interp.zoo.formats._common import (
     read_weights,
     record_input_normalization,
     require_config_and_weights,
-    require_keys,
 )
+from lightning_interp.zoo.formats._fields import ConfigFields
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -84,9 +83,16 @@ def _major(version: Any) -> int:
 
 
 def upgrade_config(raw: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Return a v6-shaped config (``metadata`` nested) from a v6 or flat pre-6.0 ``cfg.json``."""
-    version = raw.get("sae_lens_version") or (raw.get("metadata") or {}).get("sae_lens_version")
-    if isinstance(raw.get("metadata"), dict) and _major(version) >= 6:
+    """Return a v6-shaped config (``metadata`` nested) from a v6 or flat pre-6.0 ``cfg.json``.
+
+    Raises:
+        CorruptFileError: a field the upgrade reads has the wrong type.
+        UnsupportedFormatError: a pre-6.0 activation function with no equivalent here.
+    """
+    fields = ConfigFields(raw, path)
+    given = fields.section("metadata").values
+    version = raw.get("sae_lens_version") or given.get("sae_lens_version")
+    if "metadata" in fields and _major(version) >= 6:
         return dict(raw)
     renames = {
         "hook_point": "hook_name",
@@ -94,13 +100,11 @@ def upgrade_config(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         "activation_fn_str": "activation_fn",
     }
     flat = {renames.get(k, k): v for k, v in raw.items() if k != "metadata"}
-    metadata = {
-        **(raw.get("metadata") or {}),
-        **{k: flat.pop(k) for k in list(flat) if k in _METADATA_KEYS},
-    }
-    activation = flat.get("activation_fn", "relu")
-    k = (flat.get("activation_fn_kwargs") or {}).get("k")
-    architecture = flat.get("architecture", "standard")
+    metadata = {**given, **{k: flat.pop(k) for k in list(flat) if k in _METADATA_KEYS}}
+    flat_fields = ConfigFields(flat, path)
+    activation = flat_fields.string("activation_fn", "relu")
+    k = flat_fields.section("activation_fn_kwargs").integer("k", None)
+    architecture = flat_fields.string("architecture", "standard")
     if activation == "topk" and k is not None:
         architecture, flat["k"] = "topk", k
     elif activation not in ("relu", None) and architecture == "standard":
@@ -112,7 +116,7 @@ def upgrade_config(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     if isinstance(normalize, bool) or normalize is None:
         # Pre-6.0 stored a boolean: True meant the April-update expected-norm scaling.
         normalize = "expected_average_only_in" if normalize else "none"
-    hook = metadata.get("hook_name") or ""
+    hook = ConfigFields(metadata, path, "metadata.").string("hook_name", "")
     return {
         **flat,
         "architecture": architecture,
@@ -150,13 +154,12 @@ def _fold_decoder_norm(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
-def _scaling_factor(folder: Path, cfg: dict[str, Any]) -> float | None:
-    if cfg.get("norm_scaling_factor") is not None:
-        return float(cfg["norm_scaling_factor"])
+def _scaling_factor(folder: Path, cfg: ConfigFields) -> float | None:
+    if "norm_scaling_factor" in cfg:
+        return cfg.number("norm_scaling_factor", positive=True)
     scaler = folder / SCALER_NAME
     if scaler.is_file():
-        value = read_json(scaler).get("scaling_factor")
-        return None if value is None else float(value)
+        return ConfigFields(read_json(scaler), scaler).number("scaling_factor", None, positive=True)
     return None
 
 
@@ -175,17 +178,16 @@ class SAELensFormat(FormatAdapter):
         cfg_path, weights_path = require_config_and_weights(
             folder, CFG_NAME, WEIGHTS_NAME, self.name
         )
-        cfg = upgrade_config(read_json(cfg_path), cfg_path)
-        require_keys(cfg, ["d_in", "d_sae"], cfg_path)
-        architecture = cfg.get("architecture", "standard")
+        raw = paired_config(read_json(cfg_path), cfg_path, weights_path)
+        cfg = ConfigFields(upgrade_config(raw, cfg_path), cfg_path)
+        architecture = cfg.string("architecture", "standard")
         if architecture not in _ARCHITECTURES:
             raise UnsupportedFormatError(
                 f"{cfg_path}: SAELens architecture {architecture!r} is not supported; "
                 f"supported: {sorted(_ARCHITECTURES)}"
             )
         tensors = _fold_legacy_scaling(read_weights(weights_path))
-        metadata = cfg.get("metadata") or {}
-        stash = metadata.get(STASH_KEY)
+        stash = cfg.section("metadata").values.get(STASH_KEY)
         stashed = (
             isinstance(stash, dict) and stash.get("architecture") == _ARCHITECTURES[architecture]
         )
@@ -193,8 +195,8 @@ class SAELensFormat(FormatAdapter):
             # Written by us: the stash holds the exact config, training fields included.
             fields = {k: v for k, v in stash.items() if k != "architecture"}
         else:
-            fields = self._fields(cfg, architecture, tensors, cfg_path)
-            if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+            fields = self._fields(cfg, architecture, tensors)
+            if architecture == "topk" and cfg.boolean("rescale_acts_by_decoder_norm", False):
                 tensors = _fold_decoder_norm(tensors)
         dictionary = build_dictionary(
             _ARCHITECTURES[architecture],
@@ -207,52 +209,54 @@ class SAELensFormat(FormatAdapter):
         )
         if stashed:  # the stash already describes the dictionary as it should be read
             return dictionary
-        return self._normalized(dictionary, folder, cfg, cfg_path)
+        return self._normalized(dictionary, folder, cfg)
 
     def _fields(
-        self, cfg: dict[str, Any], architecture: str, tensors: dict[str, Tensor], path: Path
+        self, cfg: ConfigFields, architecture: str, tensors: dict[str, Tensor]
     ) -> dict[str, Any]:
-        metadata = cfg.get("metadata") or {}
+        metadata = cfg.section("metadata")
         transcoder = architecture in _TRANSCODERS
-        hook, hook_out = metadata.get("hook_name"), metadata.get("hook_name_out")
+        hook, hook_out = metadata.string("hook_name", None), metadata.string("hook_name_out", None)
         site_out = sitenames.from_transformerlens(hook_out) if transcoder else None
         extra = {
             "format": self.name,
             "architecture": architecture,
             "hook_name": hook,
             "hook_name_out": hook_out,
-            "hook_head_index": metadata.get("hook_head_index"),
-            "sae_lens_version": metadata.get("sae_lens_version"),
-            "neuronpedia_id": metadata.get("neuronpedia_id"),
-            "prepend_bos": metadata.get("prepend_bos"),
+            "hook_head_index": metadata.integer("hook_head_index", None),
+            "sae_lens_version": metadata.values.get("sae_lens_version"),
+            "neuronpedia_id": metadata.values.get("neuronpedia_id"),
+            "prepend_bos": metadata.values.get("prepend_bos"),
         }
-        if cfg.get("reshape_activations") == "hook_z":
+        if cfg.values.get("reshape_activations") == "hook_z":
             # SAELens flattens hook_z's [..., n_heads, d_head] to d_in = n_heads * d_head:
             # exactly our attn_z site (the concatenated heads entering the output projection).
             extra["reshape_activations"] = "hook_z"
+        w_dec = tensors.get("W_dec")
         fields: dict[str, Any] = {
-            "d_in": cfg["d_in"],
-            "d_latent": cfg["d_sae"],
-            "d_out": cfg.get("d_out", tensors["W_dec"].shape[-1]) if transcoder else None,
+            "d_in": cfg.integer("d_in"),
+            "d_latent": cfg.integer("d_sae"),
+            "d_out": cfg.integer("d_out", w_dec.shape[-1] if w_dec is not None else None)
+            if transcoder
+            else None,
             "apply_b_dec_to_input": False
             if transcoder
-            else bool(cfg.get("apply_b_dec_to_input", True)),
+            else cfg.boolean("apply_b_dec_to_input", True),
             "skip_connection": architecture in _SKIP_TRANSCODERS,
             # Foreign decoders make no unit-norm promise; do not renormalise when fine-tuning.
             "normalize_decoder": False,
         }
         if architecture == "topk":
-            require_keys(cfg, ["k"], path)
-            fields["k"] = int(cfg["k"])
-            if cfg.get("rescale_acts_by_decoder_norm"):
+            fields["k"] = cfg.integer("k")
+            if cfg.boolean("rescale_acts_by_decoder_norm", False):
                 extra["folded_decoder_norm"] = True  # done by read(), on the tensors
         fields["provenance"] = provenance(
             trained_as=f"{self.name}:{architecture}",
-            backbone=metadata.get("model_name"),
+            backbone=metadata.string("model_name", None),
             site=sitenames.from_transformerlens(hook),
             site_out=site_out,
-            dataset=metadata.get("dataset_path"),
-            context_size=metadata.get("context_size"),
+            dataset=metadata.string("dataset_path", None),
+            context_size=metadata.integer("context_size", None),
             extra=extra,
         )
         return fields
@@ -261,11 +265,10 @@ class SAELensFormat(FormatAdapter):
         self,
         dictionary: Dictionary,
         folder: Path,
-        cfg: dict[str, Any],
-        cfg_path: Path,
+        cfg: ConfigFields,
     ) -> Dictionary:
         """Apply ``normalize_activations``: fold a known constant, report a per-input one."""
-        kind = cfg.get("normalize_activations") or "none"
+        kind = cfg.string("normalize_activations", "none")
         if kind == "none":
             return dictionary
         if kind == "expected_average_only_in":
@@ -279,7 +282,7 @@ class SAELensFormat(FormatAdapter):
                 return dictionary.with_scale_folded()
         if kind == "expected_average_only_in":
             kind = "expected_average_only_in (scaling factor unknown)"
-        return record_input_normalization(dictionary, kind, cfg_path)
+        return record_input_normalization(dictionary, kind, Path(cfg.source))
 
     # ---------------------------------------------------------------- writing
     def write(self, dictionary: Dictionary, folder: Path) -> Path:
@@ -292,11 +295,9 @@ class SAELensFormat(FormatAdapter):
         dictionary = dictionary.to_inference().with_scale_folded()
         cfg = self.saelens_config(dictionary)
         tensors = {k: v.detach().cpu().contiguous() for k, v in dictionary.export_tensors().items()}
-        text = json.dumps(cfg)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
-        atomic_write(folder / CFG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
-        return folder
+        return write_weights_and_config(
+            folder, tensors, json.dumps(cfg), weights_name=WEIGHTS_NAME, config_name=CFG_NAME
+        )
 
     def saelens_config(self, dictionary: Dictionary) -> dict[str, Any]:
         """The ``cfg.json`` SAELens v6 would write for this dictionary, keys in its order."""

@@ -27,13 +27,14 @@ from lightning_interp.zoo.formats._common import (
     DtypeLike,
     FormatAdapter,
     build_dictionary,
+    matrix,
     provenance,
     read_json,
     read_weights,
     require_config_and_weights,
-    require_keys,
     require_tensors,
 )
+from lightning_interp.zoo.formats._fields import ConfigFields
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
@@ -53,9 +54,9 @@ class SparsifyFormat(FormatAdapter):
         cfg_path, weights_path = require_config_and_weights(
             folder, CFG_NAME, WEIGHTS_NAME, self.name
         )
-        cfg = read_json(cfg_path)
-        require_keys(cfg, ["d_in", "k"], cfg_path)
-        activation = cfg.get("activation", "topk")
+        cfg = ConfigFields(read_json(cfg_path), cfg_path)
+        d_in, k = cfg.integer("d_in"), cfg.integer("k")
+        activation = cfg.string("activation", "topk")
         if activation != "topk":
             raise UnsupportedFormatError(
                 f"{cfg_path}: sparsify activation {activation!r} is not supported (only "
@@ -63,14 +64,17 @@ class SparsifyFormat(FormatAdapter):
             )
         raw = read_weights(weights_path)
         require_tensors(raw, ["encoder.weight", "encoder.bias", "W_dec", "b_dec"], weights_path)
-        d_in = int(cfg["d_in"])
-        num_latents = int(cfg.get("num_latents") or 0) or d_in * int(cfg.get("expansion_factor", 0))
+        # sparsify's SparseCoderConfig: num_latents 0 means "d_in * expansion_factor".
+        num_latents = cfg.integer("num_latents", 0) or d_in * cfg.integer("expansion_factor", 0)
         if num_latents <= 0:
-            raise CorruptFileError(f"{cfg_path} sets neither num_latents nor expansion_factor")
-        transcode = bool(cfg.get("transcode", False))
-        skip = bool(cfg.get("skip_connection", False))
+            raise CorruptFileError(
+                f"{cfg_path} sets neither num_latents nor expansion_factor to a positive "
+                f"integer; re-download the file"
+            )
+        transcode = cfg.boolean("transcode", False)
+        skip = cfg.boolean("skip_connection", False)
         tensors = {
-            "W_enc": raw["encoder.weight"].T,
+            "W_enc": matrix(raw, "encoder.weight", weights_path).T,
             "b_enc": raw["encoder.bias"],
             "W_dec": raw["W_dec"],  # already [F, d]: sparsify's decoder is latent-major
             "b_dec": raw["b_dec"],
@@ -87,10 +91,10 @@ class SparsifyFormat(FormatAdapter):
             "d_latent": num_latents,
             # A transcoder predicts a different activation of the same width.
             "d_out": d_in if transcode else None,
-            "k": int(cfg["k"]),
+            "k": k,
             "apply_b_dec_to_input": not transcode,
             "skip_connection": skip,
-            "normalize_decoder": bool(cfg.get("normalize_decoder", True)) and not transcode,
+            "normalize_decoder": cfg.boolean("normalize_decoder", True) and not transcode,
             "provenance": self._provenance(folder, cfg, transcode),
         }
         return build_dictionary(
@@ -103,24 +107,25 @@ class SparsifyFormat(FormatAdapter):
             dtype=dtype,
         )
 
-    def _provenance(self, folder: Path, cfg: dict[str, Any], transcode: bool) -> Any:
+    def _provenance(self, folder: Path, cfg: ConfigFields, transcode: bool) -> Any:
         hookpoint = folder.name
         site, site_out = sitenames.from_sparsify(hookpoint, transcode=transcode)
         # sparsify writes its run config (model, dataset, ctx_len) one level up.
         run_cfg_path = folder.parent / "config.json"
-        run = read_json(run_cfg_path) if run_cfg_path.is_file() else {}
+        run = ConfigFields(read_json(run_cfg_path) if run_cfg_path.is_file() else {}, run_cfg_path)
         return provenance(
             trained_as=f"{self.name}:{'transcoder' if transcode else 'topk'}",
-            backbone=run.get("model") if isinstance(run.get("model"), str) else None,
+            backbone=run.string("model", None),
             site=site,
             site_out=site_out,
-            dataset=run.get("dataset") if isinstance(run.get("dataset"), str) else None,
-            context_size=run.get("ctx_len"),
+            # sparsify's TrainConfig.dataset is a Hub id; ctx_len an integer.
+            dataset=run.string("dataset", None),
+            context_size=run.integer("ctx_len", None),
             extra={
                 "format": self.name,
                 "hookpoint": hookpoint,
-                "multi_topk": cfg.get("multi_topk"),
-                "expansion_factor": cfg.get("expansion_factor"),
+                "multi_topk": cfg.boolean("multi_topk", None),
+                "expansion_factor": cfg.integer("expansion_factor", None),
             },
         )
 
