@@ -9,81 +9,19 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.dictionaries.config import DictionaryConfig, dtype_from_name, dtype_name
-from lightning_interp.errors import ConfigError, ShapeMismatchError
+from lightning_interp.dictionaries.config import (
+    DictionaryConfig,
+    check_fits_in_memory,
+    check_scale,
+    dtype_from_name,
+    dtype_name,
+)
+from lightning_interp.dictionaries.output import DictionaryOutput, batch_fvu, squared_error
+from lightning_interp.errors import ConfigError, CorruptFileError, ShapeMismatchError
 
-
-class DictionaryOutput:
-    """Everything a training step needs from one forward pass.
-
-    Codes are held densely (``codes``) or, by the sparse TopK-family paths, as a
-    :class:`~lightning_interp.dictionaries.sparse_ops.SparsePattern` of active entries
-    and their ``values``; ``codes`` then materialises the dense tensor only when asked,
-    and :meth:`l0_per_row` / :meth:`fired_latents` answer from the sparse form.
-
-    Attributes:
-        reconstruction: The decoded output, ``[N, d_out]``.
-        pre_activations: Encoder outputs before the nonlinearity, ``[N, d_latent]``.
-        pattern: Active entries (sparse form only).
-        values: Their activations: ``[N, k]`` for a fixed ``k`` per row, else ``[nnz]``.
-        extras: Architecture-specific tensors (e.g. a Gated SAE's magnitude path).
-    """
-
-    def __init__(
-        self,
-        reconstruction: Tensor,
-        codes: Tensor | None = None,
-        pre_activations: Tensor | None = None,
-        extras: dict[str, Tensor] | None = None,
-        *,
-        pattern: Any = None,
-        values: Tensor | None = None,
-    ) -> None:
-        if codes is None and (pattern is None or values is None):
-            raise ValueError("give dense codes, or a sparse pattern and its values")
-        self.reconstruction = reconstruction
-        self.pre_activations = pre_activations
-        self.pattern = pattern
-        self.values = values
-        self.extras = extras or {}
-        self._codes = codes
-
-    @property
-    def indices(self) -> Tensor | None:
-        """Active latents ``[N, k]`` when the sparse form has a fixed ``k`` per row."""
-        return None if self.pattern is None else self.pattern.indices
-
-    @property
-    def codes(self) -> Tensor:
-        """Dense codes ``[N, d_latent]`` (materialised once from the sparse form if needed)."""
-        if self._codes is None:
-            self._codes = self.pattern.dense(self.values)
-        return self._codes
-
-    def l0_per_row(self) -> Tensor:
-        """Number of active latents in each row, ``[N]``."""
-        if self._codes is not None:
-            return (self._codes != 0).sum(-1)
-        active = self.values.reshape(-1) != 0
-        return torch.bincount(self.pattern.rows[active], minlength=self.pattern.num_rows)
-
-    def fired_latents(self) -> Tensor:
-        """Boolean ``[d_latent]``: which latents were active in at least one row."""
-        if self._codes is not None:
-            return (self._codes != 0).reshape(-1, self._codes.shape[-1]).any(0)
-        active = self.values.reshape(-1) != 0
-        return torch.bincount(self.pattern.cols[active], minlength=self.pattern.d_latent) > 0
-
-
-def squared_error(reconstruction: Tensor, target: Tensor) -> Tensor:
-    """Mean over rows of the squared L2 error, the convention of SAELens and Anthropic."""
-    return (reconstruction - target).pow(2).sum(-1).mean()
-
-
-def batch_fvu(reconstruction: Tensor, target: Tensor) -> Tensor:
-    """Fraction of the batch's variance left unexplained (for logging, not for metrics)."""
-    total = (target - target.mean(0)).pow(2).sum()
-    return (reconstruction - target).pow(2).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+# DictionaryOutput and the losses live in output.py; they are re-exported from here, where
+# they have always been imported from.
+__all__ = ["Dictionary", "DictionaryOutput", "batch_fvu", "squared_error"]
 
 
 class Dictionary(nn.Module):
@@ -116,6 +54,7 @@ class Dictionary(nn.Module):
                 f"{type(self).__name__} needs a {self.config_class.__name__}, "
                 f"got {type(config).__name__}"
             )
+        check_fits_in_memory(config, type(self).__name__)
         self.config = config
         dtype = dtype_from_name(config.dtype)
         d_in, d_latent, d_out = config.d_in, config.d_latent, config.output_width
@@ -370,7 +309,18 @@ class Dictionary(nn.Module):
             tensors: Name to tensor, as in ``model.safetensors``.
             assign: Adopt the given tensors instead of copying into existing ones (used
                 when the dictionary was built on the meta device).
+
+        Raises:
+            CorruptFileError: a tensor is not floating point (weights must be).
         """
+        not_float = {
+            name: dtype_name(t.dtype) for name, t in tensors.items() if not t.is_floating_point()
+        }
+        if not_float:
+            raise CorruptFileError(
+                f"dictionary weights must be floating point, got {not_float}; convert them "
+                f"to float32 (or the config's dtype) before loading"
+            )
         self.load_state_dict(tensors, strict=True, assign=assign)
 
     def expected_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -380,30 +330,66 @@ class Dictionary(nn.Module):
     def with_scale_folded(self) -> Dictionary:
         """A copy that takes raw activations when this one was trained on scaled ones.
 
-        If training inputs (and targets) were multiplied by ``s =
-        config.provenance.activation_scale`` (normalisation to a fixed mean norm), then
-        ``copy(x) == self(s * x) / s`` with ``W_enc * s``, ``W_dec / s`` and ``b_dec / s``;
-        codes, and so thresholds, are unchanged. The copy records a scale of 1 and keeps
-        the folded factor in ``provenance.extra["folded_activation_scale"]``.
+        If training inputs were multiplied by ``s_in = provenance.activation_scale`` and
+        targets by ``s_out = provenance.output_scale`` (``activation_scale_out``, or
+        ``s_in`` for an autoencoder), then ``copy(x) == self(s_in * x) / s_out``, with
+        ``W_enc * s_in``, ``W_dec / s_out``, ``b_dec / s_out`` and ``W_skip * s_in / s_out``
+        (see :meth:`fold_scales_`). Codes, and so thresholds and TopK selections, are
+        unchanged. This is SAELens's folding of ``norm_scaling_factor`` at the end of
+        training, with separate input and output factors for transcoders. The copy records
+        scales of 1 and keeps the folded factors in ``provenance.extra``
+        (``folded_activation_scale``, and ``folded_activation_scale_out`` when different).
+
+        Raises:
+            ConfigError: a scale is 0, negative or not finite (folding would write inf or
+                sign-flipped weights), or differs between input and output while ``b_dec``
+                is applied to the input.
         """
         import copy
 
-        scale = float(self.config.provenance.activation_scale)
+        provenance = self.config.provenance
+        # Re-checked here: the config is validated when built, but may have been edited.
+        check_scale(provenance.activation_scale, "provenance.activation_scale")
+        check_scale(provenance.output_scale, "provenance.activation_scale_out")
+        scale_in, scale_out = float(provenance.activation_scale), float(provenance.output_scale)
         folded = copy.deepcopy(self)
-        if scale == 1.0:
+        if scale_in == 1.0 and scale_out == 1.0:
             return folded
+        if self.config.apply_b_dec_to_input and scale_in != scale_out:
+            raise ConfigError(
+                f"cannot fold input scale {scale_in} and output scale {scale_out}: with "
+                f"apply_b_dec_to_input=True, b_dec is used on both sides; set one scale"
+            )
         with torch.no_grad():
-            folded.W_enc.mul_(scale)
-            folded.W_dec.div_(scale)
-            folded.b_dec.div_(scale)
+            folded.fold_scales_(scale_in, scale_out)
+        extra = {**provenance.extra, "folded_activation_scale": scale_in}
+        if scale_out != scale_in:
+            extra["folded_activation_scale_out"] = scale_out
         provenance = dataclasses.replace(
-            self.config.provenance,
+            provenance,
             activation_scale=1.0,
+            activation_scale_out=None,
             normalization="folded",
-            extra={**self.config.provenance.extra, "folded_activation_scale": scale},
+            extra=extra,
         )
         folded.config = self.config.replace(provenance=provenance)
         return folded
+
+    @torch.no_grad()
+    def fold_scales_(self, scale_in: float, scale_out: float) -> None:
+        """Rescale the weights in place so ``self(x)`` becomes ``old(scale_in * x) / scale_out``.
+
+        Encoder weights take the input scale and everything added to the output the output
+        scale. With ``apply_b_dec_to_input`` the two are equal, so ``b_dec / s`` is also the
+        right centre for the raw input: ``(s x - b_dec) W_enc = (x - b_dec / s)(s W_enc)``.
+        Biases and thresholds in code space are unchanged. An architecture with other input-
+        or output-side parameters extends this method.
+        """
+        self.W_enc.mul_(scale_in)
+        self.W_dec.div_(scale_out)
+        self.b_dec.div_(scale_out)
+        if self.config.skip_connection:
+            self.W_skip.mul_(scale_in / scale_out)
 
     def to_inference(self) -> Dictionary:
         """The form to save for inference (BatchTopK becomes JumpReLU); default: ``self``."""

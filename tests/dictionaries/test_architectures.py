@@ -9,10 +9,11 @@ from lightning_interp import (
     UnknownArchitectureError,
     create_dictionary,
     list_architectures,
+    load_dictionary,
 )
-from lightning_interp.dictionaries import BatchTopKSAE, JumpReLUSAE
+from lightning_interp.dictionaries import BatchTopKSAE, JumpReLUSAE, Provenance
 from lightning_interp.dictionaries.init import geometric_median
-from tests.helpers import small_dictionary
+from tests.helpers import ARCHITECTURE_KWARGS, small_dictionary
 
 
 @pytest.fixture(autouse=True)
@@ -241,3 +242,72 @@ def test_batchtopk_threshold_is_left_alone_in_eval_mode():
     sae = small_dictionary("batchtopk", d_in=8, d_latent=32, k=2).eval()
     sae.forward_train(torch.randn(16, 8))
     assert isinstance(sae, BatchTopKSAE) and float(sae.threshold) < 0
+
+
+# ---------------------------------------------------------------- scale folding
+D_IN, D_OUT, F = 8, 6, 48
+
+
+def scaled_dictionary(architecture, *, scale_in, scale_out=None, **overrides):
+    """A randomised float64 dictionary (of any registered architecture) trained on scaled data.
+
+    Float64 keeps every pre-activation far (in ulps) from the thresholds and TopK ties, so
+    folding cannot flip a latent on any CPU and the comparison below can be tight.
+    """
+    torch.manual_seed(0)
+    provenance = Provenance(
+        normalization="expected_norm", activation_scale=scale_in, activation_scale_out=scale_out
+    )
+    kwargs = {**ARCHITECTURE_KWARGS.get(architecture, {}), **overrides}
+    dictionary = create_dictionary(
+        architecture, d_in=D_IN, d_latent=F, dtype="float64", provenance=provenance, **kwargs
+    )
+    with torch.no_grad():
+        for name, p in dictionary.named_parameters():
+            if name != "log_threshold":
+                p.add_(0.3 * torch.randn_like(p))
+    return dictionary.eval()
+
+
+FOLDING_CASES = {
+    "autoencoder": dict(scale_in=0.37),
+    "transcoder": dict(scale_in=0.37, scale_out=2.5, d_out=D_OUT, apply_b_dec_to_input=False),
+    "skip-transcoder": dict(
+        scale_in=0.37, scale_out=2.5, d_out=D_OUT, apply_b_dec_to_input=False, skip_connection=True
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOLDING_CASES))
+@pytest.mark.parametrize("architecture", list_architectures())
+def test_folded_scales_take_raw_activations(architecture, case):
+    kwargs = FOLDING_CASES[case]
+    trained = scaled_dictionary(architecture, **kwargs)
+    scale_in = kwargs["scale_in"]
+    scale_out = kwargs.get("scale_out") or scale_in
+    folded = trained.with_scale_folded()
+    x = 3.0 * torch.randn(64, D_IN, dtype=torch.float64)  # raw activations
+    with torch.no_grad():
+        codes = trained.encode(scale_in * x)
+        active = (codes != 0).double().mean()
+        assert 0 < active < 1  # some latents fire, some do not: the comparison means something
+        torch.testing.assert_close(folded.encode(x), codes, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            folded(x), trained(scale_in * x) / scale_out, rtol=1e-10, atol=1e-10
+        )
+    provenance = folded.config.provenance
+    assert (provenance.activation_scale, provenance.activation_scale_out) == (1.0, None)
+    assert provenance.extra["folded_activation_scale"] == scale_in
+    assert provenance.extra.get("folded_activation_scale_out", scale_in) == scale_out
+    # Folding twice is folding once: the copy records that it takes raw activations.
+    torch.testing.assert_close(folded.with_scale_folded()(x), folded(x), rtol=0, atol=0)
+
+
+def test_two_scales_survive_a_save_and_load(tmp_path):
+    trained = scaled_dictionary("jumprelu", **FOLDING_CASES["skip-transcoder"])
+    trained.save_pretrained(tmp_path)
+    loaded = load_dictionary(tmp_path)
+    x = torch.randn(32, D_IN, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained(0.37 * x) / 2.5, rtol=1e-10, atol=1e-10)
+    assert loaded.config.provenance.extra["folded_activation_scale_out"] == 2.5

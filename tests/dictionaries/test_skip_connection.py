@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_interp import create_dictionary, load_dictionary
+from lightning_interp.dictionaries import Provenance
 from tests.helpers import ARCHITECTURE_KWARGS
 
 D_IN, D_OUT, F = 8, 6, 32
@@ -62,3 +63,19 @@ def test_native_round_trip_keeps_the_skip(tmp_path, architecture):
     x = torch.randn(16, D_IN)
     torch.testing.assert_close(loaded(x), dictionary.to_inference()(x), rtol=0, atol=0)
     torch.testing.assert_close(loaded.W_skip, dictionary.W_skip, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale_in, scale_out", [(0.5, 4.0), (3.0, None)])
+def test_folding_scales_the_skip_by_input_over_output(scale_in, scale_out):
+    dictionary = skip_dictionary("topk")
+    provenance = Provenance(activation_scale=scale_in, activation_scale_out=scale_out)
+    dictionary.config = dictionary.config.replace(provenance=provenance)
+    folded = dictionary.with_scale_folded()
+    ratio = scale_in / (scale_out or scale_in)
+    torch.testing.assert_close(folded.W_skip, dictionary.W_skip * ratio)
+    # The skip alone (no latent fires) maps raw x as the trained one maps the scaled x.
+    with torch.no_grad():
+        for d in (dictionary, folded):
+            d.b_enc.fill_(-1e3)
+    x = torch.randn(16, D_IN)
+    torch.testing.assert_close(folded(x), dictionary(scale_in * x) / (scale_out or scale_in))
