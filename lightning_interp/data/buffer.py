@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_interp.backbones.devices import to_device
 from lightning_interp.errors import ConfigError, ShapeMismatchError
 
 Rows = Tensor | dict[str, Tensor]
@@ -149,10 +150,15 @@ class ShufflingBuffer:
     def _shuffle(self) -> None:
         parts = ([self._stored] if self._stored is not None else []) + self._pending
         order = torch.randperm(self._size, generator=self.generator)
+        # Columns may live on different devices (GPU activations beside CPU row ids): one
+        # asynchronous copy of the permutation per device.
+        orders = {order.device: order}
         shuffled = {}
         for key in parts[0]:
             joined = torch.cat([part[key] for part in parts]) if len(parts) > 1 else parts[0][key]
-            shuffled[key] = joined[order.to(joined.device)]
+            if joined.device not in orders:
+                orders[joined.device] = to_device(order, joined.device)
+            shuffled[key] = joined[orders[joined.device]]
         self._stored, self._pending = shuffled, []
 
     def to(self, device: str | torch.device) -> ShufflingBuffer:

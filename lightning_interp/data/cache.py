@@ -1,253 +1,38 @@
 """On-disk activation cache: safetensors shards plus a ``manifest.json``, written once, read many.
 
 A cache folder holds ``shard-00000.safetensors``, ``shard-00001.safetensors``, … (one tensor
-per site, keyed by site name, rows aligned across sites) and ``manifest.json``. Every file is
-written atomically and the manifest last, so a folder with a manifest is complete and a
-folder without one is not a cache. Shards are read memory-mapped through
+per site, keyed by site name, rows aligned across sites) and ``manifest.json``, which lists
+the shards. Every file is written atomically and the manifest last, so a folder with a
+manifest is complete and a folder without one is not a cache (see
+:mod:`~lightning_interp.data.cache_writer`). Shards are read memory-mapped through
 ``safetensors.safe_open``; nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from lightning_interp.dictionaries.config import dtype_from_name, dtype_name
-from lightning_interp.dictionaries.serialization import atomic_write
-from lightning_interp.errors import ConfigError, CorruptFileError, ShapeMismatchError
+from lightning_interp._io import check_folder_name
+from lightning_interp.data.cache_format import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    MANIFEST_NAME,
+    SAFETENSORS_DTYPES,
+    check_scales,
+    expected_norm_scale,
+)
+from lightning_interp.data.cache_writer import ActivationCacheWriter
+from lightning_interp.dictionaries.config import dtype_from_name
+from lightning_interp.errors import ConfigError, CorruptFileError, UnsafePathError
 
-MANIFEST_NAME = "manifest.json"
-CACHE_FORMAT = "lightning-interp-activations"
-CACHE_VERSION = 1
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-}
-_SHARD_GLOBS = ("shard-*.safetensors", ".shard-*.tmp", f".{MANIFEST_NAME}.*.tmp")
-
-
-def expected_norm_scale(sample: Tensor, target_norm: float | None = None) -> float:
-    """The factor ``s`` such that rows of ``s * sample`` have mean L2 norm ``target_norm``.
-
-    SAELens's ``"expected_average_only_in"`` normalisation: activations are scaled so their
-    average norm is ``sqrt(d)``, which makes hyper-parameters transfer across sites and models.
-
-    Args:
-        sample: Activations ``[..., d]`` (leading dimensions are rows).
-        target_norm: The mean norm wanted (default ``sqrt(d)``).
-
-    Returns:
-        The scale, a positive float.
-
-    Example:
-        >>> x = torch.randn(1000, 16) * 5
-        >>> s = expected_norm_scale(x)
-        >>> round(float((s * x).norm(dim=-1).mean()), 3)
-        4.0
-    """
-    rows = sample.detach().reshape(-1, sample.shape[-1]).double()
-    mean_norm = float(rows.norm(dim=-1).mean()) if rows.shape[0] else 0.0
-    if not math.isfinite(mean_norm) or mean_norm <= 0:
-        raise ConfigError(f"cannot normalise a sample whose mean norm is {mean_norm}")
-    target = math.sqrt(rows.shape[-1]) if target_norm is None else float(target_norm)
-    return target / mean_norm
-
-
-def _check_scales(scales: Mapping[str, float], sites: Sequence[str], where: str) -> dict:
-    unknown = sorted(set(scales) - set(sites))
-    if unknown:
-        raise ConfigError(f"{where}: normalization names unknown sites {unknown}; sites: {sites}")
-    bad = {k: v for k, v in scales.items() if not (isinstance(v, (int, float)) and v > 0)}
-    if bad or not all(math.isfinite(v) for v in scales.values()):
-        raise ConfigError(f"{where}: normalization scales must be finite and > 0, got {scales}")
-    return {site: float(scale) for site, scale in scales.items()}
-
-
-class ActivationCacheWriter:
-    """Writes aligned activation rows of one or more sites into a cache folder.
-
-    Use as a context manager: on a clean exit the last partial shard and then the manifest
-    are written; if the block raises, the shards written so far are deleted and no manifest
-    is written. Stray shards in a folder without a manifest (left by a killed writer) are
-    removed when writing starts.
-
-    Args:
-        directory: The cache folder (created if needed).
-        sites: Site names, e.g. ``["layers.3.mlp_in", "layers.3.mlp_out"]`` for a transcoder.
-        widths: Activation width of each site.
-        dtype: Storage dtype (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"``).
-        shard_tokens: Rows per shard file.
-        metadata: JSON-serialisable provenance (backbone, dataset, context size, ...).
-        normalization: Scale per site recorded in the manifest (see
-            :func:`expected_norm_scale`); activations are stored unscaled. May also be set
-            later through the ``normalization`` attribute, before the writer closes.
-        overwrite: Replace an existing cache in ``directory`` instead of refusing.
-
-    Example:
-        >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     with ActivationCacheWriter(folder, sites=["resid"], widths={"resid": 4}) as w:
-        ...         w.add(torch.randn(10, 4))
-        ...     print(ActivationCache(folder).total_tokens)
-        10
-    """
-
-    def __init__(
-        self,
-        directory: str | os.PathLike[str],
-        *,
-        sites: Sequence[str],
-        widths: Mapping[str, int],
-        dtype: str = "float32",
-        shard_tokens: int = 65536,
-        metadata: Mapping[str, Any] | None = None,
-        normalization: Mapping[str, float] | None = None,
-        overwrite: bool = False,
-    ) -> None:
-        self.sites = list(sites)
-        if not self.sites or len(set(self.sites)) != len(self.sites):
-            raise ConfigError(f"sites must be a non-empty list of distinct names, got {sites}")
-        if sorted(widths) != sorted(self.sites) or any(int(w) <= 0 for w in widths.values()):
-            raise ConfigError(f"widths must give a positive width for each of {self.sites}")
-        if shard_tokens <= 0:
-            raise ConfigError(f"shard_tokens must be positive, got {shard_tokens}")
-        self.widths = {site: int(widths[site]) for site in self.sites}
-        self.dtype = dtype_from_name(dtype)
-        self.shard_tokens = shard_tokens
-        self.metadata = dict(metadata or {})
-        try:
-            json.dumps(self.metadata)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"metadata must be JSON-serialisable: {err}") from err
-        self.normalization = dict(normalization or {})
-        _check_scales(self.normalization, self.sites, "ActivationCacheWriter")
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        manifest = self.directory / MANIFEST_NAME
-        if manifest.exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.directory} already holds an activation cache ({MANIFEST_NAME}); pass "
-                f"overwrite=True to replace it, or write to another folder"
-            )
-        # The manifest goes first: a reader must never see it pointing at deleted shards.
-        manifest.unlink(missing_ok=True)
-        for pattern in _SHARD_GLOBS:
-            for stale in self.directory.glob(pattern):
-                stale.unlink()
-        self._pending: dict[str, list[Tensor]] = {site: [] for site in self.sites}
-        self._pending_rows = 0
-        self._shards: list[dict[str, Any]] = []
-        self._closed = False
-
-    def __enter__(self) -> ActivationCacheWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    @property
-    def total_tokens(self) -> int:
-        """Rows added so far."""
-        return sum(shard["tokens"] for shard in self._shards) + self._pending_rows
-
-    def add(self, activations: Mapping[str, Tensor] | Tensor) -> None:
-        """Append rows: ``{site: [n, width]}`` (same ``n`` for every site), or one tensor.
-
-        Leading dimensions are flattened, so ``[batch, seq, width]`` captures work as is.
-        """
-        if self._closed:
-            raise ValueError(f"the writer of {self.directory} is closed")
-        if isinstance(activations, Tensor):
-            if len(self.sites) != 1:
-                raise ConfigError(f"pass a dict keyed by site: this cache has sites {self.sites}")
-            activations = {self.sites[0]: activations}
-        if sorted(activations) != sorted(self.sites):
-            raise ConfigError(f"expected activations for {self.sites}, got {sorted(activations)}")
-        rows = {}
-        for site in self.sites:
-            tensor = activations[site]
-            if tensor.ndim == 0 or tensor.shape[-1] != self.widths[site]:
-                raise ShapeMismatchError(
-                    f"site {site!r} has width {self.widths[site]}, got shape {tuple(tensor.shape)}"
-                )
-            rows[site] = tensor.detach().reshape(-1, tensor.shape[-1]).to("cpu", self.dtype)
-        counts = {site: tensor.shape[0] for site, tensor in rows.items()}
-        if len(set(counts.values())) != 1:
-            raise ShapeMismatchError(f"sites must add the same number of rows, got {counts}")
-        for site, tensor in rows.items():
-            self._pending[site].append(tensor)
-        self._pending_rows += counts[self.sites[0]]
-        if self._pending_rows >= self.shard_tokens:
-            self._flush(final=False)
-
-    def _flush(self, final: bool) -> None:
-        # Concatenate only when a shard is due: many small adds stay linear in time.
-        joined = {site: torch.cat(chunks) for site, chunks in self._pending.items()}
-        begin = 0
-        while self._pending_rows - begin >= self.shard_tokens or (
-            final and self._pending_rows > begin
-        ):
-            end = min(begin + self.shard_tokens, self._pending_rows)
-            self._write_shard({site: t[begin:end].contiguous() for site, t in joined.items()})
-            begin = end
-        self._pending = {site: [t[begin:]] for site, t in joined.items()}
-        self._pending_rows -= begin
-
-    def _write_shard(self, tensors: dict[str, Tensor]) -> None:
-        name = f"shard-{len(self._shards):05d}.safetensors"
-        tokens = next(iter(tensors.values())).shape[0]
-        # Recorded before the write so that abort() also finds a shard whose rename happened.
-        self._shards.append({"file": name, "tokens": tokens})
-        atomic_write(
-            self.directory / name,
-            lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
-        )
-
-    def close(self) -> None:
-        """Write the last partial shard, then the manifest. Idempotent."""
-        if self._closed:
-            return
-        try:
-            self._flush(final=True)
-            manifest = {
-                "format": CACHE_FORMAT,
-                "version": CACHE_VERSION,
-                "sites": self.sites,
-                "widths": self.widths,
-                "dtype": dtype_name(self.dtype),
-                "shards": self._shards,
-                "total_tokens": self.total_tokens,
-                "metadata": self.metadata,
-                "normalization": _check_scales(self.normalization, self.sites, "close()"),
-            }
-            text = json.dumps(manifest, indent=2) + "\n"
-            atomic_write(self.directory / MANIFEST_NAME, lambda p: p.write_text(text, "utf-8"))
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-
-    def abort(self) -> None:
-        """Delete the shards written so far; no manifest is written."""
-        for shard in self._shards:
-            (self.directory / shard["file"]).unlink(missing_ok=True)
-        self._shards, self._pending_rows = [], 0
-        self._pending = {site: [] for site in self.sites}
-        self._closed = True
+__all__ = ["ActivationCache", "ActivationCacheWriter", "expected_norm_scale"]
 
 
 class ActivationCache:
@@ -317,13 +102,17 @@ class ActivationCache:
             raise CorruptFileError(f"{where}: sites {sites} and widths {widths} disagree")
         try:
             dtype_from_name(manifest["dtype"])
-            _check_scales(manifest["normalization"], sites, "the manifest")
+            check_scales(manifest["normalization"], sites, "the manifest")
         except ConfigError as err:
             raise CorruptFileError(f"{where}: {err}") from err
         for shard in shards:
-            # A file name with a separator could point outside the cache folder.
+            # A name with a separator or ".." could point outside the cache folder.
             name, tokens = shard["file"], shard["tokens"]
-            if Path(name).name != name or not isinstance(tokens, int) or tokens <= 0:
+            try:
+                check_folder_name(name, "shard file name")
+            except UnsafePathError as err:
+                raise CorruptFileError(f"{where}: {err}") from err
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
                 raise CorruptFileError(f"{where}: bad shard entry {shard}")
         if manifest["total_tokens"] != sum(shard["tokens"] for shard in shards):
             raise CorruptFileError(f"{where}: total_tokens does not match the shard sizes")
@@ -380,7 +169,7 @@ class ActivationCache:
                 f"copy it again or rewrite the cache"
             ) from err
         expected = {site: [tokens, width] for site, width in self.widths.items()}
-        if shapes != expected or dtypes - {_SAFETENSORS_DTYPES[self.dtype]}:
+        if shapes != expected or dtypes - {SAFETENSORS_DTYPES[self.dtype]}:
             raise CorruptFileError(
                 f"{path} holds {shapes} in {sorted(dtypes)}; the manifest says {expected} in "
                 f"{self._manifest['dtype']}"

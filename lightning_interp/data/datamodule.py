@@ -9,7 +9,6 @@ which can resume mid-epoch. :class:`ActivationDataModule` serves it (or any live
 from __future__ import annotations
 
 import bisect
-import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,20 +19,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_interp.data import sharding
 from lightning_interp.data.cache import ActivationCache
 from lightning_interp.errors import ConfigError
 
 Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
 
 
-def _seed(*values: int | str) -> int:
-    # Not hash(): stable across processes and Python versions, so a resumed run reshuffles alike.
-    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**62 - 1)
-
-
 def _generator(*values: int | str) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*values))
+    # A stable seed, so a resumed run (another process) reshuffles alike.
+    return torch.Generator().manual_seed(sharding.stable_seed(*values))
 
 
 class CachedActivations(IterableDataset):
@@ -108,12 +103,6 @@ class CachedActivations(IterableDataset):
         self._start = 0
         self._position: tuple[int, int] | None = None
 
-    @staticmethod
-    def _world() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def _num_batches(self, world: int) -> int:
         count = self.rows // self.batch_size
         if not self.drop_last:
@@ -123,7 +112,7 @@ class CachedActivations(IterableDataset):
 
     def __len__(self) -> int:
         """Batches per epoch served by this process (this DDP rank, all its workers)."""
-        world = self._world()[1]
+        world = sharding.world()[1]
         return self._num_batches(world) // world
 
     def set_epoch(self, epoch: int) -> None:
@@ -137,7 +126,7 @@ class CachedActivations(IterableDataset):
         the pass in this process; a finished epoch reads as the next one at 0.
         """
         epoch, done = self._position if self._position is not None else (self.epoch, self._start)
-        if done >= self._num_batches(self._world()[1]):
+        if done >= self._num_batches(sharding.world()[1]):
             epoch, done = epoch + 1, 0
         return {"epoch": epoch, "batches_yielded": done}
 
@@ -185,7 +174,7 @@ class CachedActivations(IterableDataset):
         return rows
 
     def __iter__(self) -> Iterator[Batch]:
-        rank, world = self._world()
+        rank, world = sharding.world()
         worker = torch.utils.data.get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
         total = self._num_batches(world)

@@ -53,7 +53,11 @@ def _resolve(backbone: Any, pooling: Pooling) -> str:
 
 @torch.no_grad()
 def embed(
-    backbone: Any, inputs: Any, pooling: Pooling = "auto", normalize: bool = False
+    backbone: Any,
+    inputs: Any,
+    pooling: Pooling = "auto",
+    normalize: bool = False,
+    autocast_dtype: str | torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Embed one batch of texts or images with a frozen backbone.
 
@@ -67,13 +71,19 @@ def embed(
             ``"auto"`` (clip for CLIP, else mean).
         normalize: L2-normalise pooled embeddings (CLIP and sentence-transformers do);
             token embeddings are returned as the model computed them.
+        autocast_dtype: Run the forward under autocast in this dtype (results are float32).
 
     Returns:
         ``[b, d]`` embeddings, or ``(tokens [b, t, d], mask [b, t])`` for ``"tokens"``
-        (zeros at padding).
+        (zeros at padding), on the backbone's device.
     """
-    pooling = _resolve(backbone, pooling)
-    encoded = backbone.encode(inputs)
+    with backbone.autocast(autocast_dtype):
+        return _embed(backbone, backbone.encode(inputs), _resolve(backbone, pooling), normalize)
+
+
+def _embed(
+    backbone: Any, encoded: dict[str, Any], pooling: str, normalize: bool
+) -> Tensor | tuple[Tensor, Tensor]:
     model = backbone.model
     is_image = "pixel_values" in encoded
     if pooling == "clip":
@@ -88,7 +98,8 @@ def embed(
             tower = model.vision_model if is_image else model.text_model
         else:
             tower = model
-        hidden = backbone._call(tower, encoded).last_hidden_state
+        # Pooled in float32 even under autocast: a bf16 sum over 512 tokens loses digits.
+        hidden = backbone._call(tower, encoded).last_hidden_state.float()
         mask = encoded.get("attention_mask")
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
@@ -96,7 +107,7 @@ def embed(
             # Pad positions hold whatever the model computed there: zero them, so a token
             # row does not depend on which (longer) inputs shared its batch.
             mask = mask.bool()
-            return hidden.float().masked_fill(~mask.unsqueeze(-1), 0.0), mask
+            return hidden.masked_fill(~mask.unsqueeze(-1), 0.0), mask
         pooled = hidden[:, 0] if pooling == "cls" else mean_pool(hidden, mask)
     pooled = pooled.float()
     return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
@@ -136,8 +147,9 @@ def embed_all(
     pooling: Pooling = "auto",
     normalize: bool = False,
     batch_size: int = 64,
+    autocast_dtype: str | torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """:func:`embed` over many inputs in batches, on CPU.
+    """:func:`embed` over many inputs in batches, returned on the CPU.
 
     Returns:
         ``[n, d]`` embeddings, or for ``pooling="tokens"`` ``(tokens [n, t, d], mask [n, t])``
@@ -146,7 +158,7 @@ def embed_all(
     chunks = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start : start + batch_size]
-        out = embed(backbone, chunk, pooling, normalize)
+        out = embed(backbone, chunk, pooling, normalize, autocast_dtype)
         chunks.append(tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu())
     if not chunks:
         raise ConfigError("nothing to embed: the input list is empty")
@@ -156,7 +168,11 @@ def embed_all(
 
 
 def text_encoder(
-    backbone: Any, pooling: Pooling = "auto", normalize: bool = True, batch_size: int = 64
+    backbone: Any,
+    pooling: Pooling = "auto",
+    normalize: bool = True,
+    batch_size: int = 64,
+    autocast_dtype: str | torch.dtype | None = None,
 ) -> Callable[[Sequence[str]], Tensor]:
     """A ``texts -> [n, d]`` function for :meth:`ConceptBank.from_phrases`.
 
@@ -166,4 +182,11 @@ def text_encoder(
     pooling = _resolve(backbone, pooling)
     if pooling == "tokens":
         raise ConfigError("concept phrases need a pooled embedding; use clip, mean or cls")
-    return partial(embed_all, backbone, pooling=pooling, normalize=normalize, batch_size=batch_size)
+    return partial(
+        embed_all,
+        backbone,
+        pooling=pooling,
+        normalize=normalize,
+        batch_size=batch_size,
+        autocast_dtype=autocast_dtype,
+    )

@@ -29,6 +29,7 @@ from lightning_interp.data import offline
 from lightning_interp.data.cache import ActivationCache, ActivationCacheWriter
 from lightning_interp.data.embed import Pooling, embed_all, text_encoder
 from lightning_interp.data.lm_datamodule import load_backbone
+from lightning_interp.data.source import root_device, source_provenance
 from lightning_interp.errors import ConfigError, ShapeMismatchError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -194,9 +195,13 @@ class EmbeddingDataModule(L.LightningDataModule):
         seed: Seed of the split.
         cache_dir: If set, embeddings are read from this activation cache, or written
             there on first use (token embeddings as ``N * T`` rows with a ``mask`` site).
-            A cache written with another model, data, pooling or normalize, or holding
-            another number of inputs, raises :class:`ConfigError`.
+            A cache written with another model, data, pooling, normalize or autocast, or
+            holding another number of inputs, raises :class:`ConfigError`.
         embed_batch_size: Inputs per backbone forward.
+        autocast_dtype: Run the backbone under autocast (``bfloat16`` on GPUs).
+
+    Attached to a Trainer, the backbone is loaded onto ``trainer.strategy.root_device``
+    (each DDP rank's own GPU) and embeds there; the embeddings are kept on the CPU.
     """
 
     def __init__(
@@ -212,6 +217,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         embed_batch_size: int = 64,
+        autocast_dtype: str | None = None,
     ) -> None:
         super().__init__()
         if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
@@ -251,17 +257,32 @@ class EmbeddingDataModule(L.LightningDataModule):
         """Whether the data are token sequences (``pooling="tokens"``)."""
         return self.hparams.pooling == "tokens"
 
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Backbone (its Hub id) and data (Hub id or description) of the embeddings."""
+        return source_provenance(self.hparams.model, self.hparams.data)
+
     def _load_backbone(self) -> Any:
-        """The frozen backbone, loaded on first use."""
+        """The frozen backbone, loaded on first use, on the trainer's device if attached."""
         if self.backbone is None:
             self.backbone = _backbone_for(self.hparams.model, images=self._raw_images)
+        device = root_device(self)
+        if device is not None:
+            self.backbone.to(device)
         return self.backbone
 
     def _embeddings(self, inputs: Any, rows: int) -> tuple[Tensor, Tensor | None]:
         h = self.hparams
         if h.cache_dir and (Path(h.cache_dir) / "manifest.json").is_file():
             return self._read_cache(ActivationCache(h.cache_dir), rows)
-        out = embed_all(self._load_backbone(), inputs, h.pooling, h.normalize, h.embed_batch_size)
+        out = embed_all(
+            self._load_backbone(),
+            inputs,
+            h.pooling,
+            h.normalize,
+            h.embed_batch_size,
+            autocast_dtype=h.autocast_dtype,
+        )
         x, mask = out if isinstance(out, tuple) else (out, None)
         if h.cache_dir:
             meta = {
@@ -269,7 +290,10 @@ class EmbeddingDataModule(L.LightningDataModule):
                 "data": h.data,
                 "pooling": h.pooling,
                 "normalize": bool(h.normalize),
+                "provenance": self.provenance,
             }
+            if h.autocast_dtype is not None:  # absent when off: older caches still match
+                meta["autocast_dtype"] = h.autocast_dtype
             rows = {"embeddings": x}
             if mask is not None:
                 # The cache holds rows: N * T token rows, the mask as a width-1 site beside.
@@ -310,6 +334,12 @@ class EmbeddingDataModule(L.LightningDataModule):
                     f"the cache in {cache.directory} was written with {key}={meta[key]!r} but "
                     f"this data module has {key}={value!r}; {fix}"
                 )
+        if meta.get("autocast_dtype") != h.autocast_dtype:
+            raise ConfigError(
+                f"the cache in {cache.directory} was embedded with autocast_dtype="
+                f"{meta.get('autocast_dtype')!r} but this data module has autocast_dtype="
+                f"{h.autocast_dtype!r}; {fix}"
+            )
         length = int(meta["tokens_per_input"]) if cached_tokens else 1
         if cache.total_tokens != rows * length:
             cached = cache.total_tokens / length
@@ -335,7 +365,12 @@ class EmbeddingDataModule(L.LightningDataModule):
         """Embeds concept phrases into the same space as the data (same pooling)."""
         self.setup()
         pooling = self.hparams.pooling
-        return text_encoder(self._load_backbone(), pooling, normalize=self.hparams.normalize)
+        return text_encoder(
+            self._load_backbone(),
+            pooling,
+            normalize=self.hparams.normalize,
+            autocast_dtype=self.hparams.autocast_dtype,
+        )
 
     def train_embeddings(self) -> tuple[Tensor, Tensor]:
         """All training embeddings and labels."""

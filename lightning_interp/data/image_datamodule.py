@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from lightning_interp.backbones import Backbone
 from lightning_interp.data.images import ImageActivations, TokenChoice
+from lightning_interp.data.source import root_device, source_provenance
 from lightning_interp.errors import ConfigError
 
 # CLIP's published normalisation (OpenAI), used when the model folder has no
@@ -86,7 +87,9 @@ def preprocess(
 class VisionModelActivations(L.LightningDataModule):
     """Activations of a frozen vision tower (CLIP ViT and kin) over images.
 
-    The last ``val_fraction`` of the images is held out for validation.
+    The last ``val_fraction`` of the images is held out for validation. Attached to a
+    Trainer, ``setup`` puts the backbone on ``trainer.strategy.root_device``, so the vision
+    forward (under ``autocast_dtype`` when set) and the shuffling buffer run there.
 
     Args:
         model: Hub id or local folder of a CLIP (or CLIP vision) model.
@@ -140,13 +143,23 @@ class VisionModelActivations(L.LightningDataModule):
             return tuple(values["image_mean"]), tuple(values["image_std"])
         return CLIP_MEAN, CLIP_STD
 
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Backbone (its Hub id) and images (Hub id or description)."""
+        return source_provenance(self.hparams.model, self.hparams.images)
+
     def setup(self, stage: str | None = None) -> None:
-        """Load the backbone and images, preprocess them, build the streams (once)."""
+        """Load the backbone onto the trainer's device, preprocess the images (once)."""
+        device = root_device(self)
         if self.backbone is not None:
+            if device is not None:  # set up before the trainer was attached: move it now
+                self.backbone.to(device)
             return
         h = self.hparams
         # No processor: transformers' CLIP image processor needs torchvision.
-        self.backbone = Backbone.from_pretrained(h.model, dtype=h.model_dtype, load_tokenizer=False)
+        self.backbone = Backbone.from_pretrained(
+            h.model, dtype=h.model_dtype, device=device, load_tokenizer=False
+        )
         config = self.backbone.model.config
         vision_config = getattr(config, "vision_config", config)
         size = h.image_size or vision_config.image_size

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from lightning_interp.backbones import Backbone
 from lightning_interp.data import offline
+from lightning_interp.data.source import root_device, source_provenance
 from lightning_interp.data.stream import ActivationStream
 from lightning_interp.data.tokens import pack_texts
 from lightning_interp.errors import ConfigError
@@ -75,13 +76,11 @@ def load_texts(source: str) -> list[str] | HubTexts:
 
 
 def load_backbone(model: str, gguf_file: str | None = None, **kwargs: Any) -> Backbone:
-    """A Backbone from a Hub id, a local folder, or ``offline:smollm2`` / ``offline:minilm``."""
-    if model == "offline:smollm2":
-        return Backbone.from_pretrained(
-            str(offline.smollm2_folder()), gguf_file=offline.SMOLLM2_GGUF, **kwargs
-        )
-    if model == "offline:minilm":
-        return Backbone.from_pretrained(str(offline.minilm_folder()), **kwargs)
+    """A Backbone from a Hub id, a local folder, or ``offline:smollm2`` / ``offline:minilm``.
+
+    ``Backbone.from_pretrained`` resolves the ``offline:`` aliases itself; this adds the
+    data modules' ``gguf_file`` argument.
+    """
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     return Backbone.from_pretrained(model, **kwargs)
@@ -92,6 +91,10 @@ class LanguageModelActivations(L.LightningDataModule):
 
     The last ``val_fraction`` of the documents is held out: validation batches and the
     token contexts used for downstream (spliced CE) metrics come from it only.
+
+    Attached to a Trainer, ``setup`` puts the backbone on ``trainer.strategy.root_device``
+    (each DDP rank's own GPU), so the forward runs there, under ``autocast_dtype`` when
+    set, and the streams' buffers and batches stay on that device.
 
     Args:
         model: Hub id, local folder, or ``offline:smollm2`` / ``offline:minilm`` (weights
@@ -117,6 +120,8 @@ class LanguageModelActivations(L.LightningDataModule):
         batch_format: ``"auto"`` (a tensor for one site, ``(inputs, targets)`` for two, a
             dict for more) or ``"dict"`` (always a dict by site, for
             :class:`~lightning_interp.modules.MultiDictionaryModule`).
+        stream_device: Where the shuffling buffer lives (default: the backbone's device;
+            ``"cpu"`` keeps a large buffer in pinned host memory).
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class LanguageModelActivations(L.LightningDataModule):
         model_dtype: str | None = None,
         seed: int = 0,
         batch_format: str = "auto",
+        stream_device: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -150,11 +156,14 @@ class LanguageModelActivations(L.LightningDataModule):
         self.val_texts: list[str] = []
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the backbone and build the streams (once)."""
+        """Load the backbone onto the trainer's device and build the streams (once)."""
+        device = root_device(self)
         if self.backbone is not None:
+            if device is not None:  # set up before the trainer was attached: move it now
+                self.backbone.to(device)
             return
         h = self.hparams
-        self.backbone = load_backbone(h.model, h.gguf_file, dtype=h.model_dtype)
+        self.backbone = load_backbone(h.model, h.gguf_file, dtype=h.model_dtype, device=device)
         texts = load_texts(h.text)
         if h.val_text is not None:
             train_texts, self.val_texts = texts, load_texts(h.val_text)
@@ -180,6 +189,7 @@ class LanguageModelActivations(L.LightningDataModule):
             autocast_dtype=h.autocast_dtype,
             seed=h.seed,
             batch_format=h.batch_format,
+            device=h.stream_device,
         )
         self.train_stream = ActivationStream(
             self.backbone, train_texts, total_tokens=h.train_tokens, **common
@@ -187,6 +197,15 @@ class LanguageModelActivations(L.LightningDataModule):
         self.val_stream = ActivationStream(
             self.backbone, self.val_texts, total_tokens=h.val_tokens, **common
         )
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Backbone (its Hub id), dataset (Hub id or description) and context size.
+
+        See :func:`~lightning_interp.data.source.source_provenance`.
+        """
+        h = self.hparams
+        return source_provenance(h.model, h.text, context_size=h.context_size)
 
     @property
     def site(self) -> str:

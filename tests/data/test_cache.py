@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_interp import create_dictionary
-from lightning_interp.data import SparseSuperposition, SyntheticActivations
+from lightning_interp.data import SparseSuperposition, SyntheticActivations, sharding
 from lightning_interp.data.cache import (
     ActivationCache,
     ActivationCacheWriter,
@@ -139,10 +139,9 @@ def test_existing_cache_needs_overwrite(tmp_path):
     assert ActivationCache(tmp_path).total_tokens == 200  # untouched
     cache = write_cache(tmp_path, {"a": torch.randn(70, 4)}, overwrite=True)
     assert cache.total_tokens == 70
-    assert sorted(p.name for p in tmp_path.glob("shard-*")) == [
-        "shard-00000.safetensors",
-        "shard-00001.safetensors",
-    ]
+    # The new generation has new shard names; the old shards are gone once it is committed.
+    listed = [shard["file"] for shard in cache._manifest["shards"]]
+    assert len(listed) == 2 and sorted(os.listdir(tmp_path)) == sorted(["manifest.json", *listed])
 
 
 # ---------------------------------------------------------------------- damaged caches
@@ -170,8 +169,25 @@ def test_missing_folder_and_manifest(tmp_path):
         lambda m: json.dumps({**m, "widths": {"a": 0}}),
         lambda m: json.dumps({**m, "dtype": "int8"}),
         lambda m: json.dumps({**m, "shards": [{"file": "../x", "tokens": 150}]}),
+        lambda m: json.dumps({**m, "shards": [{"file": "..", "tokens": 150}]}),
+        lambda m: json.dumps({**m, "shards": [{"file": "/etc/passwd", "tokens": 150}]}),
+        lambda m: json.dumps(
+            {**m, "shards": [{"file": "shard-00000.safetensors", "tokens": True}]}
+        ),
     ],
-    ids=["json", "format", "version", "total", "no-shards", "width", "dtype", "path"],
+    ids=[
+        "json",
+        "format",
+        "version",
+        "total",
+        "no-shards",
+        "width",
+        "dtype",
+        "path",
+        "parent",
+        "absolute",
+        "bool-tokens",
+    ],
 )
 def test_corrupt_manifest(cache_dir, edit):
     path = cache_dir / "manifest.json"
@@ -257,7 +273,7 @@ def test_ranks_split_the_stream_evenly(indexed_cache, monkeypatch):
     full = list(CachedActivations(indexed_cache, batch_size=32, seed=0))  # 9 batches
     per_rank = []
     for rank in range(2):
-        monkeypatch.setattr(CachedActivations, "_world", staticmethod(lambda r=rank: (r, 2)))
+        monkeypatch.setattr(sharding, "world", lambda r=rank: (r, 2))
         ds = CachedActivations(indexed_cache, batch_size=32, seed=0)
         per_rank.append(list(ds))
         assert len(ds) == 4 == len(per_rank[-1])  # the ninth batch is dropped for both

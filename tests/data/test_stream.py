@@ -341,7 +341,12 @@ def test_lightning_resume_neither_repeats_nor_skips(backbones, tmp_path, trainer
         return ActivationStream(backbone, TEXTS, SITE, total_tokens=16 * 40, **SMALL)
 
     every_15 = ModelCheckpoint(tmp_path, every_n_train_steps=15, save_top_k=-1)
-    options = {**trainer_kwargs, "enable_checkpointing": True, "max_epochs": 1}
+    options = {
+        **trainer_kwargs,
+        "enable_checkpointing": True,
+        "max_epochs": 1,
+        "default_root_dir": tmp_path,  # the resumed run's own checkpoints stay out of the repo
+    }
     whole = Recorder()
     L.Trainer(callbacks=[every_15], **options).fit(whole, make())
     resumed = Recorder()

@@ -5,24 +5,40 @@ import torch
 
 from lightning_interp.backbones import Backbone
 from lightning_interp.data.offline import (
-    SMOLLM2_GGUF,
     minilm_folder,
     news_articles,
-    smollm2_folder,
     wikipedia_articles,
 )
+from lightning_interp.errors import TokenIdError
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    return Backbone.from_pretrained(str(minilm_folder()))
+    return Backbone.from_pretrained("offline:minilm")  # the name recipes record
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return Backbone.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_GGUF)
+    return Backbone.from_pretrained("offline:smollm2")
+
+
+def test_offline_names_load_the_packaged_weights_and_name_the_hub_models(minilm, smollm2):
+    assert minilm.name == "offline:minilm"
+    assert minilm.hub_id == "sentence-transformers/all-MiniLM-L6-v2"
+    assert smollm2.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    by_path = Backbone.from_pretrained(str(minilm_folder()))
+    assert by_path.hub_id == minilm.hub_id
+    for name, weights in minilm.model.state_dict().items():
+        assert torch.equal(weights, by_path.model.state_dict()[name]), name
+    assert type(smollm2.model).__name__ == "LlamaForCausalLM"  # the GGUF file was found
+
+
+def test_real_models_refuse_ids_beyond_their_vocabulary(minilm, smollm2):
+    for backbone, size in ((minilm, 30522), (smollm2, 49152)):
+        with pytest.raises(TokenIdError, match=f"max id {size}.*vocab size {size}"):
+            backbone.capture({"input_ids": torch.tensor([[1, 2, size]])}, "layers.0.resid_post")
 
 
 def test_minilm_sites_on_real_news(minilm):
@@ -117,3 +133,27 @@ def test_smollm2_chat_stream_keeps_conversations_apart(smollm2):
     batches = list(stream)
     assert batches and all(b.shape == (32, 576) for b in batches)
     assert all(torch.isfinite(b).all() for b in batches)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_smollm2_data_module_runs_its_forward_on_the_gpu():
+    from lightning_interp.data.lm_datamodule import LanguageModelActivations
+    from tests.data.test_placement import fit_two_steps
+
+    autocast = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    data = LanguageModelActivations(
+        "offline:smollm2",
+        "layers.6.resid_post",
+        context_size=128,
+        batch_size=1024,
+        buffer_tokens=4096,
+        train_tokens=4096,
+        val_tokens=1024,
+        contexts_per_capture=8,
+        autocast_dtype=autocast,
+    )
+    probe, root = fit_two_steps(data, 576, "gpu")
+    assert root.type == "cuda" and data.backbone.device == root
+    assert probe.batch_devices and all(device == root for device in probe.batch_devices)
+    assert probe.forwards and all(dev == root and on for dev, on, _ in probe.forwards)
