@@ -6,7 +6,8 @@ returns ``[]`` unless the environment variable ``LIGHTNING_INTERP_PROBE`` is set
 installing lightning-interp changes no one's run.
 
 The variable holds the probe's sites, optionally followed by ``;key=value`` options
-(values parsed as JSON when they parse, else kept as strings)::
+(values parsed as JSON when they parse, else kept as strings). Sites alone are enough: the
+probe's defaults (sparsify's, sized to the run) train a useful dictionary::
 
     LIGHTNING_INTERP_PROBE="net.0,net.2"
     LIGHTNING_INTERP_PROBE="model.transformer.h.*;k=16;d_latent=512;dirpath=runs/probe"

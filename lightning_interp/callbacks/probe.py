@@ -11,75 +11,56 @@ dictionary gradients averaged across ranks (one all-reduce per step). That uses 
 rank's activations (rather than one rank's share) and keeps one identical dictionary on
 every rank, so any rank can splice it into validation. Ranks agree before each step that
 all have a full buffer, so uneven row counts (attention-mask filtering) cannot deadlock.
+
+Defaults follow EleutherAI's sparsify (see :mod:`~lightning_interp.callbacks.site_trainer`)
+and adapt to the run: after the first batch the probe estimates the rows the run will show
+it and plans batch size and row reuse for about ``min_steps`` steps; a run that still
+allows fewer gets an :class:`UndertrainedProbeWarning` at the end.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_interp._io import safe_join
 from lightning_interp.backbones.hooks import add_reader
 from lightning_interp.backbones.sites import Site, UnknownSiteError
 from lightning_interp.callbacks.module_sites import resolve_module_sites
-from lightning_interp.callbacks.site_trainer import SiteTrainer
-from lightning_interp.data import sharding
+from lightning_interp.callbacks.site_trainer import (
+    DEFAULT_EXPANSION_FACTOR,
+    DEFAULT_MIN_STEPS,
+    SiteTrainer,
+    default_k,
+    default_lr,
+    gather_rank_buffers,
+    own_rank_buffer,
+    plan_training,
+    site_folder,
+)
 from lightning_interp.dictionaries import Dictionary, create_dictionary, get_dictionary_class
-from lightning_interp.errors import ConfigError, ShapeMismatchError
+from lightning_interp.errors import CheckpointError, ConfigError, ShapeMismatchError
 
-STATE_VERSION = 1
-
-
-def site_folder(name: str) -> str:
-    """A folder name for a site (``model.h.1:input`` becomes ``model.h.1-input``)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
+STATE_VERSION = 2  # 2: sites carry their training plan
 
 
-# What differs between DDP ranks in a site's state: each rank buffers its own activations.
-RANK_KEYS = ("buffer_rows", "buffer_state", "rows_buffered")
+class UndertrainedProbeWarning(UserWarning):
+    """A probe's dictionary took fewer steps than it needs to be useful."""
 
 
-def gather_rank_buffers(sites: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Under DDP, replace each site's buffer by every rank's (under ``"ranks"``).
-
-    Only rank 0 writes the checkpoint, but the dictionaries are identical on every rank
-    and the buffers are not; every rank calls ``state_dict`` while a checkpoint is
-    dumped, so this collective is matched.
-    """
-    rank, ranks = sharding.world()
-    if ranks == 1:
-        return sites
-    local = {name: {key: state[key] for key in RANK_KEYS} for name, state in sites.items()}
-    gathered: list[Any] = [None] * ranks
-    torch.distributed.all_gather_object(gathered, local)
-    return {
-        name: {
-            **{k: v for k, v in state.items() if k not in RANK_KEYS},
-            "ranks": [g[name] for g in gathered],
-        }
-        for name, state in sites.items()
-    }
-
-
-def own_rank_buffer(state: dict[str, Any]) -> dict[str, Any]:
-    """The calling rank's view of a site state saved by :func:`gather_rank_buffers`."""
-    if "ranks" not in state:
-        return state
-    rank, ranks = sharding.world()
-    if len(state["ranks"]) != ranks:
-        raise ConfigError(
-            f"the checkpoint holds probe buffers of {len(state['ranks'])} DDP ranks but this "
-            f"run has {ranks}; resume with the same number of devices"
-        )
-    shared = {k: v for k, v in state.items() if k != "ranks"}
-    return {**shared, **state["ranks"][rank]}
+def _has_field(architecture: str, name: str) -> bool:
+    config_class = get_dictionary_class(architecture).config_class
+    return any(f.name == name for f in dataclasses.fields(config_class))
 
 
 class DictionaryProbe(L.Callback):
@@ -93,18 +74,25 @@ class DictionaryProbe(L.Callback):
         architecture: Registered dictionary architecture (``"topk"``, ``"batchtopk"``,
             ``"standard"``, ``"jumprelu"``, ``"gated"``).
         d_latent: Number of latents. Give this or ``expansion_factor``.
-        expansion_factor: ``d_latent = expansion_factor * d_in`` (default 8 when neither
-            is given).
-        k: Active latents per row (TopK family).
+        expansion_factor: ``d_latent = expansion_factor * d_in`` (default 32 when neither
+            is given, as in sparsify).
+        k: Active latents per row (TopK family). Default: sparsify's 32, at most
+            ``d_in // 4`` (so 16 on a 64-wide layer).
         d_in: Expected activation width; checked against the first activations.
         dictionary_kwargs: Further fields of the architecture's config
-            (``l1_coefficient``, ``aux_k``, ``b_dec_init``, ...).
-        lr: Adam learning rate of the dictionaries.
-        batch_size: Activation rows per dictionary step.
-        buffer_size: Rows buffered (and shuffled) before a step; default ``4 * batch_size``.
+            (``l1_coefficient``, ``aux_k``, ``b_dec_init``, ``dtype``, ...).
+        lr: Adam learning rate. Default: sparsify's ``2e-4 / sqrt(d_latent / 2**14)``.
+        batch_size: Activation rows per dictionary step. Default: 1,024 when the run
+            shows plenty of rows, smaller (down to 128) on a small run.
+        buffer_size: Rows buffered (and shuffled) before a step. Default
+            ``4 * batch_size``, more when rows are reused (a span of 8 user batches).
+        replay: Times each captured row is trained on. Default: 1 when the run shows
+            plenty of rows, up to 32 on a small run, to reach about ``min_steps`` steps.
+        min_steps: Steps the automatic plan aims for; a dictionary that took fewer by the
+            end of training is reported with an :class:`UndertrainedProbeWarning`.
         train_every_n_steps: Capture activations on every n-th training batch only.
-        max_tokens: Stop capturing once a dictionary has trained on this many rows (all
-            ranks together).
+        max_tokens: Stop once a dictionary has trained on this many rows (all ranks
+            together, reused rows counted each time).
         mask_key: Key of a ``[batch, seq]`` mask in dict batches (``attention_mask``); rows
             where it is 0 (padding) are dropped when the activation is ``[batch, seq, d]``.
         dead_tokens_threshold: Rows without firing after which a latent counts as dead (for
@@ -119,7 +107,7 @@ class DictionaryProbe(L.Callback):
         seed: Seed of dictionary initialisation and shuffling (private generators).
 
     Example:
-        >>> probe = DictionaryProbe("net.0", d_latent=64, k=4)
+        >>> probe = DictionaryProbe("net.0")  # sparsify's defaults, sized to the run
         >>> probe.state_key
         "DictionaryProbe{'prefix': 'probe', 'sites': ['net.0']}"
     """
@@ -133,9 +121,11 @@ class DictionaryProbe(L.Callback):
         k: int | None = None,
         d_in: int | None = None,
         dictionary_kwargs: dict[str, Any] | None = None,
-        lr: float = 1e-3,
-        batch_size: int = 1024,
+        lr: float | None = None,
+        batch_size: int | None = None,
         buffer_size: int | None = None,
+        replay: int | None = None,
+        min_steps: int = DEFAULT_MIN_STEPS,
         train_every_n_steps: int = 1,
         max_tokens: int | None = None,
         mask_key: str | None = "attention_mask",
@@ -149,17 +139,27 @@ class DictionaryProbe(L.Callback):
         get_dictionary_class(architecture)  # fail now on an unknown name, with suggestions
         if d_latent is not None and expansion_factor is not None:
             raise ConfigError("give d_latent or expansion_factor, not both")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("train_every_n_steps", train_every_n_steps),
-            ("dead_tokens_threshold", dead_tokens_threshold),
+        for name, value, optional in (
+            ("batch_size", batch_size, True),
+            ("buffer_size", buffer_size, True),
+            ("replay", replay, True),
+            ("d_latent", d_latent, True),
+            ("expansion_factor", expansion_factor, True),
+            ("k", k, True),
+            ("min_steps", min_steps, False),
+            ("train_every_n_steps", train_every_n_steps, False),
+            ("dead_tokens_threshold", dead_tokens_threshold, False),
         ):
-            if not isinstance(value, int) or value < 1:
+            if optional and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if buffer_size is not None and buffer_size < batch_size:
+        if buffer_size is not None and batch_size is not None and buffer_size < batch_size:
             raise ConfigError(f"buffer_size ({buffer_size}) must be >= batch_size ({batch_size})")
-        if lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {lr}")
+        if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ConfigError(
+                f"lr must be a finite number > 0 (or None for sparsify's), got {lr!r}"
+            )
         self.sites = [sites] if isinstance(sites, str) else list(sites)
         self.architecture = architecture
         self.d_latent = d_latent
@@ -169,7 +169,9 @@ class DictionaryProbe(L.Callback):
         self.dictionary_kwargs = dict(dictionary_kwargs or {})
         self.lr = lr
         self.batch_size = batch_size
-        self.buffer_size = buffer_size or 4 * batch_size
+        self.buffer_size = buffer_size
+        self.replay = replay
+        self.min_steps = min_steps
         self.train_every_n_steps = train_every_n_steps
         self.max_tokens = max_tokens
         self.mask_key = mask_key
@@ -187,6 +189,7 @@ class DictionaryProbe(L.Callback):
         self._capturing = False
         self._mask: Tensor | None = None
         self._owner = "model"
+        self._device: torch.device | None = None  # the user model's, known at setup
         self._deferred = False  # hooks wait for configure_model (see setup)
 
     # ------------------------------------------------------------------ public API
@@ -204,21 +207,26 @@ class DictionaryProbe(L.Callback):
         """Save every dictionary to ``<dirpath>/<site>/`` (native format); returns the folders."""
         folders = []
         for name, dictionary in self.dictionaries.items():
-            folder = Path(dirpath) / site_folder(name)
+            folder = safe_join(dirpath, site_folder(name))
             dictionary.save_pretrained(folder)
             folders.append(folder)
         return folders
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Resolve the sites and register the reading hooks.
+        """Resolve the sites, register the reading hooks, note the model's device.
 
-        A module that builds its layers in ``configure_model`` (which Lightning calls after
-        ``setup``) gets its hooks in ``on_fit_start`` instead.
+        Dictionaries live on ``trainer.strategy.root_device``, where Lightning places the
+        model (each DDP rank on its own device). A module that builds its layers in
+        ``configure_model`` (which Lightning calls after ``setup``) gets its hooks in
+        ``on_fit_start`` instead.
         """
         if stage != "fit":
             return
         self._owner = type(pl_module).__name__
+        self._device = trainer.strategy.root_device
+        for site_trainer in self.trainers.values():
+            site_trainer.to(self._device)
         try:
             self._register(pl_module)
         except UnknownSiteError:
@@ -243,19 +251,17 @@ class DictionaryProbe(L.Callback):
         if self._deferred:
             self._deferred = False
             self._register(pl_module)
+        # Checkpointed probes are restored after setup, on the CPU.
+        self._device = trainer.strategy.root_device
         for site_trainer in self.trainers.values():
-            site_trainer.to(pl_module.device)
+            site_trainer.to(self._device)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Decide whether this batch's activations are captured."""
         self.batches_seen += 1
-        done = (
-            self.max_tokens is not None
-            and bool(self.trainers)
-            and all(int(t.learner.tokens_seen) >= self.max_tokens for t in self.trainers.values())
-        )
+        done = bool(self.trainers) and all(self._capped(t) for t in self.trainers.values())
         self._capturing = not done and (self.batches_seen - 1) % self.train_every_n_steps == 0
         mask = batch.get(self.mask_key) if isinstance(batch, Mapping) and self.mask_key else None
         self._mask = mask if isinstance(mask, Tensor) else None
@@ -268,16 +274,20 @@ class DictionaryProbe(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        """Train each dictionary while its buffer is full, then log the last step."""
+        """Buffer the batch's rows, train while a buffer is full, then log the last step."""
         self._capturing, self._mask = False, None
         world_size = trainer.world_size
 
         def reduce(tensor: Tensor, op: str) -> Tensor:
             return trainer.strategy.reduce(tensor, reduce_op=op)
 
+        self._plan_new_sites(trainer, reduce)
         for name, site_trainer in self.trainers.items():
+            site_trainer.absorb()
             logged = None
-            while self._all_ready(site_trainer, reduce, world_size):
+            while not self._capped(site_trainer) and self._all_ready(
+                site_trainer, reduce, world_size
+            ):
                 logged = site_trainer.step(reduce, world_size)
             if logged is not None:
                 for key in ("loss", "fvu", "l0", "dead_fraction"):
@@ -301,7 +311,8 @@ class DictionaryProbe(L.Callback):
             site_trainer.reset_metrics()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Save (rank 0) and publish the dictionaries if asked."""
+        """Warn about dictionaries that took too few steps; save (rank 0) and publish."""
+        self._warn_undertrained()
         if not trainer.is_global_zero or not self.trainers:
             return
         if self.dirpath is not None:
@@ -323,9 +334,10 @@ class DictionaryProbe(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (dictionaries are rebuilt from their config)."""
         if state_dict.get("version") != STATE_VERSION:
-            raise ConfigError(
-                f"probe state version {state_dict.get('version')!r} is not {STATE_VERSION}; "
-                f"it was saved by another lightning-interp release"
+            raise CheckpointError(
+                f"probe state version {state_dict.get('version')!r} is not {STATE_VERSION}: "
+                f"another lightning-interp release saved it; resume with that release, or "
+                f"give the probe another prefix= to start it afresh"
             )
         self.batches_seen = int(state_dict["batches_seen"])
         self.trainers = {}
@@ -337,10 +349,73 @@ class DictionaryProbe(L.Callback):
             self.trainers[name] = site_trainer
 
     # ------------------------------------------------------------------ internals
+    def _warn_undertrained(self) -> None:
+        if not self.trainers:
+            rank_zero_warn(
+                f"DictionaryProbe{self.sites} captured no activations: no training batch ran "
+                f"(check max_steps, limit_train_batches and the data)",
+                category=UndertrainedProbeWarning,
+            )
+        for name, site_trainer in self.trainers.items():
+            if site_trainer.steps >= self.min_steps or self._capped(site_trainer):
+                continue
+            plan = site_trainer.plan
+            reuse = f", each used {plan.replay} times" if plan and plan.replay > 1 else ""
+            rank_zero_warn(
+                f"DictionaryProbe site {name!r} took only {site_trainer.steps} steps (on "
+                f"{site_trainer.rows_buffered} captured rows{reuse}); a dictionary needs about "
+                f"{self.min_steps} to be useful. Train for more epochs, or pass a smaller "
+                f"batch_size or a larger replay (or a lower min_steps to accept this)",
+                category=UndertrainedProbeWarning,
+            )
+
     def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def _capped(self, site_trainer: SiteTrainer) -> bool:
+        tokens = int(site_trainer.learner.tokens_seen)
+        return self.max_tokens is not None and tokens >= self.max_tokens
+
+    def _plan_new_sites(self, trainer: L.Trainer, reduce: Any) -> None:
+        """Plan batch size and reuse of sites that have just seen their first rows.
+
+        Every rank calls this at the same batch (sites are created at the first captured
+        batch on all ranks), and the rows per batch are averaged across ranks, so every
+        rank adopts the same plan.
+        """
+        new = [t for _, t in sorted(self.trainers.items()) if t.plan is None]
+        if not new:
+            return
+        device = new[0].dictionary.device
+        rows = torch.tensor([float(t.staged_rows) for t in new], device=device)
+        if trainer.world_size > 1:
+            rows = reduce(rows, "mean")
+        batches = self._batches_left(trainer)
+        for site_trainer, rows_per_batch in zip(new, rows.tolist(), strict=True):
+            if rows_per_batch > 0:  # else wait for a batch with rows (all masked so far)
+                site_trainer.configure(
+                    plan_training(
+                        rows_per_batch,
+                        batches,
+                        batch_size=self.batch_size,
+                        replay=self.replay,
+                        buffer_size=self.buffer_size,
+                        min_steps=self.min_steps,
+                    )
+                )
+
+    def _batches_left(self, trainer: L.Trainer) -> float:
+        """Captured batches the run will still give, this one included (``inf``: unknown)."""
+        accumulate = trainer.accumulate_grad_batches
+        steps = float(trainer.estimated_stepping_batches)
+        if steps < 0:  # an unsized iterable without max_steps: plan for plenty
+            return math.inf
+        # Batches before this one (a run resumed without probe state has done some).
+        done = trainer.fit_loop.total_batch_idx
+        left = max(steps * accumulate - done, 1.0)
+        return math.ceil(left / self.train_every_n_steps) if math.isfinite(left) else left
 
     def _all_ready(self, site_trainer: SiteTrainer, reduce: Any, world_size: int) -> bool:
         ready = site_trainer.ready
@@ -360,9 +435,9 @@ class DictionaryProbe(L.Callback):
         rows = rows.reshape(-1, rows.shape[-1])
         site_trainer = self.trainers.get(site.name)
         if site_trainer is None:
-            site_trainer = self._create(site, rows.shape[-1], rows.device)
+            site_trainer = self._create(site, rows.shape[-1], self._device or rows.device)
         if rows.shape[0]:
-            site_trainer.add(rows)
+            site_trainer.stage(rows)
 
     def _create(self, site: Site, width: int, device: torch.device) -> SiteTrainer:
         if self.d_in is not None and width != self.d_in:
@@ -371,10 +446,12 @@ class DictionaryProbe(L.Callback):
                 f"of width {width}, but the probe was configured with d_in={self.d_in}; fix "
                 f"d_in or choose the site whose width is {self.d_in}"
             )
-        d_latent = self.d_latent or (self.expansion_factor or 8) * width
+        d_latent = self.d_latent or (self.expansion_factor or DEFAULT_EXPANSION_FACTOR) * width
         kwargs: dict[str, Any] = {**self.dictionary_kwargs, "d_in": width, "d_latent": d_latent}
         if self.k is not None:
             kwargs["k"] = self.k
+        elif "k" not in kwargs and _has_field(self.architecture, "k"):
+            kwargs["k"] = min(default_k(width), d_latent)
         kwargs["architecture"] = self.architecture
         kwargs["provenance"] = {
             "backbone": self._owner,
@@ -396,9 +473,7 @@ class DictionaryProbe(L.Callback):
             dictionary = create_dictionary(architecture, **kwargs)
         return SiteTrainer(
             dictionary,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            buffer_size=self.buffer_size,
+            lr=self.lr if self.lr is not None else default_lr(dictionary.d_latent),
             dead_tokens_threshold=self.dead_tokens_threshold,
             seed=self.seed + len(self.trainers),
         )

@@ -9,6 +9,11 @@ your module are swapped for private twins, so the clean metric objects never see
 predictions. Your own logging code thus yields both numbers side by side, aggregated the
 way you asked for the clean ones. State your ``validation_step`` keeps outside logged
 values and Metric attributes (e.g. a list of outputs) sees both calls.
+
+Devices and dtypes: the dictionary is moved to the device of your model when validation
+or testing starts (its dtype is kept), and every splice moves the site's activation to the
+dictionary's device and dtype and the result back to the activation's, so a float64
+dictionary splices into a float32 model and a dictionary left on the CPU into a CUDA one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from lightning.pytorch.trainer import call
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_interp.backbones.devices import follow_module
 from lightning_interp.backbones.hooks import add_writer
 from lightning_interp.backbones.sites import Site
 from lightning_interp.callbacks.module_sites import resolve_module_sites
@@ -45,7 +51,15 @@ def splice_function(
     ``reconstruct``: the dictionary's reconstruction. ``identity``: unchanged (a control).
     ``zero``: zeros. ``ablate``: remove the chosen latents' contribution,
     ``x - codes[:, ids] @ W_dec[ids]`` (the reconstruction error stays in). ``steer``: add
-    ``scale * W_dec[i]`` for each chosen latent.
+    ``scale * W_dec[i]`` for each chosen latent. The dictionary's arithmetic runs on its
+    device and in its dtype; the result has the activation's
+    (:func:`~lightning_interp.backbones.devices.follow_module`).
+
+    Example:
+        >>> from lightning_interp import create_dictionary
+        >>> sae = create_dictionary("topk", d_in=4, d_latent=8, k=2, dtype="float64")
+        >>> splice_function("reconstruct", sae, [], 1.0)(torch.ones(3, 4)).dtype
+        torch.float32
     """
     if mode == "identity":
         return lambda x: x
@@ -54,10 +68,12 @@ def splice_function(
     assert dictionary is not None
     ids = torch.tensor(latents, dtype=torch.long, device=dictionary.device)
     if mode == "reconstruct":
-        return dictionary
+        return follow_module(dictionary)
     if mode == "ablate":
-        return lambda x: x - dictionary.encode(x)[..., ids] @ dictionary.W_dec[ids]
-    return lambda x: x + scale * dictionary.W_dec[ids].sum(0)
+        return follow_module(
+            lambda x: x - dictionary.encode(x)[..., ids] @ dictionary.W_dec[ids], dictionary
+        )
+    return follow_module(lambda x: x + scale * dictionary.W_dec[ids].sum(0), dictionary)
 
 
 def _metric_slots(module: nn.Module) -> Iterator[tuple[nn.Module, str, Metric, str]]:
@@ -170,6 +186,19 @@ class SpliceDictionary(L.Callback):
                 return probe
         return None
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Place the dictionary where the model is (Lightning has placed the model by now)."""
+        self._place(pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Place the dictionary where the model is."""
+        self._place(pl_module)
+
+    def _place(self, pl_module: L.LightningModule) -> None:
+        # A probe's dictionary is the probe's to place (it trains where the model is).
+        if self._dictionary is not None and self._dictionary.device != pl_module.device:
+            self._dictionary.to(pl_module.device)
+
     def on_validation_batch_end(
         self,
         trainer: L.Trainer,
@@ -208,9 +237,6 @@ class SpliceDictionary(L.Callback):
         if self.mode not in ("identity", "zero") and dictionary is None:
             return  # a probe that has not captured anything yet
         assert self._site is not None
-        if dictionary is not None and dictionary.device != pl_module.device:
-            # Moved here, not in setup: Lightning places the model after the setup hook.
-            dictionary.to(pl_module.device)
         fn = splice_function(self.mode, dictionary, self.latents, self.scale)
         module = pl_module.get_submodule(self._site.module_path)
         loaders = trainer.num_val_batches if hook == "validation_step" else trainer.num_test_batches

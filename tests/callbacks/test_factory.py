@@ -56,6 +56,19 @@ def test_with_the_variable_every_trainer_gets_a_probe(monkeypatch):
     assert "env/net.1/fvu" in trainer.callback_metrics
 
 
+def test_the_variable_with_sites_only_uses_working_defaults(monkeypatch):
+    # Once a crash at the first batch (TopK without k): the defaults must train.
+    monkeypatch.setenv(ENV_VAR, "net.1")
+    trainer = quiet_trainer(max_epochs=2)
+    (probe,) = probes(trainer)
+    L.seed_everything(0, verbose=False)
+    trainer.fit(DigitsMLP(), DigitsData())
+    site = probe.trainers["net.1"]
+    assert (site.dictionary.d_latent, site.dictionary.config.k) == (32 * 64, 16)
+    assert site.steps >= probe.min_steps  # the plan sized batches and reuse to the run
+    assert float(trainer.callback_metrics["probe/net.1/epoch_fvu"]) < 0.3
+
+
 def test_spec_formats_and_errors():
     assert parse_probe_spec("a.b, c.d ; k=8 ; lr=0.01 ; dirpath=runs/x") == {
         "sites": ["a.b", "c.d"],

@@ -72,7 +72,9 @@ def test_two_process_ddp_probe_resumes_each_ranks_buffer(tmp_path):
     torch.set_num_threads(1)
 
     def fit(folder: Path, epochs: int, ckpt_path: str | None = None) -> None:
-        probe = DictionaryProbe("net.1", d_latent=256, k=8, batch_size=64, lr=3e-3)
+        # The plan is made for the run the probe first sees (3 epochs here, 6 straight) and
+        # kept on resume: pin it, so the two runs train alike.
+        probe = DictionaryProbe("net.1", d_latent=256, k=8, batch_size=64, replay=2, lr=3e-3)
         L.seed_everything(0, verbose=False)
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder / "ckpt", save_last=True)
         trainer = quiet_trainer(
