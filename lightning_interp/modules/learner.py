@@ -23,6 +23,7 @@ from lightning_interp.metrics import (
     FractionOfVarianceUnexplained,
     MeanSquaredError,
 )
+from lightning_interp.metrics.sparsity import dead_fraction_in_window
 
 # reduce(tensor, op) with op "sum" or "mean" across DDP ranks (identity on one process).
 Reduce = Callable[[Tensor, str], Tensor]
@@ -84,24 +85,25 @@ class DictionaryLearner(nn.Module):
         self.tokens_since_fired[fired] = 0
         self.tokens_seen += rows
 
-    def training_loss(
+    def forward_loss(
         self,
         inputs: Tensor,
         targets: Tensor | None,
         *,
         sparsity_scale: float = 1.0,
         reduce: Reduce = no_reduce,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss of one batch, and the values worth logging (detached).
+    ) -> tuple[Tensor, dict[str, Tensor], DictionaryOutput]:
+        """The loss of one batch, the values worth logging (detached), and the forward pass.
 
-        Initialises ``b_dec`` on the first batch and updates the dead-latent counter.
+        Initialises ``b_dec`` on the first batch but does not count the batch in the
+        dead-latent counter: call :meth:`commit` once the step is known to be usable (a
+        skipped non-finite step must not reset or advance the counters).
 
         Args:
             inputs: Activation rows ``[N, d_in]``.
             targets: Rows to reconstruct ``[N, d_out]`` (transcoders), or ``None``.
             sparsity_scale: Multiplier of the sparsity penalty (warm-up).
-            reduce: Cross-rank reduction, so every rank agrees on ``b_dec`` and on which
-                latents fired.
+            reduce: Cross-rank reduction, so every rank agrees on ``b_dec``.
         """
         self.dictionary.check_input(inputs)
         if not bool(self.b_dec_initialized):
@@ -111,14 +113,54 @@ class DictionaryLearner(nn.Module):
         losses = self.dictionary.loss(
             inputs, out, target=targets, sparsity_scale=sparsity_scale, dead_mask=dead
         )
-        self._track_firing(out, reduce)
         with torch.no_grad():
             target = inputs if targets is None else targets
             logged = {name: value.detach() for name, value in losses.items()}
             logged["fvu"] = batch_fvu(out.reconstruction.float(), target.float())
             logged["l0"] = out.l0_per_row().float().mean()
             logged["dead_fraction"] = dead.float().mean()
-        return losses["loss"], logged
+        return losses["loss"], logged, out
+
+    def commit(self, out: DictionaryOutput, reduce: Reduce = no_reduce) -> None:
+        """Count a used batch: tokens seen, and which latents fired (agreed across ranks)."""
+        self._track_firing(out, reduce)
+
+    def training_loss(
+        self,
+        inputs: Tensor,
+        targets: Tensor | None,
+        *,
+        sparsity_scale: float = 1.0,
+        reduce: Reduce = no_reduce,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`forward_loss` then :meth:`commit`: the loss and the logged values.
+
+        Args:
+            inputs: Activation rows ``[N, d_in]``.
+            targets: Rows to reconstruct ``[N, d_out]`` (transcoders), or ``None``.
+            sparsity_scale: Multiplier of the sparsity penalty (warm-up).
+            reduce: Cross-rank reduction, so every rank agrees on ``b_dec`` and on which
+                latents fired.
+        """
+        loss, logged, out = self.forward_loss(
+            inputs, targets, sparsity_scale=sparsity_scale, reduce=reduce
+        )
+        self.commit(out, reduce)
+        return loss, logged
+
+    def training_dead_fraction(self) -> tuple[float | None, int]:
+        """The field's dead fraction: latents silent for ``dead_tokens_threshold`` tokens.
+
+        See :func:`~lightning_interp.metrics.sparsity.dead_fraction_in_window` (Gao et al.
+        2024; sparsify; dictionary_learning).
+
+        Returns:
+            ``(fraction, window_tokens)``; the window is shorter than the threshold when
+            fewer tokens were trained, and ``(None, 0)`` before any.
+        """
+        return dead_fraction_in_window(
+            self.tokens_since_fired, int(self.tokens_seen), self.dead_tokens_threshold
+        )
 
     def before_optimizer_step(self) -> None:
         """Remove the decoder-gradient component that only changes row norms."""

@@ -5,17 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lightning_interp.dictionaries import Dictionary
 from lightning_interp.errors import ConfigError
 from lightning_interp.modules.dictionary_module import (
-    DictionaryTrainingModule,
     as_dictionary,
     dictionary_hparams,
     split_batch,
 )
+from lightning_interp.modules.guards import NonFinitePolicy, batch_parts
+from lightning_interp.modules.training_module import DictionaryTrainingModule
 
 
 def _check_name(name: str) -> None:
@@ -57,6 +59,10 @@ class MultiDictionaryModule(DictionaryTrainingModule):
         sparsity_warmup_steps: Steps over which sparsity penalties ramp up.
         dead_tokens_threshold: Tokens without firing after which a latent is dead.
         dense_threshold: Firing frequency above which a latent counts as dense.
+        on_nonfinite: ``"raise"`` (default) or ``"skip"``: what a batch with NaN/Inf values
+            or zero rows for any dictionary, or a non-finite loss of any dictionary, does
+            (see :class:`~lightning_interp.modules.DictionaryModule`); a skipped step is
+            skipped for every dictionary, as they share one optimizer step.
 
     Example:
         >>> import lightning as L, torch
@@ -83,6 +89,7 @@ class MultiDictionaryModule(DictionaryTrainingModule):
         sparsity_warmup_steps: int = 0,
         dead_tokens_threshold: int = 10_000_000,
         dense_threshold: float = 0.1,
+        on_nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         if not dictionaries:
             raise ConfigError("dictionaries is empty; name at least one dictionary to train")
@@ -100,6 +107,7 @@ class MultiDictionaryModule(DictionaryTrainingModule):
             dead_tokens_threshold=dead_tokens_threshold,
             dense_threshold=dense_threshold,
             learning_rates=learning_rates,
+            on_nonfinite=on_nonfinite,
         )
         self.save_hyperparameters(ignore=["dictionaries", "optimizer", "lr_scheduler"])
         self.hparams["dictionaries"] = {
@@ -128,24 +136,54 @@ class MultiDictionaryModule(DictionaryTrainingModule):
             )
         return split_batch(tuple(batch[site] for site in wanted))
 
+    def _specs(self, hparams: Mapping[str, Any]) -> dict[str, Mapping[str, Any]] | None:
+        specs = hparams.get("dictionaries")
+        return dict(specs) if isinstance(specs, Mapping) else None
+
+    def _selected(self, batch: Any) -> tuple[dict, dict[str, Tensor]]:
+        """Each dictionary's ``(inputs, targets)``, and every distinct tensor, labelled."""
+        selected = {name: self.select(batch, name) for name in self.learners}
+        parts: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for name, (inputs, targets) in selected.items():
+            site = self.learners[name].dictionary.config.provenance.site
+            where = f" of {name!r}" + (f" (site {site!r})" if site else "")
+            for label, tensor in batch_parts(inputs, targets, where).items():
+                # Dictionaries sharing a site share its tensor: check it once.
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    parts[label] = tensor
+        return selected, parts
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One step of every dictionary (their losses add; parameters are disjoint)."""
-        total: Tensor | None = None
-        rows = 0
+        """One step of every dictionary (their losses add; parameters are disjoint).
+
+        For a batch or loss that ``on_nonfinite="skip"`` skips, no dictionary moves (see
+        :meth:`skipped_step`).
+        """
+        selected, parts = self._selected(batch)
+        if not self._usable_batch(parts, batch_idx):
+            return self.skipped_step()
         scale = self.sparsity_scale()
-        for name, learner in self.learners.items():
-            inputs, targets = self.select(batch, name)
-            loss, logged = learner.training_loss(
-                inputs, targets, sparsity_scale=scale, reduce=self.reduce
-            )
+        results = {
+            name: learner.forward_loss(*selected[name], sparsity_scale=scale, reduce=self.reduce)
+            for name, learner in self.learners.items()
+        }
+        if not self._usable_loss({name: r[0] for name, r in results.items()}, batch_idx):
+            return self.skipped_step()
+        for name, (_, logged, out) in results.items():
+            learner = self.learners[name]
+            learner.commit(out, self.reduce)
             self._log_training(f"train/{name}", logged, learner)
-            total = loss if total is None else total + loss
-            rows = max(rows, inputs.shape[0])
+        total = torch.stack([loss for loss, _, _ in results.values()]).sum()
         self.log("loss", total.detach(), prog_bar=True, logger=False)
-        self._log_throughput(rows)
+        self._log_throughput(max(inputs.shape[0] for inputs, _ in selected.values()))
         return total
 
-    def _evaluate(self, batch: Any, prefix: str) -> None:
+    def _evaluate(self, batch: Any, prefix: str, batch_idx: int) -> None:
+        selected, parts = self._selected(batch)
+        if not self._usable_batch(parts, batch_idx, stage=prefix):
+            return
         for name, learner in self.learners.items():
-            inputs, targets = self.select(batch, name)
-            self._log_evaluation(f"{prefix}/{name}", learner.update_metrics(inputs, targets))
+            metrics = learner.update_metrics(*selected[name])
+            self._log_evaluation(f"{prefix}/{name}", metrics)

@@ -90,13 +90,13 @@ def _eval_results(entries: list[CardEntry]) -> list:
 
 def _table(entries: list[CardEntry]) -> str:
     head = ["site", "folder", "architecture", "d_in", "width", "k", "tokens trained"]
-    head += [name for _, name in METRICS.values()]
+    head += [name for _, name in METRICS.values()] + ["dead window (tokens)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         cfg, metrics = e.config, e.metrics or {}
         cells = [e.site, f"`{e.path or '.'}`", cfg.get("architecture"), cfg.get("d_in")]
         cells += [cfg.get("d_latent"), cfg.get("k"), metrics.get("tokens_trained")]
-        cells += [metrics.get(key) for key in METRICS]
+        cells += [metrics.get(key) for key in METRICS] + [metrics.get("dead_window_tokens")]
         rows.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(rows)
 
@@ -192,7 +192,8 @@ def build_card(
         "`model.safetensors` (safetensors only: nothing here is unpickled).\n\n"
         f"## Dictionaries\n\n{_table(entries)}\n\n"
         "FVU: fraction of variance unexplained; L0: mean active latents per token; dead "
-        "fraction: latents that never fired during evaluation; CE loss recovered: share of "
+        "fraction: latents that did not fire in the last *dead window* training tokens (as "
+        "Gao et al. 2024 count them); CE loss recovered: share of "
         "the language-model loss gap closed when the reconstruction is spliced in.\n\n"
         f"## Usage\n\n{_usage(entries, repo_id)}\n"
         f"From the command line: `lightning-interp pull {repo_id} DIR{site_flag}`.\n\n"

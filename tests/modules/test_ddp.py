@@ -61,3 +61,32 @@ def test_two_process_ddp_matches_one_process(architecture):
     # Token and dead-latent counters are global (reduced over ranks), not per rank.
     assert int(double.tokens_seen) == int(single.tokens_seen) == 256 * 20
     torch.testing.assert_close(double.tokens_since_fired, single.tokens_since_fired)
+
+
+def run_with_a_nan(devices: int) -> DictionaryModule:
+    """Step 5's global batch holds one NaN, in the half that rank 1 gets under DDP."""
+    torch.manual_seed(0)
+    x = planted_data().sample(256 * 8, generator=torch.Generator().manual_seed(0))[0]
+    x[5 * 256 + 200, 3] = float("nan")
+    dictionary = create_dictionary("topk", d_in=32, d_latent=128, k=4, b_dec_init="mean")
+    module = DictionaryModule(
+        dictionary, optimizer=partial(torch.optim.Adam, lr=3e-3), on_nonfinite="skip"
+    )
+    strategy = "ddp_spawn" if devices > 1 else "auto"
+    trainer = quiet_trainer(
+        max_epochs=1, devices=devices, strategy=strategy, use_distributed_sampler=False
+    )
+    trainer.fit(module, DataLoader(RankSlices(x, 256), batch_size=None))
+    return module
+
+
+def test_a_nonfinite_batch_on_one_rank_skips_the_step_on_every_rank():
+    # Rank 0's half of step 5 is clean: had it stepped alone, the ranks' weights would
+    # diverge (or DDP would hang waiting for rank 1's gradients).
+    single, double = run_with_a_nan(1), run_with_a_nan(2)
+    for (name, a), (_, b) in zip(
+        single.dictionary.named_parameters(), double.dictionary.named_parameters(), strict=True
+    ):
+        assert torch.isfinite(b).all(), name
+        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-4, msg=f"{name} differs")
+    assert int(double.tokens_seen) == int(single.tokens_seen) == 256 * 7
