@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -59,7 +58,6 @@ class Backbone:
         self.tokenizer = tokenizer_or_processor
         self.site_map = SiteMap(model)
         self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
-        self._checked_ids: tuple[weakref.ref, int] | None = None
 
     @property
     def hub_id(self) -> str:
@@ -175,25 +173,13 @@ class Backbone:
                 raise ConfigError("raw images need a processor: Backbone(model, processor)")
             encoded = dict(self.tokenizer(images=inputs, return_tensors="pt"))
         ids = encoded.get("input_ids")
-        checked = isinstance(ids, Tensor) and self._already_checked(ids)
-        if isinstance(ids, Tensor) and not checked:
-            self.check_token_ids(ids)  # before the copy: on CPU ids this costs no GPU sync
-        device = self.device
-        moved = {
-            k: to_device(v, device) if isinstance(v, Tensor) else v for k, v in encoded.items()
-        }
         if isinstance(ids, Tensor):
-            # Callers encode once and run many forwards on the result (downstream metrics):
-            # ids already on the GPU are then not checked again, which would synchronise.
-            self._checked_ids = (weakref.ref(moved["input_ids"]), moved["input_ids"]._version)
-        return moved
-
-    def _already_checked(self, ids: Tensor) -> bool:
-        """Whether ``ids`` is the (unmodified) tensor the last :meth:`encode` checked."""
-        if self._checked_ids is None:
-            return False
-        reference, version = self._checked_ids
-        return reference() is ids and ids._version == version
+            # Checked before the copy: on CPU ids (the usual case) this costs no GPU sync; on
+            # GPU ids it costs one, which is small beside the forward it protects from a
+            # device-side assert.
+            self.check_token_ids(ids)
+        device = self.device
+        return {k: to_device(v, device) if isinstance(v, Tensor) else v for k, v in encoded.items()}
 
     def check_token_ids(self, ids: Tensor) -> None:
         """Refuse token ids the model's embedding cannot look up.

@@ -62,10 +62,10 @@ def test_models_without_token_ids_are_not_checked():
     assert backbone.capture({"pixel_values": pixels}, "vision.layers.0.resid_post")
 
 
-def test_encoded_ids_are_checked_again_once_modified():
+def test_ids_are_checked_on_every_call_even_once_encoded():
     backbone = Backbone(build("gpt2"))
     encoded = backbone.encode(torch.tensor([[1, 2, 3]]))
-    backbone(encoded)  # encode checked these ids; the forward reuses them
+    backbone(encoded)  # valid ids pass
     encoded["input_ids"][0, 1] = VOCAB  # changed in place after the check
     with pytest.raises(TokenIdError, match=f"max id {VOCAB}"):
         backbone(encoded)
