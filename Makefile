@@ -21,6 +21,8 @@ install: $(STAMP)
 
 # The offline quickstart: a TopK SAE on SmolLM2-135M's residual stream (about 4-5 min on 2 cores).
 demo: $(STAMP)
+	@# A fresh run each time: the export refuses to replace a different run's dictionary.
+	rm -rf runs/quickstart
 	$(VENV)/bin/lightning-interp fit --config recipes/quickstart.yaml
 
 # A shorter demo: MiniLM activations over news text, and the ground-truth recovery table.

@@ -38,29 +38,32 @@ def tiny_world(tmp_path_factory):
     return make_tiny_world(tmp_path_factory.mktemp("tiny-world"), documents=600)
 
 
-def lightning_interp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``python -m lightning_interp.cli ARGS`` the way a user's shell would."""
+# The console script pip installed next to this interpreter (as a user runs it).
+SCRIPT = Path(sys.executable).parent / "lightning-interp"
+
+
+def lightning_interp(*args: str, cwd: Path, **run) -> subprocess.CompletedProcess:
+    """Run ``lightning-interp ARGS`` the way a user's shell would."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_interp.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lightning_interp.cli"]
+    output = run or {"capture_output": True}
+    return subprocess.run([*command, *args], cwd=cwd, env=env, text=True, timeout=600, **output)
 
 
-def write_recipe(tiny_world, folder: Path, tokens: int, **data) -> Path:
-    """The tiny quickstart over ``tokens`` rows, a checkpoint every 5 steps + ``last.ckpt``."""
+def write_recipe(tiny_world, folder: Path, tokens: int, quiet: bool = True, **data) -> Path:
+    """The tiny quickstart over ``tokens`` rows; its checkpoint (``last.ckpt``) every 5 steps.
+
+    ``quiet=False`` keeps the run's default logger and progress output.
+    """
     recipe = tiny_recipe("quickstart.yaml", tiny_world, folder / "run")
     recipe["trainer"].pop("limit_train_batches")
-    recipe["trainer"]["callbacks"].append(
-        {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"every_n_train_steps": 5, "save_last": True, "save_top_k": -1},
-        }
-    )
+    if not quiet:
+        for key in ("logger", "enable_progress_bar", "enable_model_summary"):
+            recipe["trainer"].pop(key)
+    (checkpoint,) = [
+        c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")
+    ]
+    checkpoint["init_args"]["every_n_train_steps"] = 5
     recipe["data"]["init_args"].update(train_tokens=tokens, **data)
     path = folder / "recipe.yaml"
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,3 +170,25 @@ def test_killed_ddp_run_resumes_every_rank_exactly(tiny_world, ddp_run, tmp_path
     expected, actual = weights(ddp_run), weights(run)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_run_logged_to_a_file_is_short_and_quiet(tiny_world, tmp_path):
+    recipe = write_recipe(tiny_world, tmp_path, 64 * 40, quiet=False)
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:  # `lightning-interp fit ... > run.log 2>&1`
+        done = lightning_interp(
+            "fit", "--config", str(recipe), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT
+        )
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    # Measured: 2.6k characters; a TQDM bar writes 11.5 kB here, one \r-separated frame per
+    # step on one endless line.
+    assert len(text) < 6000, text
+    assert "\r" not in text
+    for noise in ("💡", "Tip:", "litlogger", "Warning", "warn(", "deprecated", "Traceback"):
+        assert noise not in text, noise
+    progress = [line for line in text.splitlines() if line.startswith("epoch 0 batch")]
+    assert 10 <= len(progress) <= 21 and "loss=" in progress[-1]
+    # A logger is on by default: the loss curve is in a CSV file under the run's root.
+    curve = (tmp_path / "run" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in curve.splitlines()[0] and len(curve.splitlines()) > 5

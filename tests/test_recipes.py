@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -130,7 +132,8 @@ def run_recipe(recipe: dict, path: Path, *extra: str):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def quiet_one_thread(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-interp"])  # LightningCLI also reads argv
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -213,9 +216,58 @@ def test_ddp_overlay_sets_the_strategy(capsys):
     assert printed["trainer"]["precision"] == "bf16-mixed"
 
 
-def test_interpolation_resolves_in_recipes(capsys):
+@pytest.mark.parametrize("name", RECIPES)
+def test_no_recipe_pins_its_outputs_to_one_folder(name, capsys):
+    # ${trainer.default_root_dir} would resolve when the YAML is read, before a
+    # --trainer.default_root_dir on the command line: outputs must follow the root instead.
+    assert "${" not in Path("recipes", name).read_text()
     with pytest.raises(SystemExit):
-        build_cli(["fit", "--config", "recipes/gpt2_resid_topk.yaml", "--print_config"])
-    printed = yaml.safe_load(capsys.readouterr().out)
-    export = printed["trainer"]["callbacks"][1]
-    assert export["init_args"]["dirpath"] == "runs/gpt2_resid_topk"
+        build_cli(["fit", "--config", f"recipes/{name}", "--print_config"])
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    for callback in callbacks:
+        assert (callback.get("init_args") or {}).get("dirpath") is None, callback
+
+
+# Every recipe that trains something (overlays such as ddp.yaml name no model).
+TRAINING_RECIPES = sorted(
+    p.name for p in Path("recipes").glob("*.yaml") if "model" in yaml.safe_load(p.read_text())
+)
+
+
+@pytest.mark.parametrize("name", TRAINING_RECIPES)
+def test_every_training_recipe_can_resume(name):
+    trainer = yaml.safe_load(Path("recipes", name).read_text())["trainer"]
+    checkpoints = [
+        c for c in trainer.get("callbacks", []) if c["class_path"].endswith(".ModelCheckpoint")
+    ]
+    if trainer.get("enable_checkpointing") is False:
+        # Concept heads on cached embeddings: minutes of training, no resume; the CLI
+        # refuses --ckpt_path last for them (tests/test_cli.py).
+        assert not checkpoints and "ConceptBottleneckModule" in Path("recipes", name).read_text()
+    else:
+        (checkpoint,) = checkpoints
+        assert checkpoint["init_args"]["save_last"] is True
+
+
+class FirstStep(L.Callback):
+    """Records the global step a fit starts from (after any checkpoint was restored)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "multi_dictionary.yaml"])
+def test_ckpt_path_last_continues_the_run(name, tiny_world, tmp_path):
+    recipe = tiny_recipe(name, tiny_world, tmp_path / "run")
+    callbacks = recipe["trainer"]["callbacks"]
+    (checkpoint,) = [c for c in callbacks if c["class_path"].endswith(".ModelCheckpoint")]
+    checkpoint["init_args"]["every_n_train_steps"] = 2
+    callbacks.append({"class_path": "tests.test_recipes.FirstStep"})
+    path = tmp_path / "recipe.yaml"
+    first = run_recipe(recipe, path, "--trainer.max_steps=4")
+    assert first.trainer.global_step == 4
+    resumed = build_cli(["fit", "--config", str(path), "--ckpt_path", "last"])
+    (started,) = [c for c in resumed.trainer.callbacks if isinstance(c, FirstStep)]
+    assert started.step == 4 and resumed.trainer.global_step == 8
+    tokens = {int(learner.tokens_seen) for learner in resumed.model.learners.values()}
+    assert tokens == {8 * 64}
