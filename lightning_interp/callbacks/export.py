@@ -206,11 +206,18 @@ class ExportDictionary(L.Callback):
         if getattr(data, "backbone", None) is None:
             return
         hparams: Any = getattr(data, "hparams", {})
+        # A data module's own provenance names the Hub ids behind offline: aliases (so the
+        # card's base_model links); hparams are the fallback for other data modules.
+        recorded = getattr(data, "provenance", None)
+        source: dict[str, Any] = dict(recorded) if isinstance(recorded, dict) else {}
         provenance = dictionary.config.provenance
-        provenance.backbone = provenance.backbone or hparams.get("model")
+        provenance.backbone = provenance.backbone or source.get("backbone", hparams.get("model"))
         provenance.site, provenance.site_out = dictionary_sites(dictionary, data)
-        provenance.dataset = provenance.dataset or hparams.get("text")
-        provenance.context_size = provenance.context_size or hparams.get("context_size")
+        provenance.dataset = provenance.dataset or source.get("dataset", hparams.get("text"))
+        provenance.context_size = provenance.context_size or source.get(
+            "context_size", hparams.get("context_size")
+        )
+        provenance.extra = {**source.get("extra", {}), **provenance.extra}
 
     def _summary(
         self, trainer: L.Trainer, pl_module: L.LightningModule, name: str | None, learner: Any
