@@ -1,11 +1,19 @@
 """Callbacks: evaluation and export of trained dictionaries, and plug-ins for any project.
 
 :class:`DictionaryProbe` trains dictionaries on a user's model while it trains;
-:class:`SpliceDictionary` splices one into the user's validation.
+:class:`SpliceDictionary` splices one into the user's validation; :class:`LogProgress`
+prints plain progress lines for log files.
 """
 
 from lightning_interp.callbacks.downstream import DownstreamMetrics, ExportDictionary
 from lightning_interp.callbacks.probe import DictionaryProbe
+from lightning_interp.callbacks.progress import LogProgress
 from lightning_interp.callbacks.splice import SpliceDictionary
 
-__all__ = ["DictionaryProbe", "DownstreamMetrics", "ExportDictionary", "SpliceDictionary"]
+__all__ = [
+    "DictionaryProbe",
+    "DownstreamMetrics",
+    "ExportDictionary",
+    "LogProgress",
+    "SpliceDictionary",
+]
