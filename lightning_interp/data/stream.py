@@ -28,6 +28,10 @@ device); buffer and batches stay there by default, and the loop never waits for 
 (kept positions come from the CPU token ids; copies are async from pinned memory).
 ``device="cpu"`` keeps a large buffer in host memory and pins the batches instead.
 
+**Scaling.** ``scales`` (site -> factor) multiplies each batch's rows as it leaves the
+buffer (the buffer holds raw activations); the factors are part of the saved state, so a
+resumed run scales as the saved one did (see :mod:`~lightning_interp.data.normalize`).
+
 Lightning saves and restores the state when the stream is the train loader. It has no
 look-ahead to undo: with ``total_tokens`` set the stream has a length and Lightning does
 not prefetch; without one, Lightning fetches a batch ahead and a checkpoint's state is one
@@ -38,16 +42,17 @@ which the stream object of the main process does not see.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import astuple, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
+from lightning_interp._dtypes import dtype_from_name
 from lightning_interp.backbones.devices import to_device
 from lightning_interp.data import sharding
-from lightning_interp.data.buffer import ShufflingBuffer
+from lightning_interp.data.cache_format import check_scales
+from lightning_interp.data.stream_iterator import STATE_VERSION, Batch, _StreamIterator
 from lightning_interp.data.tokens import (
     Separator,
     TextPosition,
@@ -55,28 +60,13 @@ from lightning_interp.data.tokens import (
     iter_contexts,
     special_token_ids,
 )
-from lightning_interp.dictionaries.config import dtype_from_name
 from lightning_interp.errors import ConfigError
 
-Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
-_ROW = "__row__"  # buffer column: the id of each row, its order of arrival on this shard
-_STATE_VERSION = 1
 # Settings a saved state must agree with (besides sites and dtype).
 _SETTINGS = (
     "batch_size context_size contexts_per_capture buffer_tokens total_tokens chat column "
     "prepend_bos separator exclude_special_tokens seed"
 ).split()
-
-
-@dataclass(frozen=True)
-class _Capture:
-    """A capture batch, as far as resuming needs it."""
-
-    index: int  # number of the capture batch in text order, over all shards
-    document: int  # text position of its first context
-    token: int
-    first_row: int  # id of its first kept row
-    num_rows: int
 
 
 class ActivationStream(IterableDataset):
@@ -115,6 +105,8 @@ class ActivationStream(IterableDataset):
             device, read at each capture, so moving the backbone moves the stream).
         autocast_dtype: Run the backbone under autocast in this dtype.
         tokenizer: Overrides ``backbone.tokenizer``.
+        scales: Factor each site's rows are multiplied by (default: none, raw
+            activations); see :attr:`scales`.
     """
 
     def __init__(
@@ -139,6 +131,7 @@ class ActivationStream(IterableDataset):
         autocast_dtype: str | torch.dtype | None = None,
         tokenizer: Any = None,
         batch_format: str = "auto",
+        scales: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if batch_format not in ("auto", "dict"):
@@ -182,6 +175,21 @@ class ActivationStream(IterableDataset):
         # Not "_iterator": Lightning resets that attribute of loaders when fit ends.
         self._active: _StreamIterator | None = None
         self._pending_state: dict[str, Any] | None = None
+        self.scales = scales or {}
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """Site -> factor its rows are multiplied by; empty when batches are raw activations.
+
+        With :attr:`sites`, what :func:`~lightning_interp.modules.scales.record_activation_scales`
+        reads from a training dataset, so the trained dictionary's provenance records the
+        factors and the export folds them into the weights.
+        """
+        return dict(self._scales)
+
+    @scales.setter
+    def scales(self, scales: Mapping[str, float]) -> None:
+        self._scales = check_scales(dict(scales), self.sites, "ActivationStream scales")
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Batch]:
@@ -221,7 +229,7 @@ class ActivationStream(IterableDataset):
             return state
         gathered: list[Any] = [None] * ranks
         torch.distributed.all_gather_object(gathered, state)
-        return {"version": _STATE_VERSION, "ranks": gathered}
+        return {"version": STATE_VERSION, "ranks": gathered}
 
     def _local_state_dict(self) -> dict[str, Any]:
         if self._active is not None:
@@ -246,7 +254,7 @@ class ActivationStream(IterableDataset):
                     f"ranks but this run has {ranks}; resume with the same number of devices"
                 )
             state = state["ranks"][rank]
-        if state.get("version") != _STATE_VERSION:
+        if state.get("version") != STATE_VERSION:
             raise ConfigError(f"unknown ActivationStream state version {state.get('version')}")
         saved, current = state["config"], self._fingerprint()
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
@@ -255,6 +263,13 @@ class ActivationStream(IterableDataset):
                 f"the state comes from a stream with other settings: {changed} differ (saved "
                 f"{[saved.get(k) for k in changed]}, now {[current.get(k) for k in changed]})"
             )
+        saved_scales = dict(state.get("scales", {}))  # states older than scaling hold none
+        if self._scales and saved_scales != self._scales:
+            raise ConfigError(
+                f"the state comes from a stream scaling by {saved_scales}, this one scales by "
+                f"{self._scales}; give the same scales, or none to take the saved ones"
+            )
+        self.scales = saved_scales  # a resumed run must see the activations it trained on
         self._pending_state = dict(state)
         self._active = None
 
@@ -267,6 +282,23 @@ class ActivationStream(IterableDataset):
         return {**self.__dict__, "_active": None}
 
     # ------------------------------------------------------------------ pipeline
+    def rows_in_text_order(self, limit: int) -> Iterator[dict[str, Tensor]]:
+        """Raw kept rows of the first ``limit`` positions in text order, unshuffled.
+
+        Over the whole text (every shard's capture batches), with the positions training
+        keeps (no padding; no special tokens unless ``exclude_special_tokens=False``): the
+        same rows on every rank and worker, whatever the seed. What a fixed statistic of the
+        stream, such as its normalisation scale, is estimated from.
+        """
+        seen = 0
+        for _, _, input_ids, attention_mask in self._capture_batches(0, TextPosition(0, 0)):
+            if seen >= limit:
+                break
+            rows = self._rows(input_ids, attention_mask)
+            take = min(next(iter(rows.values())).shape[0], limit - seen)
+            seen += take
+            yield {site: tensor[:take] for site, tensor in rows.items()}
+
     def _capture_batches(
         self, index: int, start: TextPosition
     ) -> Iterator[tuple[int, TextPosition, Tensor, Tensor]]:
@@ -329,177 +361,3 @@ class ActivationStream(IterableDataset):
         if len(self.sites) == 2:
             return rows[self.sites[0]], rows[self.sites[1]]
         return {site: rows[site] for site in self.sites}
-
-
-class _StreamIterator(Iterator[Batch]):
-    """One pass of one shard over the stream, resumable from its state."""
-
-    def __init__(
-        self,
-        stream: ActivationStream,
-        shard: int,
-        num_shards: int,
-        limit: int | None,
-        state: Mapping[str, Any] | None,
-    ) -> None:
-        self.stream = stream
-        self.shard, self.num_shards, self.limit = shard, num_shards, limit
-        self.buffer = ShufflingBuffer(
-            stream.buffer_tokens, seed=sharding.stable_seed(stream.seed, shard)
-        )
-        self.yielded = 0
-        self.next_row = 0
-        self.text_done = False
-        self.captures: list[_Capture] = []  # own capture batches that may still have rows held
-        self.anchor: _Capture | None = None  # the last own capture batch read
-        self._batches: Iterator[tuple[int, TextPosition, Tensor, Tensor]] | None = None
-        # Restored at the first next(), not here: Lightning calls iter() once just to probe.
-        self._initial = state
-        self._started = False
-
-    def __iter__(self) -> _StreamIterator:
-        return self
-
-    def __next__(self) -> Batch:
-        if not self._started:
-            self._started = True
-            if self._initial is not None:
-                if self.stream._pending_state is self._initial:
-                    self.stream._pending_state = None
-                self._restore(self._initial)
-        batch_size = self.stream.batch_size
-        if self.limit is not None and self.yielded >= self.limit:
-            raise StopIteration
-        if self.buffer.needs_refill and not self.text_done:
-            target = self.buffer.capacity
-            if self.limit is not None:
-                # Near the end, capture no more than the remaining batches need.
-                target = min(target, (self.limit - self.yielded) * batch_size)
-            self._refill(target)
-        if len(self.buffer) < batch_size:
-            raise StopIteration
-        rows = self.buffer.take(batch_size)
-        del rows[_ROW]
-        self.yielded += 1
-        return self.stream._format(self.stream._pinned(rows))
-
-    def _next_own(self) -> tuple[int, TextPosition, Tensor, Tensor] | None:
-        if self._batches is None:
-            self._batches = self.stream._capture_batches(0, TextPosition(0, 0))
-        after = -1 if self.anchor is None else self.anchor.index
-        for item in self._batches:
-            if item[0] % self.num_shards == self.shard and item[0] > after:
-                return item
-        return None
-
-    def _refill(self, target: int) -> None:
-        while len(self.buffer) < target:
-            item = self._next_own()
-            if item is None:
-                self.text_done = True
-                break
-            index, position, input_ids, attention_mask = item
-            rows = self.stream._rows(input_ids, attention_mask)
-            count = next(iter(rows.values())).shape[0]
-            capture = _Capture(index, *position, self.next_row, count)
-            self.anchor = capture
-            if count:
-                rows[_ROW] = torch.arange(self.next_row, self.next_row + count)
-                self.buffer.add(rows)
-                self.captures.append(capture)
-            self.next_row += count
-        if len(self.buffer):
-            oldest = int(self.buffer.column(_ROW).min())
-            self.captures = [c for c in self.captures if c.first_row + c.num_rows > oldest]
-
-    def state_dict(self) -> dict[str, Any]:
-        if not self._started and self._initial is not None:
-            return dict(self._initial)
-        ids = self.buffer.column(_ROW) if len(self.buffer) else torch.zeros(0, dtype=torch.long)
-        captures = self.captures
-        if captures:
-            # Only batches that still have a row held need recapturing on restore.
-            starts = torch.tensor([c.first_row for c in captures])
-            hit = torch.zeros(len(captures), dtype=torch.bool)
-            hit[torch.searchsorted(starts, ids, right=True) - 1] = True
-            captures = [c for c, keep in zip(captures, hit.tolist(), strict=True) if keep]
-        base = int(ids.min()) if len(ids) else 0
-        relative = ids - base
-        if len(ids) and int(relative.max()) < 2**31:
-            relative = relative.to(torch.int32)  # halves the state; ids span a few buffers
-        return {
-            "version": _STATE_VERSION,
-            "config": self.stream._fingerprint(),
-            "shard": self.shard,
-            "num_shards": self.num_shards,
-            "yielded": self.yielded,
-            "next_row": self.next_row,
-            "text_done": self.text_done,
-            "anchor": None if self.anchor is None else list(astuple(self.anchor)),
-            "captures": torch.tensor([astuple(c) for c in captures], dtype=torch.long).view(-1, 5),
-            "row_base": base,
-            "rows": relative.clone(),
-            "buffer": self.buffer.state_dict(),
-        }
-
-    def _restore(self, state: Mapping[str, Any]) -> None:
-        if (state["shard"], state["num_shards"]) != (self.shard, self.num_shards):
-            raise ConfigError(
-                f"the state is shard {state['shard']} of {state['num_shards']}, this iterator "
-                f"is shard {self.shard} of {self.num_shards}; resume with the same number of "
-                f"ranks and workers"
-            )
-        self.yielded, self.next_row = int(state["yielded"]), int(state["next_row"])
-        self.text_done = bool(state["text_done"])
-        self.captures = [_Capture(*row) for row in state["captures"].tolist()]
-        self.anchor = None if state["anchor"] is None else _Capture(*state["anchor"])
-        ids = state["rows"].long() + int(state["row_base"])
-        if self.anchor is not None:
-            start = self.captures[0] if self.captures else self.anchor
-            position = TextPosition(start.document, start.token)
-            self._batches = self.stream._capture_batches(start.index, position)
-            content = self._recapture(ids)
-            if content is not None:
-                self.buffer.add(content)
-        self.buffer.load_state_dict(state["buffer"])
-
-    def _recapture(self, ids: Tensor) -> dict[str, Tensor] | None:
-        """Run the backbone again on the live capture batches; the held rows, in order."""
-        assert self._batches is not None and self.anchor is not None
-        live = {c.index: c for c in self.captures}
-        order = torch.argsort(ids)
-        sorted_ids = ids[order]
-        content: dict[str, Tensor] | None = None
-        filled = 0
-        for index, position, input_ids, attention_mask in self._batches:
-            capture = live.get(index)
-            if capture is not None:
-                rows = self.stream._rows(input_ids, attention_mask)
-                count = next(iter(rows.values())).shape[0]
-                saved = (capture.document, capture.token, capture.num_rows)
-                if (*position, count) != saved:
-                    raise ConfigError(
-                        f"capture batch {index} starts at {tuple(position)} with {count} rows, "
-                        f"the saved run had {saved}: the text, tokenizer or sites changed"
-                    )
-                if content is None:
-                    content = {
-                        site: t.new_empty((len(ids), *t.shape[1:])) for site, t in rows.items()
-                    }
-                bounds = torch.tensor([capture.first_row, capture.first_row + count])
-                low, high = torch.searchsorted(sorted_ids, bounds).tolist()
-                where = order[low:high]
-                offsets = sorted_ids[low:high] - capture.first_row
-                for site, tensor in rows.items():
-                    device = tensor.device
-                    content[site][to_device(where, device)] = tensor[to_device(offsets, device)]
-                filled += high - low
-            if index >= self.anchor.index:
-                break
-        else:
-            raise ConfigError("the text ended before the saved position: the text source changed")
-        if filled != len(ids):
-            raise ConfigError("the saved buffer rows do not match the saved capture batches")
-        if content is not None:
-            content[_ROW] = ids
-        return content

@@ -10,7 +10,8 @@ end of training. A transcoder's output site has its own factor
 
 A training dataset announces its scaling with two attributes, as
 :class:`~lightning_interp.data.datamodule.CachedActivations` has them: ``scales`` (site ->
-factor, empty when it does not scale) and ``sites`` (the order of a batch's parts).
+factor, empty when it does not scale) and ``sites`` (the order of a batch's parts); one
+with ``batch_format == "dict"`` yields dicts by site whatever their number.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ def data_scales(dataset: Any) -> tuple[dict[str, float], list[str]] | None:
     return {str(site): float(s) for site, s in scales.items()}, [str(site) for site in sites]
 
 
-def _sites_read(dictionary: Dictionary, sites: list[str]) -> tuple[str | None, str | None]:
+def _sites_read(
+    dictionary: Dictionary, sites: list[str], by_site: bool
+) -> tuple[str | None, str | None]:
     # Mirrors how batches reach a dictionary: one site -> tensors, two -> (inputs, targets),
-    # more -> dicts from which MultiDictionaryModule picks provenance.site (and site_out).
-    if len(sites) > 2:
+    # more (or batch_format "dict") -> dicts from which MultiDictionaryModule picks
+    # provenance.site (and site_out).
+    if by_site or len(sites) > 2:
         provenance = dictionary.config.provenance
         return provenance.site, provenance.site_out
     return sites[0], sites[1] if len(sites) == 2 else None
@@ -74,7 +78,8 @@ def record_activation_scales(dictionary: Dictionary, dataset: Any) -> bool:
     if found is None:
         return False
     scales, sites = found
-    site_in, site_out = _sites_read(dictionary, sites)
+    by_site = getattr(dataset, "batch_format", "auto") == "dict"
+    site_in, site_out = _sites_read(dictionary, sites, by_site)
     provenance = dictionary.config.provenance
     updates: dict[str, Any] = {}
     if provenance.site is None and site_in is not None:
