@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
+from lightning_interp._weights import write_weights_and_config
 from lightning_interp.concepts._storage import read_saved_folder
-from lightning_interp.dictionaries.serialization import atomic_write
 from lightning_interp.errors import (
     CorruptFileError,
     EmptyConceptBankError,
@@ -257,8 +256,6 @@ class ConceptBank:
     # ------------------------------------------------------------------ storage
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``concepts.safetensors`` + ``concepts.json`` (names, sources) atomically."""
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
         config = {
             "format": BANK_FORMAT,
             "names": self.names,
@@ -267,10 +264,10 @@ class ConceptBank:
             "metadata": self.metadata,
         }
         vectors = {"vectors": self.vectors, "intercepts": self.intercepts}
-        atomic_write(folder / BANK_WEIGHTS, lambda p: save_file(vectors, str(p)))
         text = json.dumps(config, indent=2) + "\n"
-        atomic_write(folder / BANK_CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
-        return folder
+        return write_weights_and_config(
+            Path(directory), vectors, text, weights_name=BANK_WEIGHTS, config_name=BANK_CONFIG
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> ConceptBank:

@@ -1,4 +1,8 @@
-"""What a dictionary's training forward pass returns, and the reconstruction losses on it."""
+"""What a dictionary's training forward pass returns, and the reconstruction loss on it.
+
+The fraction of variance unexplained is a metric, not a loss: it is defined once, in
+:mod:`lightning_interp.metrics.functional`, for the training step and the metric class alike.
+"""
 
 from __future__ import annotations
 
@@ -73,9 +77,3 @@ class DictionaryOutput:
 def squared_error(reconstruction: Tensor, target: Tensor) -> Tensor:
     """Mean over rows of the squared L2 error, the convention of SAELens and Anthropic."""
     return (reconstruction - target).pow(2).sum(-1).mean()
-
-
-def batch_fvu(reconstruction: Tensor, target: Tensor) -> Tensor:
-    """Fraction of the batch's variance left unexplained (for logging, not for metrics)."""
-    total = (target - target.mean(0)).pow(2).sum()
-    return (reconstruction - target).pow(2).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)

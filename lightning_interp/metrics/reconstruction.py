@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_interp.metrics.functional import _fvu_compute, _fvu_update
+
 
 class FractionOfVarianceUnexplained(Metric):
     r"""Fraction of the targets' variance a reconstruction leaves unexplained.
@@ -16,10 +18,12 @@ class FractionOfVarianceUnexplained(Metric):
               {\sum_{n,d} (x_{nd} - \bar x_d)^2}
 
     pooled over every feature and every row seen, the definition SAELens and sparsify
-    report. ``torchmetrics.ExplainedVariance`` differs: it subtracts the residual's own
-    mean and, by default, averages per-feature ratios, which overweights low-variance
-    features. Sums are kept in float64 so that the variance of millions of bf16
-    activations does not cancel away.
+    report; :func:`~lightning_interp.metrics.functional.fraction_of_variance_unexplained` is
+    its functional twin on one batch, and both share one update and one compute.
+    ``torchmetrics.ExplainedVariance`` differs: it subtracts the residual's own mean and, by
+    default, averages per-feature ratios, which overweights low-variance features. Sums are
+    kept in float64 so that the variance of millions of bf16 activations does not cancel
+    away.
 
     Args:
         num_features: Width of the targets. Give it when known: the per-feature sums are
@@ -51,25 +55,20 @@ class FractionOfVarianceUnexplained(Metric):
 
     def update(self, reconstruction: Tensor, target: Tensor) -> None:
         """Add a batch; leading dimensions are flattened (``[..., d]``)."""
-        if reconstruction.shape != target.shape or target.ndim == 0:
-            raise ValueError(
-                f"reconstruction {tuple(reconstruction.shape)} and target "
-                f"{tuple(target.shape)} must have the same shape, with at least one dimension"
-            )
+        squared_error, target_sum, target_sq_sum, count = _fvu_update(
+            reconstruction.detach(), target.detach()
+        )
         width = self.target_sum.numel() if self.target_sum.ndim else None
         if width is not None and target.shape[-1] != width:
             raise ValueError(f"expected targets of width {width}, got shape {tuple(target.shape)}")
-        target = target.detach().reshape(-1, target.shape[-1]).double()
-        reconstruction = reconstruction.detach().reshape(-1, target.shape[-1]).double()
-        self.squared_error += (target - reconstruction).pow(2).sum()
-        self.target_sum = self.target_sum + target.sum(0)
-        self.target_sq_sum = self.target_sq_sum + target.pow(2).sum(0)
-        self.count += target.shape[0]
+        self.squared_error += squared_error
+        self.target_sum = self.target_sum + target_sum
+        self.target_sq_sum = self.target_sq_sum + target_sq_sum
+        self.count += count
 
     def compute(self) -> Tensor:
         """FVU over everything seen since the last reset (float32; NaN before any update)."""
-        total_variance = (self.target_sq_sum - self.target_sum.pow(2) / self.count).sum()
-        return (self.squared_error / total_variance.clamp_min(1e-30)).float()
+        return _fvu_compute(self.squared_error, self.target_sum, self.target_sq_sum, self.count)
 
 
 class ReconstructionExplainedVariance(FractionOfVarianceUnexplained):

@@ -19,6 +19,7 @@ from lightning_interp.metrics import (
     FractionOfVarianceUnexplained,
     ReconstructionExplainedVariance,
 )
+from lightning_interp.metrics.functional import fraction_of_variance_unexplained
 
 D = 8
 
@@ -139,6 +140,28 @@ def test_fvu_is_precise_with_a_large_mean():
     for t, r in zip(target.split(1000), reconstruction.split(1000), strict=True):
         metric.update(r, t)
     assert float(metric.compute()) == pytest.approx(reference_fvu(reconstruction, target), rel=1e-5)
+
+
+# A mean 1000x the spread in float32 (float64 sums keep the variance), and bf16 inputs.
+@pytest.mark.parametrize(("dtype", "offset"), [(torch.float32, 1000.0), (torch.bfloat16, 3.0)])
+def test_functional_fvu_is_the_metric_on_one_batch(dtype, offset):
+    reconstruction, target = noisy_pair(3 * 7, offset=offset)
+    reconstruction = reconstruction.reshape(3, 7, D).to(dtype)
+    target = target.reshape(3, 7, D).to(dtype)
+    value = fraction_of_variance_unexplained(reconstruction, target)
+    assert value.dtype == torch.float32 and value.shape == ()
+    assert float(value) == pytest.approx(reference_fvu(reconstruction, target), rel=1e-5)
+    # The class accumulates the functional's own statistics: the same numbers, bit for bit.
+    for num_features in (None, D):
+        metric = FractionOfVarianceUnexplained(num_features=num_features)
+        assert torch.equal(metric(reconstruction, target), value)
+
+
+def test_functional_fvu_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        fraction_of_variance_unexplained(torch.zeros(4, D), torch.zeros(4, D + 1))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        fraction_of_variance_unexplained(torch.zeros(()), torch.zeros(()))
 
 
 @pytest.mark.parametrize("num_features", [None, D])
