@@ -1,14 +1,20 @@
 """Concept banks and concept-bottleneck heads over frozen backbone embeddings.
 
 Usable without Lightning: heads are plain ``nn.Module``s;
-:class:`~lightning_interp.modules.ConceptBottleneckModule` trains them.
+:class:`~lightning_interp.modules.ConceptBottleneckModule` trains them. Heads register by
+name (:func:`register_head`, :func:`list_heads`, :func:`create_head`) and carry a typed
+config dataclass (:class:`HeadConfig`), as dictionaries do.
 """
 
 from lightning_interp.concepts.bank import ConceptBank
-from lightning_interp.concepts.base import ConceptHead, HeadOutput, head_class, register_head
-from lightning_interp.concepts.build import create_head, load_phrases
+from lightning_interp.concepts.base import ConceptHead, HeadOutput
+from lightning_interp.concepts.build import load_phrases
 from lightning_interp.concepts.cav import CAV, fit_cav, learn_cav
-from lightning_interp.concepts.description import DescriptionClassifier
+from lightning_interp.concepts.config import HeadConfig
+from lightning_interp.concepts.description import (
+    DescriptionClassifier,
+    DescriptionClassifierConfig,
+)
 from lightning_interp.concepts.explain import (
     EditReport,
     evaluate_removal,
@@ -17,31 +23,40 @@ from lightning_interp.concepts.explain import (
     top_concepts_per_example,
 )
 from lightning_interp.concepts.filters import FilterReport, filter_concepts
-from lightning_interp.concepts.label_free import LabelFreeCBM, cos_cubed
-from lightning_interp.concepts.posthoc import PosthocCBM
-from lightning_interp.concepts.slots import ConceptSlotAttention
+from lightning_interp.concepts.label_free import LabelFreeCBM, LabelFreeCBMConfig, cos_cubed
+from lightning_interp.concepts.posthoc import PosthocCBM, PosthocCBMConfig
+from lightning_interp.concepts.registry import create_head, head_class, list_heads, register_head
+from lightning_interp.concepts.slots import ConceptSlotAttention, ConceptSlotAttentionConfig
 from lightning_interp.concepts.solver import SparseFit, elastic_net_objective, fit_sparse_linear
 from lightning_interp.concepts.supervised import (
     SupervisedCBM,
+    SupervisedCBMConfig,
     intervention_logits,
     intervention_order,
 )
-from lightning_interp.concepts.transformer import ConceptTransformer
+from lightning_interp.concepts.transformer import ConceptTransformer, ConceptTransformerConfig
 
 __all__ = [
     "CAV",
     "ConceptBank",
     "ConceptHead",
     "ConceptSlotAttention",
+    "ConceptSlotAttentionConfig",
     "ConceptTransformer",
+    "ConceptTransformerConfig",
     "DescriptionClassifier",
+    "DescriptionClassifierConfig",
     "EditReport",
     "FilterReport",
+    "HeadConfig",
     "HeadOutput",
     "LabelFreeCBM",
+    "LabelFreeCBMConfig",
     "PosthocCBM",
+    "PosthocCBMConfig",
     "SparseFit",
     "SupervisedCBM",
+    "SupervisedCBMConfig",
     "cos_cubed",
     "create_head",
     "elastic_net_objective",
@@ -53,6 +68,7 @@ __all__ = [
     "intervention_logits",
     "intervention_order",
     "learn_cav",
+    "list_heads",
     "load_phrases",
     "register_head",
     "remove_concept",

@@ -1,4 +1,4 @@
-"""Base class of concept-bottleneck heads: outputs, a registry, save/load by name."""
+"""Base class of concept-bottleneck heads: outputs, a typed config, save/load by name."""
 
 from __future__ import annotations
 
@@ -10,22 +10,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_interp.concepts._storage import read_saved_folder
+from lightning_interp._weights import check_tensors, write_weights_and_config
+from lightning_interp.concepts._storage import HEAD_FORMAT, read_saved_folder
 from lightning_interp.concepts.bank import unknown_concept
-from lightning_interp.dictionaries.serialization import HEAD_FORMAT, atomic_write, check_tensors
-from lightning_interp.errors import (
-    ConfigError,
-    CorruptFileError,
-    ShapeMismatchError,
-    UnknownArchitectureError,
-)
+from lightning_interp.concepts.config import HeadConfig
+from lightning_interp.concepts.registry import head_class
+from lightning_interp.concepts.registry import register_head as register_head  # old home
+from lightning_interp.errors import ConfigError, CorruptFileError, ShapeMismatchError
 
 HEAD_CONFIG = "config.json"
 HEAD_WEIGHTS = "model.safetensors"
-_HEADS: dict[str, type[ConceptHead]] = {}
 
 
 @dataclass
@@ -51,49 +47,46 @@ class HeadOutput:
     token_attention: Tensor | None = None
 
 
-def register_head(name: str):
-    """Class decorator: make a head loadable by ``name`` from a saved ``config.json``."""
-
-    def wrap(cls: type[ConceptHead]) -> type[ConceptHead]:
-        cls.head_type = name
-        _HEADS[name] = cls
-        return cls
-
-    return wrap
-
-
-def head_class(name: str) -> type[ConceptHead]:
-    """The head class registered as ``name``."""
-    if name not in _HEADS:
-        raise UnknownArchitectureError(
-            f"no concept head named {name!r}; known: {sorted(_HEADS)} (import the module "
-            f"that registers a custom head before loading it)"
-        )
-    return _HEADS[name]
-
-
 class ConceptHead(nn.Module):
     """A head over frozen embeddings whose decision goes through named concepts.
 
-    Subclasses set ``self.config`` (JSON-serialisable constructor arguments, without the
-    names) and implement :meth:`forward` and :meth:`training_loss`. Heads with a final
-    linear layer over the concepts expose it as :attr:`final` so explanations and edits
-    work on every head alike.
+    Subclasses declare their options as a :class:`~lightning_interp.concepts.config.HeadConfig`
+    dataclass (``config_class``; ``self.config`` holds the instance), create their layers in
+    :meth:`build_layers` and implement :meth:`forward` and :meth:`training_loss`. Heads
+    with a final linear layer over the concepts expose it as :attr:`final` so explanations
+    and edits work on every head alike. What a head shows on its model card comes from the
+    head too (:attr:`reads_tokens`, :attr:`learns_concepts`, :meth:`card_class_table`).
 
     Args:
         d_in: Width of the embeddings the head reads.
         concept_names: Names of the bottleneck units, in order.
         class_names: Names of the classes, in order.
+        config: The head's options as its ``config_class`` (or a mapping of them).
+        **options: The options as keywords instead (not together with ``config``).
     """
 
     head_type: ClassVar[str] = ""
+    config_class: ClassVar[type[HeadConfig]] = HeadConfig
+    #: Whether the head reads token embeddings ``[b, tokens, d_in]`` (with a padding mask)
+    #: rather than one pooled embedding ``[b, d_in]`` per input.
+    reads_tokens: ClassVar[bool] = False
+    #: Whether its concepts are predicted (learned from concept labels) rather than read
+    #: off fixed directions such as a concept bank's.
+    learns_concepts: ClassVar[bool] = False
     # A closed-form part fitted on all training rows (fit_full_data): "before" the optimizer
     # trains the rest (PCBM's elastic-net layer) or "after" (label-free CBM's sparse layer).
     full_data_fit: ClassVar[str | None] = None
     # Whether that fit selects on the validation rows (fit_full_data's ``val``).
     full_data_fit_reads_val: ClassVar[bool] = False
 
-    def __init__(self, d_in: int, concept_names: Sequence[str], class_names: Sequence[str]):
+    def __init__(
+        self,
+        d_in: int,
+        concept_names: Sequence[str],
+        class_names: Sequence[str],
+        config: HeadConfig | Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__()
         if d_in <= 0:
             raise ConfigError(f"d_in must be positive, got {d_in}")
@@ -102,9 +95,32 @@ class ConceptHead(nn.Module):
         self.d_in = int(d_in)
         self.concept_names = [str(n) for n in concept_names]
         self.class_names = [str(n) for n in class_names]
-        self.config: dict[str, Any] = {}
+        self.config = self._make_config(config, options)
         # Where the head came from (backbone, dataset; Hub repo and commit once loaded).
         self.provenance: dict[str, Any] = {}
+        self.build_layers()
+
+    def _make_config(
+        self, config: HeadConfig | Mapping[str, Any] | None, options: dict[str, Any]
+    ) -> HeadConfig:
+        if config is not None and options:
+            raise ConfigError(
+                f"{type(self).__name__} takes its options as config= or as keywords, not "
+                f"both; got config and {sorted(options)}"
+            )
+        if isinstance(config, self.config_class):
+            return config
+        # The dataclass constructor refuses an unknown option with a TypeError, as any
+        # Python constructor does (a saved config naming one is reported as corrupt).
+        return self.config_class(**dict(config or options))
+
+    def build_layers(self) -> None:
+        """Create the head's layers and buffers from ``d_in``, the names and ``self.config``.
+
+        Called once by the constructor (the template every head fills in, so none repeats
+        the constructor's signature); raise ``ConfigError`` for options that do not fit
+        the width or the names.
+        """
 
     # ------------------------------------------------------------------ interface
     @property
@@ -151,6 +167,17 @@ class ConceptHead(nn.Module):
         The other terms are logged under ``train/``.
         """
         raise NotImplementedError
+
+    def card_class_table(self, k: int = 5) -> str:
+        """Markdown of the model card's "Classes and their concepts" section.
+
+        By default each class's ``k`` concepts with the largest final-layer weights, or a
+        sentence saying why there is no such table; heads whose classes are read otherwise
+        (classification by description) override it.
+        """
+        from lightning_interp.concepts.card import class_weight_table
+
+        return class_weight_table(self, k)
 
     def fit_full_data(
         self, x: Tensor, y: Tensor, val: tuple[Tensor, Tensor] | None = None
@@ -205,14 +232,17 @@ class ConceptHead(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` (type, config, concept and class names) + ``model.safetensors``."""
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         metadata = {"format": "pt", "head_type": self.head_type}
-        atomic_write(folder / HEAD_WEIGHTS, lambda p: save_file(tensors, str(p), metadata))
         text = json.dumps(self.head_spec(), indent=2) + "\n"
-        atomic_write(folder / HEAD_CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
-        return folder
+        return write_weights_and_config(
+            Path(directory),
+            tensors,
+            text,
+            weights_name=HEAD_WEIGHTS,
+            config_name=HEAD_CONFIG,
+            metadata=metadata,
+        )
 
     @classmethod
     def from_pretrained(

@@ -11,11 +11,15 @@ editing them (adding, removing, rewording) changes the classifier at once.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lightning_interp.concepts.base import ConceptHead, HeadOutput, register_head
+from lightning_interp.concepts.base import ConceptHead, HeadOutput
+from lightning_interp.concepts.card import descriptor_table
+from lightning_interp.concepts.config import HeadConfig
+from lightning_interp.concepts.registry import register_head
 from lightning_interp.errors import ConfigError
 
 SEPARATOR = ": "
@@ -51,6 +55,14 @@ def descriptor_name(class_name: str, descriptor: str) -> str:
     return f"{class_name}{SEPARATOR}{descriptor}"
 
 
+@dataclass
+class DescriptionClassifierConfig(HeadConfig):
+    """Options of :class:`DescriptionClassifier` (described there)."""
+
+    template: str | None = None
+    scale: float = 100.0
+
+
 @register_head("description")
 class DescriptionClassifier(ConceptHead):
     """Zero-shot classifier scoring classes by their descriptors.
@@ -62,6 +74,8 @@ class DescriptionClassifier(ConceptHead):
         d_in: Embedding width.
         concept_names: ``"class: descriptor"`` names, grouped by class.
         class_names: Class names.
+        config: The options below as a :class:`DescriptionClassifierConfig` (or give them
+            as keywords).
         template: ``None`` (default): descriptors are phrased by the reference's rule,
             :func:`descriptor_sentence`; else a format string with ``{class_name}`` and
             ``{descriptor}``.
@@ -76,16 +90,12 @@ class DescriptionClassifier(ConceptHead):
         0
     """
 
-    def __init__(
-        self,
-        d_in: int,
-        concept_names: Sequence[str],
-        class_names: Sequence[str],
-        template: str | None = None,
-        scale: float = 100.0,
-    ) -> None:
-        super().__init__(d_in, concept_names, class_names)
-        self.config = dict(template=template, scale=scale)
+    config_class = DescriptionClassifierConfig
+    config: DescriptionClassifierConfig
+
+    def build_layers(self) -> None:
+        """Which class owns each descriptor, and the descriptor vectors (filled by a builder)."""
+        d_in = self.d_in
         owners = []
         for name in self.concept_names:
             owner = name.split(SEPARATOR, 1)[0]
@@ -110,7 +120,8 @@ class DescriptionClassifier(ConceptHead):
     ) -> DescriptionClassifier:
         """Embed every class's descriptors with ``encoder`` (texts -> ``[n, d]``)."""
         class_names = list(descriptors)
-        template = kwargs.get("template")
+        config = kwargs.get("config")
+        template = (config if config is not None else kwargs).get("template")
         names, phrases = [], []
         for class_name, items in descriptors.items():
             for descriptor in items:
@@ -157,7 +168,11 @@ class DescriptionClassifier(ConceptHead):
         sums = torch.zeros(x.shape[0], self.num_classes, device=x.device)
         sums.index_add_(1, self.descriptor_class, sims)
         counts = torch.bincount(self.descriptor_class, minlength=self.num_classes)
-        return HeadOutput(self.config["scale"] * sums / counts.to(sums.dtype), sims)
+        return HeadOutput(self.config.scale * sums / counts.to(sums.dtype), sims)
+
+    def card_class_table(self, k: int = 5) -> str:
+        """The descriptors of each class (they score it; there is no weight to rank)."""
+        return descriptor_table(self.descriptors())
 
     def training_loss(self, *args, **kwargs) -> dict[str, Tensor]:
         """Not trainable: classification by description is zero-shot."""

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_interp.concepts.bank import ConceptBank
-from lightning_interp.concepts.base import ConceptHead, HeadOutput, register_head
+from lightning_interp.concepts.base import ConceptHead, HeadOutput
+from lightning_interp.concepts.config import HeadConfig
+from lightning_interp.concepts.registry import register_head
 from lightning_interp.concepts.solver import fit_sparse_linear
 from lightning_interp.errors import ConfigError, EmptyConceptBankError
 
@@ -45,6 +48,21 @@ def cos_cubed(a: Tensor, b: Tensor, power: int = 3, eps: float = 1e-6) -> Tensor
     return (prep(a) * prep(b)).sum(0)
 
 
+@dataclass
+class LabelFreeCBMConfig(HeadConfig):
+    """Options of :class:`LabelFreeCBM` (described there)."""
+
+    cutoff: float = 0.45
+    target_density: float = 0.1
+    alpha: float = 0.99
+    power: int = 3
+
+    def check(self) -> None:
+        """``target_density`` in (0, 1]."""
+        if not 0.0 < self.target_density <= 1.0:
+            raise ConfigError(f"target_density must be in (0, 1], got {self.target_density}")
+
+
 @register_head("label_free_cbm")
 class LabelFreeCBM(ConceptHead):
     """Label-free CBM over a concept bank in the embedding space.
@@ -56,6 +74,8 @@ class LabelFreeCBM(ConceptHead):
         d_in: Embedding width (that of the bank).
         concept_names: Concept names (bank order).
         class_names: Class names.
+        config: The options below as a :class:`LabelFreeCBMConfig` (or give them as
+            keywords).
         cutoff: Interpretability cut-off on the validation rows' cos^3 similarity (paper:
             0.45); concepts at or below it are dropped.
         target_density: Share of non-zero final-layer weights the solver aims for.
@@ -71,21 +91,12 @@ class LabelFreeCBM(ConceptHead):
 
     full_data_fit = "after"
     full_data_fit_reads_val = True  # the interpretability cut-off
+    config_class = LabelFreeCBMConfig
+    config: LabelFreeCBMConfig
 
-    def __init__(
-        self,
-        d_in: int,
-        concept_names: Sequence[str],
-        class_names: Sequence[str],
-        cutoff: float = 0.45,
-        target_density: float = 0.1,
-        alpha: float = 0.99,
-        power: int = 3,
-    ) -> None:
-        super().__init__(d_in, concept_names, class_names)
-        if not 0.0 < target_density <= 1.0:
-            raise ConfigError(f"target_density must be in (0, 1], got {target_density}")
-        self.config = dict(cutoff=cutoff, target_density=target_density, alpha=alpha, power=power)
+    def build_layers(self) -> None:
+        """Targets, the projection, the cut-off mask, the standardisation and the final layer."""
+        d_in = self.d_in
         n = self.num_concepts
         self.register_buffer("concept_targets", torch.zeros(n, d_in))
         self.projection = nn.Linear(d_in, n, bias=False)
@@ -132,7 +143,7 @@ class LabelFreeCBM(ConceptHead):
         self.check_input(x)
         if x.shape[0] < 2:
             raise ConfigError("the cos^3 objective standardises over the batch: batch_size >= 2")
-        sims = cos_cubed(self.projection(x), self.concept_targets_of(x), self.config["power"])
+        sims = cos_cubed(self.projection(x), self.concept_targets_of(x), self.config.power)
         return {"loss": -sims.mean(), "similarity": sims.mean().detach()}
 
     def _projected(self, x: Tensor) -> Tensor:
@@ -142,7 +153,7 @@ class LabelFreeCBM(ConceptHead):
     def interpretability(self, x: Tensor) -> Tensor:
         """Per concept, the cos^3 similarity of projected and target activations on ``x``."""
         self.check_input(x)
-        return cos_cubed(self._projected(x), self.concept_targets_of(x), self.config["power"])
+        return cos_cubed(self._projected(x), self.concept_targets_of(x), self.config.power)
 
     @torch.no_grad()
     def fit_full_data(
@@ -169,10 +180,10 @@ class LabelFreeCBM(ConceptHead):
                 stacklevel=3,  # past torch.no_grad's wrapper: the caller of fit_full_data
             )
             sims, rows = self.interpretability(x), "train"
-        active = sims > self.config["cutoff"]
+        active = sims > self.config.cutoff
         if not active.any():
             raise EmptyConceptBankError(
-                f"no concept passed the interpretability cut-off {self.config['cutoff']} on "
+                f"no concept passed the interpretability cut-off {self.config.cutoff} on "
                 f"the {rows} rows (best similarity {float(sims.max()):.3f}); lower cutoff or "
                 f"train the projection longer"
             )
@@ -183,8 +194,8 @@ class LabelFreeCBM(ConceptHead):
             z,
             y,
             self.num_classes,
-            alpha=self.config["alpha"],
-            target_density=self.config["target_density"],
+            alpha=self.config.alpha,
+            target_density=self.config.target_density,
         )
         weight = torch.zeros_like(self.final_layer.weight, dtype=torch.float32)
         weight[:, active] = fit.weight

@@ -14,6 +14,7 @@ penalty="elasticnet", alpha=lam, l1_ratio=alpha)`` on the margins) and ``train_p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,9 +22,30 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_interp.concepts.bank import ConceptBank
-from lightning_interp.concepts.base import ConceptHead, HeadOutput, register_head
+from lightning_interp.concepts.base import ConceptHead, HeadOutput
+from lightning_interp.concepts.config import HeadConfig
+from lightning_interp.concepts.registry import register_head
 from lightning_interp.concepts.solver import elastic_net_objective, fit_sparse_linear
 from lightning_interp.errors import ConfigError
+
+
+@dataclass
+class PosthocCBMConfig(HeadConfig):
+    """Options of :class:`PosthocCBM` (described there)."""
+
+    lam: float = 1e-3
+    alpha: float = 0.99
+    hybrid: bool = False
+    residual_penalty: float = 1e-3
+    solver_max_iter: int = 3000
+    solver_tol: float = 1e-6
+
+    def check(self) -> None:
+        """``lam >= 0``, ``alpha`` in (0, 1], ``residual_penalty >= 0``."""
+        if not self.lam >= 0 or not 0.0 < self.alpha <= 1.0:
+            raise ConfigError(f"need lam >= 0 and alpha in (0, 1], got {self.lam}, {self.alpha}")
+        if not self.residual_penalty >= 0:
+            raise ConfigError(f"residual_penalty must be >= 0, got {self.residual_penalty}")
 
 
 @register_head("pcbm")
@@ -49,6 +71,7 @@ class PosthocCBM(ConceptHead):
         d_in: Embedding width (that of the concept vectors).
         concept_names: Concept names.
         class_names: Class names.
+        config: The options below as a :class:`PosthocCBMConfig` (or give them as keywords).
         lam: Elastic-net strength (the reference's ``--lam``, default there 1e-5).
         alpha: L1 share of the elastic net (the reference's ``--alpha``, 0.99).
         hybrid: Add the residual layer (PCBM-h).
@@ -65,39 +88,19 @@ class PosthocCBM(ConceptHead):
     """
 
     full_data_fit = "before"
+    config_class = PosthocCBMConfig
+    config: PosthocCBMConfig
 
-    def __init__(
-        self,
-        d_in: int,
-        concept_names: Sequence[str],
-        class_names: Sequence[str],
-        lam: float = 1e-3,
-        alpha: float = 0.99,
-        hybrid: bool = False,
-        residual_penalty: float = 1e-3,
-        solver_max_iter: int = 3000,
-        solver_tol: float = 1e-6,
-    ) -> None:
-        super().__init__(d_in, concept_names, class_names)
-        if not lam >= 0 or not 0.0 < alpha <= 1.0:
-            raise ConfigError(f"need lam >= 0 and alpha in (0, 1], got {lam}, {alpha}")
-        if not residual_penalty >= 0:
-            raise ConfigError(f"residual_penalty must be >= 0, got {residual_penalty}")
-        self.config = dict(
-            lam=lam,
-            alpha=alpha,
-            hybrid=hybrid,
-            residual_penalty=residual_penalty,
-            solver_max_iter=solver_max_iter,
-            solver_tol=solver_tol,
-        )
+    def build_layers(self) -> None:
+        """Concept boundaries (frozen buffers), the solved layer and PCBM-h's residual."""
+        d_in = self.d_in
         self.register_buffer("concept_vectors", torch.zeros(self.num_concepts, d_in))
         self.register_buffer("concept_intercepts", torch.zeros(self.num_concepts))
         self.classifier = nn.Linear(self.num_concepts, self.num_classes)
         # Solved in closed form (fit_full_data), never stepped by the optimizer.
         self.classifier.requires_grad_(False)
         # PCBM-h: nn.Linear's default initialisation, as the reference's residual_classifier.
-        self.residual = nn.Linear(d_in, self.num_classes) if hybrid else None
+        self.residual = nn.Linear(d_in, self.num_classes) if self.config.hybrid else None
 
     @classmethod
     def from_bank(cls, bank: ConceptBank, class_names: Sequence[str], **kwargs) -> PosthocCBM:
@@ -155,7 +158,7 @@ class PosthocCBM(ConceptHead):
     ) -> dict[str, Any]:
         """Solve the elastic-net layer on all training rows (``val`` is not used)."""
         margins = self.margins(x.to(self.concept_vectors.dtype)).float()
-        lam, alpha = self.config["lam"], self.config["alpha"]
+        lam, alpha = self.config.lam, self.config.alpha
         fit = fit_sparse_linear(
             margins,
             y,
@@ -163,8 +166,8 @@ class PosthocCBM(ConceptHead):
             lam=lam,
             alpha=alpha,
             target_density=None,
-            max_iter=self.config["solver_max_iter"],
-            tol=self.config["solver_tol"],
+            max_iter=self.config.solver_max_iter,
+            tol=self.config.solver_tol,
         )
         self.classifier.weight.copy_(fit.weight)
         self.classifier.bias.copy_(fit.bias)
@@ -187,11 +190,11 @@ class PosthocCBM(ConceptHead):
         if self.residual is None:
             weight = self.classifier.weight.float()
             task = F.cross_entropy(bottleneck.float(), y)
-            alpha = self.config["alpha"]
+            alpha = self.config.alpha
             penalty = alpha * weight.abs().sum() + 0.5 * (1 - alpha) * weight.square().sum()
-            objective = task + self.config["lam"] * penalty
+            objective = task + self.config.lam * penalty
             return {"loss": None, "task_loss": task, "objective": objective}
         task = F.cross_entropy((bottleneck + self.residual(x)).float(), y)
         penalty = self.residual.weight.float().square().mean()
-        loss = task + self.config["residual_penalty"] * penalty
+        loss = task + self.config.residual_penalty * penalty
         return {"loss": loss, "task_loss": task, "residual_penalty": penalty.detach()}

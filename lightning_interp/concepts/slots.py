@@ -14,15 +14,32 @@ softmax runs over concepts): that model is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_interp.concepts.attention import attention, attention_weights
-from lightning_interp.concepts.base import ConceptHead, HeadOutput, register_head
+from lightning_interp.concepts.base import ConceptHead, HeadOutput
+from lightning_interp.concepts.config import HeadConfig
+from lightning_interp.concepts.registry import register_head
 from lightning_interp.errors import ConfigError, ShapeMismatchError
+
+
+@dataclass
+class ConceptSlotAttentionConfig(HeadConfig):
+    """Options of :class:`ConceptSlotAttention` (described there)."""
+
+    d_attn: int = 64
+    heads: int = 1
+    concept_weight: float = 1.0
+    backend: str = "auto"
+
+    def check(self) -> None:
+        """``d_attn`` divisible by ``heads``."""
+        if self.d_attn % self.heads:
+            raise ConfigError(f"d_attn={self.d_attn} must be divisible by heads={self.heads}")
 
 
 @register_head("concept_slots")
@@ -33,6 +50,8 @@ class ConceptSlotAttention(ConceptHead):
         d_in: Token embedding width.
         concept_names: Concept names (one slot each).
         class_names: Class names.
+        config: The options below as a :class:`ConceptSlotAttentionConfig` (or give them as
+            keywords).
         d_attn: Width of queries, keys and values.
         heads: Attention heads (``d_attn`` must divide by it).
         concept_weight: Weight of the concept BCE loss when batches carry concept labels.
@@ -45,23 +64,14 @@ class ConceptSlotAttention(ConceptHead):
         (torch.Size([2, 2]), torch.Size([2, 2, 5]))
     """
 
-    def __init__(
-        self,
-        d_in: int,
-        concept_names: Sequence[str],
-        class_names: Sequence[str],
-        d_attn: int = 64,
-        heads: int = 1,
-        concept_weight: float = 1.0,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__(d_in, concept_names, class_names)
-        if d_attn % heads:
-            raise ConfigError(f"d_attn={d_attn} must be divisible by heads={heads}")
-        self.config = dict(
-            d_attn=d_attn, heads=heads, concept_weight=concept_weight, backend=backend
-        )
-        self.heads = heads
+    config_class = ConceptSlotAttentionConfig
+    config: ConceptSlotAttentionConfig
+    reads_tokens = learns_concepts = True  # token embeddings in; concepts learned
+
+    def build_layers(self) -> None:
+        """Concept slots, key/value projections, the concept scorer and the classifier."""
+        d_in, d_attn = self.d_in, self.config.d_attn
+        self.heads = self.config.heads
         self.slots = nn.Parameter(torch.randn(self.num_concepts, d_attn) / d_attn**0.5)
         self.norm = nn.LayerNorm(d_in)
         self.key = nn.Linear(d_in, d_attn)
@@ -106,7 +116,7 @@ class ConceptSlotAttention(ConceptHead):
             out = (weights @ v.float()).to(v.dtype)
             maps = weights.detach().mean(1)
         else:
-            out = attention(q, k, v, mask, backend=self.config["backend"])
+            out = attention(q, k, v, mask, backend=self.config.backend)
         out = out.transpose(1, 2).reshape(x.shape[0], self.num_concepts, -1)
         concept_logits = self.score(out).squeeze(-1)
         probs = torch.sigmoid(concept_logits)
@@ -123,5 +133,5 @@ class ConceptSlotAttention(ConceptHead):
         concept_loss = F.binary_cross_entropy_with_logits(
             out.concept_logits.float(), concepts.float()
         )
-        loss = task + self.config["concept_weight"] * concept_loss
+        loss = task + self.config.concept_weight * concept_loss
         return {"loss": loss, "task_loss": task, "concept_loss": concept_loss}

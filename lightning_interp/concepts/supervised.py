@@ -19,16 +19,31 @@ concept-only model (``sum(losses) / n_attributes``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_interp.concepts.base import ConceptHead, HeadOutput, register_head
+from lightning_interp.concepts.base import ConceptHead, HeadOutput
+from lightning_interp.concepts.config import HeadConfig
+from lightning_interp.concepts.registry import register_head
 from lightning_interp.errors import ConfigError, ShapeMismatchError
 
 Training = Literal["independent", "sequential", "joint"]
+
+
+@dataclass
+class SupervisedCBMConfig(HeadConfig):
+    """Options of :class:`SupervisedCBM` (described there)."""
+
+    training: Training = "joint"
+    bottleneck: Literal["soft", "hard"] = "soft"
+    concept_hidden: int = 0
+    label_hidden: int = 0
+    concept_weight: float = 1.0
+    concept_epochs: int = 1
 
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Module:
@@ -45,6 +60,8 @@ class SupervisedCBM(ConceptHead):
         d_in: Embedding width.
         concept_names: Names of the annotated binary concepts.
         class_names: Class names.
+        config: The options below as a :class:`SupervisedCBMConfig` (or give them as
+            keywords).
         training: ``"independent"``, ``"sequential"`` or ``"joint"``.
         bottleneck: ``"soft"`` (probabilities) or ``"hard"`` (thresholded at 0.5).
         concept_hidden: Hidden width of the concept predictor (0: linear).
@@ -61,35 +78,14 @@ class SupervisedCBM(ConceptHead):
         torch.Size([3, 2])
     """
 
-    def __init__(
-        self,
-        d_in: int,
-        concept_names: Sequence[str],
-        class_names: Sequence[str],
-        training: Training = "joint",
-        bottleneck: Literal["soft", "hard"] = "soft",
-        concept_hidden: int = 0,
-        label_hidden: int = 0,
-        concept_weight: float = 1.0,
-        concept_epochs: int = 1,
-    ) -> None:
-        super().__init__(d_in, concept_names, class_names)
-        if training not in ("independent", "sequential", "joint"):
-            raise ConfigError(
-                f"training must be independent, sequential or joint, got {training!r}"
-            )
-        if bottleneck not in ("soft", "hard"):
-            raise ConfigError(f"bottleneck must be 'soft' or 'hard', got {bottleneck!r}")
-        self.config = dict(
-            training=training,
-            bottleneck=bottleneck,
-            concept_hidden=concept_hidden,
-            label_hidden=label_hidden,
-            concept_weight=concept_weight,
-            concept_epochs=concept_epochs,
-        )
-        self.concept_predictor = _mlp(d_in, concept_hidden, self.num_concepts)
-        self.label_predictor = _mlp(self.num_concepts, label_hidden, self.num_classes)
+    config_class = SupervisedCBMConfig
+    config: SupervisedCBMConfig
+    learns_concepts = True
+
+    def build_layers(self) -> None:
+        """The concept predictor and the label predictor (MLPs with a hidden width > 0)."""
+        self.concept_predictor = _mlp(self.d_in, self.config.concept_hidden, self.num_concepts)
+        self.label_predictor = _mlp(self.num_concepts, self.config.label_hidden, self.num_classes)
 
     @property
     def final(self) -> nn.Linear | None:
@@ -99,7 +95,7 @@ class SupervisedCBM(ConceptHead):
     def bottleneck(self, concept_logits: Tensor) -> Tensor:
         """Concept values the label predictor reads (soft, or hard with straight-through)."""
         probs = torch.sigmoid(concept_logits)
-        if self.config["bottleneck"] == "soft":
+        if self.config.bottleneck == "soft":
             return probs
         hard = (probs > 0.5).to(probs.dtype)
         return hard + probs - probs.detach()  # value: hard; gradient: that of probs
@@ -165,11 +161,11 @@ class SupervisedCBM(ConceptHead):
         concept_loss = per_concept.sum()  # Koh et al.'s sum_j L_Cj
         # The concept stage of independent / sequential training: the mean over concepts.
         concept_stage = concept_loss / self.num_concepts
-        mode = self.config["training"]
+        mode = self.config.training
         if mode == "independent":
             task_input = concepts.to(concept_logits.dtype)
         elif mode == "sequential":
-            if epoch < self.config["concept_epochs"]:
+            if epoch < self.config.concept_epochs:
                 return {"loss": concept_stage, "concept_loss": concept_loss.detach()}
             # Stage two: only the label predictor learns, from frozen predictions.
             task_input = self.bottleneck(concept_logits).detach()
@@ -178,7 +174,7 @@ class SupervisedCBM(ConceptHead):
             task_input = self.bottleneck(concept_logits)
         task_loss = F.cross_entropy(self.label_predictor(task_input).float(), y)
         if mode == "joint":
-            loss = task_loss + self.config["concept_weight"] * concept_loss
+            loss = task_loss + self.config.concept_weight * concept_loss
         else:
             loss = task_loss + concept_stage
         return {"loss": loss, "task_loss": task_loss, "concept_loss": concept_loss.detach()}

@@ -20,7 +20,7 @@ The attention ``[b, concepts]`` is the explanation: which concepts the decision 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_interp.concepts.attention import key_bias
-from lightning_interp.concepts.base import ConceptHead, HeadOutput, register_head
+from lightning_interp.concepts.base import ConceptHead, HeadOutput
+from lightning_interp.concepts.config import HeadConfig
+from lightning_interp.concepts.registry import register_head
 from lightning_interp.errors import ConfigError, ShapeMismatchError
 
 
@@ -55,6 +57,26 @@ def attention_entropy(attention: Tensor) -> Tensor:
     return -(attention.float() * torch.log(attention.float() + 1e-8)).mean()
 
 
+@dataclass
+class ConceptTransformerConfig(HeadConfig):
+    """Options of :class:`ConceptTransformer` (described there)."""
+
+    heads: int = 2
+    explanation_weight: float = 5.0
+    attention_sparsity: float = 0.0
+    pooling: Literal["attention", "first"] = "attention"
+    attention_dropout: float = 0.1
+    projection_dropout: float = 0.1
+
+    def check(self) -> None:
+        """Non-negative loss weights."""
+        if self.explanation_weight < 0 or self.attention_sparsity < 0:
+            raise ConfigError(
+                f"explanation_weight and attention_sparsity must be >= 0, got "
+                f"{self.explanation_weight}, {self.attention_sparsity}"
+            )
+
+
 @register_head("concept_transformer")
 class ConceptTransformer(ConceptHead):
     """Rigotti et al.'s concept transformer (global concepts) over token embeddings.
@@ -64,6 +86,8 @@ class ConceptTransformer(ConceptHead):
             ``embedding_dim``).
         concept_names: Concept names (one learned concept embedding each).
         class_names: Class names.
+        config: The options below as a :class:`ConceptTransformerConfig` (or give them as
+            keywords).
         heads: Attention heads (``d_in`` must divide by it; reference 2).
         explanation_weight: Weight of the explanation loss when batches carry concept
             annotations (the reference's ``expl_lambda``, 5.0).
@@ -82,36 +106,16 @@ class ConceptTransformer(ConceptHead):
         True
     """
 
-    def __init__(
-        self,
-        d_in: int,
-        concept_names: Sequence[str],
-        class_names: Sequence[str],
-        heads: int = 2,
-        explanation_weight: float = 5.0,
-        attention_sparsity: float = 0.0,
-        pooling: Literal["attention", "first"] = "attention",
-        attention_dropout: float = 0.1,
-        projection_dropout: float = 0.1,
-    ) -> None:
-        super().__init__(d_in, concept_names, class_names)
+    config_class = ConceptTransformerConfig
+    config: ConceptTransformerConfig
+    reads_tokens = learns_concepts = True  # token embeddings in; concepts learned
+
+    def build_layers(self) -> None:
+        """Token pooling, concept embeddings, attention projections and the output layer."""
+        d_in = self.d_in
+        heads = self.config.heads
         if heads <= 0 or d_in % heads:
             raise ConfigError(f"d_in={d_in} must be divisible by heads={heads} (heads >= 1)")
-        if pooling not in ("attention", "first"):
-            raise ConfigError(f"pooling must be 'attention' or 'first', got {pooling!r}")
-        if explanation_weight < 0 or attention_sparsity < 0:
-            raise ConfigError(
-                f"explanation_weight and attention_sparsity must be >= 0, got "
-                f"{explanation_weight}, {attention_sparsity}"
-            )
-        self.config = dict(
-            heads=heads,
-            explanation_weight=explanation_weight,
-            attention_sparsity=attention_sparsity,
-            pooling=pooling,
-            attention_dropout=attention_dropout,
-            projection_dropout=projection_dropout,
-        )
         self.heads = heads
         # The reference normalises the tokens (CTC.norm) before its concept transformer.
         self.norm = nn.LayerNorm(d_in)
@@ -121,8 +125,8 @@ class ConceptTransformer(ConceptHead):
         self.query = nn.Linear(d_in, d_in, bias=False)
         self.key_value = nn.Linear(d_in, 2 * d_in, bias=False)
         self.output = nn.Linear(d_in, self.num_classes)
-        self.attention_dropout = nn.Dropout(attention_dropout)
-        self.projection_dropout = nn.Dropout(projection_dropout)
+        self.attention_dropout = nn.Dropout(self.config.attention_dropout)
+        self.projection_dropout = nn.Dropout(self.config.projection_dropout)
 
     @classmethod
     def upgrade_spec(cls, spec: dict) -> dict:
@@ -141,7 +145,7 @@ class ConceptTransformer(ConceptHead):
 
     def pool(self, h: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """The pooled token ``[b, d]`` and the pooling weights over tokens ``[b, tokens]``."""
-        if self.config["pooling"] == "first":
+        if self.config.pooling == "first":
             weights = torch.zeros(h.shape[:2], dtype=torch.float32, device=h.device)
             weights[:, 0] = 1.0
         else:
@@ -197,9 +201,9 @@ class ConceptTransformer(ConceptHead):
                     f"{tuple(concepts.shape)}"
                 )
             terms["explanation_loss"] = explanation_loss(out.attention, concepts)
-            loss = loss + self.config["explanation_weight"] * terms["explanation_loss"]
-        if self.config["attention_sparsity"] > 0:
+            loss = loss + self.config.explanation_weight * terms["explanation_loss"]
+        if self.config.attention_sparsity > 0:
             terms["attention_entropy"] = attention_entropy(out.attention)
-            loss = loss + self.config["attention_sparsity"] * terms["attention_entropy"]
+            loss = loss + self.config.attention_sparsity * terms["attention_entropy"]
         terms["loss"] = loss
         return terms

@@ -21,7 +21,9 @@ from lightning_interp.concepts import (
     filter_concepts,
     load_phrases,
 )
-from lightning_interp.concepts.base import build_head, head_class
+from lightning_interp.concepts.base import build_head
+from lightning_interp.concepts.registry import builds_from_bank, head_class
+from lightning_interp.data.source import activation_source
 from lightning_interp.errors import ConfigError, ShapeMismatchError
 from lightning_interp.metrics.concepts import ConceptAccuracy, ConceptAUROC
 
@@ -66,7 +68,7 @@ class ConceptBottleneckModule(L.LightningModule):
     Give a built ``head``, or (for recipes) a ``head_name`` with ``head_kwargs`` and
     ``concepts``: then the head is built in :meth:`configure_model` from the data
     module, which must offer ``text_encoder()``, ``class_names`` and ``train_embeddings()``
-    (as :class:`~lightning_interp.data.embeddings.EmbeddingDataModule` does). Heads that
+    (as :class:`~lightning_interp.data.EmbeddingDataModule` does). Heads that
     learn their concepts (``"concept_transformer"``, ``"concept_slots"``, ``"supervised_cbm"``)
     take only the names from ``concepts`` (default ``concept_i`` per labelled concept) and
     the width of the training embeddings, so they also train on token data
@@ -80,8 +82,10 @@ class ConceptBottleneckModule(L.LightningModule):
 
     Args:
         head: A concept head.
-        head_name: Registered head type (``"label_free_cbm"``, ``"pcbm"``, ...).
-        head_kwargs: Constructor arguments of that head.
+        head_name: Registered head type (``"label_free_cbm"``, ``"pcbm"``, ...; see
+            :func:`~lightning_interp.concepts.list_heads`), built by
+            :func:`~lightning_interp.concepts.create_head`.
+        head_kwargs: Options of that head (fields of its config dataclass).
         concepts: Concept phrases (names only, for heads that learn their concepts), or a
             path to a ``.txt`` file of them (one a line).
         filters: Keyword arguments of :func:`~lightning_interp.concepts.filter_concepts`
@@ -130,8 +134,7 @@ class ConceptBottleneckModule(L.LightningModule):
         name = self.hparams.head_name
         # Heads without from_bank (supervised CBM, concept transformer / slots) learn concepts:
         # they need names and a width, not phrase directions (unless filters compare them).
-        directions = getattr(head_class(name), "from_bank", None) is not None
-        directions = directions or self.hparams.filters is not None
+        directions = builds_from_bank(head_class(name)) or self.hparams.filters is not None
         needed = ("class_names", "train_embeddings") + (("text_encoder",) if directions else ())
         if datamodule is None or not all(hasattr(datamodule, a) for a in needed):
             raise ConfigError(
@@ -158,10 +161,11 @@ class ConceptBottleneckModule(L.LightningModule):
                 filters = {**kwargs, **self.hparams.filters}
                 bank, self.filter_report = filter_concepts(bank, **filters)
             self.head = create_head(
-                name, bank=bank, class_names=class_names, **(self.hparams.head_kwargs or {})
+                name, class_names=class_names, bank=bank, **(self.hparams.head_kwargs or {})
             )
         # The backbone the embeddings came from names the card's base_model when published.
-        backbone = getattr(datamodule, "hparams", {}).get("model")
+        source = activation_source(datamodule)
+        backbone = source.provenance.get("backbone") if source is not None else None
         if isinstance(backbone, str):
             self.head.provenance["backbone"] = backbone
         self._build_metrics()
@@ -185,8 +189,13 @@ class ConceptBottleneckModule(L.LightningModule):
                 f"were given; give one name per labelled concept, in order"
             )
         x, _ = datamodule.train_embeddings()
-        cls = head_class(self.hparams.head_name)
-        return cls(x.shape[-1], names, class_names, **(self.hparams.head_kwargs or {}))
+        return create_head(
+            self.hparams.head_name,
+            class_names=class_names,
+            d_in=x.shape[-1],
+            concept_names=names,
+            **(self.hparams.head_kwargs or {}),
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the built head's spec (type, width, names, config) beside its weights.

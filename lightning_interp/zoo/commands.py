@@ -199,8 +199,8 @@ def pull(args: argparse.Namespace) -> int:
 @_command("card")
 def card(args: argparse.Namespace) -> int:
     """``lightning-interp card DIR [--repo-id ORG/NAME] [--output README.md]``."""
+    from lightning_interp._io import atomic_write
     from lightning_interp.concepts.base import is_head_folder
-    from lightning_interp.dictionaries.serialization import atomic_write
     from lightning_interp.zoo.heads import render_head_card
     from lightning_interp.zoo.publish import render_card
 

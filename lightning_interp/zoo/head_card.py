@@ -4,17 +4,21 @@ A head's card is a pure function of the head (its ``config.json`` and weights), 
 ``metrics.json`` and the repo id, so ``lightning-interp card DIR`` on a head folder prints
 exactly the README that publishing it writes. The card lists the concepts and, for heads
 with a linear concept-to-class layer, each class's strongest concepts with their weights.
+What differs between heads comes from the head itself (:meth:`ConceptHead.card_class_table
+<lightning_interp.concepts.ConceptHead.card_class_table>`, ``reads_tokens``,
+``learns_concepts``): nothing here asks which class a head is.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning_interp.concepts.base import ConceptHead
-from lightning_interp.concepts.description import DescriptionClassifier
-from lightning_interp.concepts.explain import top_concepts_per_class
+from lightning_interp.concepts.card import markdown_cell
 from lightning_interp.zoo.card import CardEntry, common_hub_ids
+
+if TYPE_CHECKING:
+    from lightning_interp.concepts.base import ConceptHead
 
 # metrics.json key -> (model-index metric type, display name), in the order shown.
 HEAD_METRICS = {
@@ -25,18 +29,11 @@ HEAD_METRICS = {
 }
 TOP_CONCEPTS = 5  # concepts per class in the class x concept table
 _LIST_INLINE = 30  # longer concept lists are folded into a <details> block
-# Heads whose concepts are predicted from concept labels, not read off fixed directions.
-LEARNED_CONCEPTS = {"supervised_cbm", "concept_transformer", "concept_slots"}
 
 
 def normalise_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
     """Metric names without a stage prefix: Lightning's ``test/accuracy`` -> ``accuracy``."""
     return {key.rsplit("/", 1)[-1]: value for key, value in (metrics or {}).items()}
-
-
-def _cell(text: str) -> str:
-    # A "|" inside a concept name would split the Markdown table cell.
-    return text.replace("|", "\\|")
 
 
 def _eval_results(head: ConceptHead, metrics: dict[str, Any], task_type: str) -> list:
@@ -72,7 +69,7 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
 
 
 def _concept_list(head: ConceptHead) -> str:
-    items = "\n".join(f"{i}. {_cell(name)}" for i, name in enumerate(head.concept_names, 1))
+    items = "\n".join(f"{i}. {markdown_cell(name)}" for i, name in enumerate(head.concept_names, 1))
     intro = f"{head.num_concepts} concepts, in bottleneck order:\n\n"
     if head.num_concepts <= _LIST_INLINE:
         return intro + items + "\n"
@@ -82,43 +79,15 @@ def _concept_list(head: ConceptHead) -> str:
 def class_concept_table(head: ConceptHead, k: int = TOP_CONCEPTS) -> str:
     """Markdown: one row per class, its ``k`` concepts with the largest final-layer weights.
 
-    Heads without a linear concept-to-class layer get the descriptors per class
+    The head writes it (:meth:`~lightning_interp.concepts.ConceptHead.card_class_table`):
+    heads without a linear concept-to-class layer give the descriptors per class
     (classification by description) or a sentence saying why there is no table.
     """
-    if isinstance(head, DescriptionClassifier):
-        lines = ["| class | descriptors |", "|---|---|"]
-        for class_name, descriptors in head.descriptors().items():
-            lines.append(f"| {_cell(class_name)} | {_cell('; '.join(descriptors))} |")
-        intro = (
-            "A class's score is the mean similarity of an embedding to its descriptors "
-            "(there is no learned weight):\n\n"
-        )
-        return intro + "\n".join(lines) + "\n"
-    if head.final is None:
-        return (
-            f"This {type(head).__name__} has no single linear concept-to-class layer (a "
-            "non-linear label predictor, or attention over concepts), so there is no "
-            "class-concept weight table.\n"
-        )
-    k = min(k, head.num_concepts)
-    top = top_concepts_per_class(head, k=k)
-    lines = ["| class | " + " | ".join(f"#{i}" for i in range(1, k + 1)) + " |"]
-    lines.append("|---|" + "---|" * k)
-    for class_name, concepts in top.items():
-        cells = [f"{_cell(name)} ({weight:+.3g})" for name, weight in concepts]
-        cells += ["–"] * (k - len(cells))
-        lines.append(f"| {_cell(class_name)} | " + " | ".join(cells) + " |")
-    weight = head.final.weight.detach()
-    nonzero = int((weight != 0).sum())
-    intro = (
-        f"Each class's {k} concepts with the largest positive weights in the final linear "
-        f"layer (concept -> class); {nonzero} of {weight.numel()} weights are non-zero.\n\n"
-    )
-    return intro + "\n".join(lines) + "\n"
+    return head.card_class_table(k)
 
 
 def _usage(head: ConceptHead, repo_id: str) -> str:
-    if head.head_type in ("concept_transformer", "concept_slots"):  # token inputs
+    if head.reads_tokens:
         inputs = (
             "x = torch.randn(4, 10, head.d_in)  # token embeddings from the head's backbone\n"
             "mask = torch.ones(4, 10, dtype=torch.bool)  # False marks padding\n"
@@ -142,7 +111,7 @@ def _usage(head: ConceptHead, repo_id: str) -> str:
 
 
 def _limitations(head: ConceptHead, metrics: dict[str, Any]) -> str:
-    if head.head_type in LEARNED_CONCEPTS:
+    if head.learns_concepts:
         concepts = (
             "- Concept predictors were learned from concept labels; a soft bottleneck can carry "
             "information beyond the concepts (leakage), so the concept probabilities are not a "

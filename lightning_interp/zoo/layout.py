@@ -64,12 +64,12 @@ class DictionaryFolder:
 
 
 def _formats(names: set[str], format: str) -> list[str]:  # noqa: A002 - public keyword
-    """The formats a folder holding ``names`` matches (one is the normal case)."""
-    from lightning_interp.zoo.formats import FORMATS, get_format
+    """The most specific formats a folder holding ``names`` matches (one is the normal case)."""
+    from lightning_interp.zoo.formats.registry import get_format, matching_formats
 
     if format != "auto":
         return [format] if get_format(format).detect(names) else []
-    return [name for name, adapter in FORMATS.items() if adapter.detect(names)]
+    return matching_formats(names)
 
 
 def find_dictionary_folders(

@@ -20,16 +20,19 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from lightning_interp._io import check_folder_name, safe_join
-from lightning_interp.dictionaries.atomic import remove_stale_temporaries
+from lightning_interp._io import (
+    atomic_write,
+    check_folder_name,
+    read_json,
+    remove_stale_temporaries,
+    safe_join,
+)
 from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.dictionaries.serialization import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    atomic_write,
     load_folder,
     read_config,
-    read_json,
 )
 from lightning_interp.errors import ConfigError, DictionaryNotFoundError, HubError, UnsafePathError
 from lightning_interp.zoo.card import CardEntry, build_card

@@ -17,12 +17,18 @@ class PlantedPhrases(L.LightningDataModule):
     """Planted concepts whose text encoder maps the phrase ``concept_i`` to direction i.
 
     It offers what ConceptBottleneckModule needs to build a head by name: a text
-    encoder, class names and the training embeddings.
+    encoder, class names and the training embeddings; and it names its backbone through
+    the ActivationSource contract (lightning_interp.data.source).
     """
+
+    backbone, sites, site_widths, scales = None, ["embeddings"], {}, {}
+    provenance = {"backbone": "planted/encoder"}
+
+    def downstream_inputs(self):
+        return []
 
     def __init__(self):
         super().__init__()
-        self.save_hyperparameters({"model": "planted/encoder"})  # names the backbone
         self.data = planted(noise=0.5)
         self.class_names = CLASSES
         self.train, self.test = self.data.split(1000)

@@ -44,7 +44,7 @@ def test_by_name_label_free_head_on_minilm_reviews(demo, trainer_kwargs):
     import lightning as L
     import torch
 
-    from lightning_interp.data.embeddings import EmbeddingDataModule
+    from lightning_interp.data import EmbeddingDataModule
     from lightning_interp.modules import ConceptBottleneckModule
 
     data = EmbeddingDataModule(

@@ -1,6 +1,8 @@
 """Supervised, label-free and description heads on planted concepts, and what every head shares.
 
 PCBM / PCBM-h are tested in test_pcbm.py, the concept transformer in test_transformer.py.
+The shared tests run on every registered head (``list_heads()``), built by
+tests/concepts/head_cases.py.
 """
 
 from functools import partial
@@ -12,14 +14,12 @@ import torch
 from lightning_interp.concepts import (
     ConceptBank,
     ConceptHead,
-    ConceptSlotAttention,
-    ConceptTransformer,
     DescriptionClassifier,
     LabelFreeCBM,
-    PosthocCBM,
     SupervisedCBM,
     intervention_logits,
     intervention_order,
+    list_heads,
     remove_concept,
     top_concepts_per_class,
 )
@@ -27,6 +27,13 @@ from lightning_interp.concepts.description import descriptor_sentence
 from lightning_interp.errors import EmptyConceptBankError, ShapeMismatchError, UnknownConceptError
 from lightning_interp.metrics import InterventionCurve
 from lightning_interp.modules import ConceptBottleneckModule
+from tests.concepts.head_cases import (
+    DESCRIPTORS,
+    descriptor_encoder,
+    example_head,
+    example_inputs,
+    zero_shot,
+)
 from tests.concepts.planted import CLASSES, QUIET, accuracy, loader, planted
 
 CHANCE = 0.25  # four balanced classes
@@ -184,30 +191,6 @@ def test_label_free_cut_off_of_every_concept_is_a_typed_error(easy):
 
 
 # ---------------------------------------------------------------- description
-def descriptor_encoder(directions):
-    def encode(texts):
-        rows = []
-        for text in texts:
-            v = torch.zeros(directions.shape[1])
-            for j in range(len(directions)):
-                if f"has concept_{j}" in text:
-                    v += directions[j]
-                if f"lacks concept_{j}" in text:
-                    v -= directions[j]
-            rows.append(v)
-        return torch.stack(rows)
-
-    return encode
-
-
-DESCRIPTORS = {
-    "neither": ["lacks concept_0", "lacks concept_1"],
-    "only_b": ["lacks concept_0", "has concept_1"],
-    "only_a": ["has concept_0", "lacks concept_1"],
-    "both": ["has concept_0", "has concept_1"],
-}
-
-
 @pytest.mark.parametrize(
     "descriptor,sentence",
     [
@@ -247,39 +230,21 @@ def test_description_classifier_is_zero_shot_and_editable(easy):
 
 
 # ---------------------------------------------------------------- shared properties
-def built_heads():
-    p = planted()
-    bank = p.bank(distractors=2)
-    return {
-        "supervised": SupervisedCBM(32, p.names, CLASSES, concept_hidden=8),
-        "pcbm_h": PosthocCBM.from_bank(bank, CLASSES, hybrid=True),
-        "label_free": LabelFreeCBM.from_bank(bank, CLASSES, cutoff=0.0),
-        "transformer": ConceptTransformer(32, p.names, CLASSES, heads=2),
-        "slots": ConceptSlotAttention(32, p.names, CLASSES, d_attn=8, heads=2),
-        "description": DescriptionClassifier.from_descriptors(
-            DESCRIPTORS, descriptor_encoder(torch.randn(6, 32))
-        ),
-    }
-
-
-def head_inputs(name, n=16):
-    x = torch.randn(n, 5, 32) if name in ("transformer", "slots") else torch.randn(n, 32)
-    return x, torch.randint(0, 4, (n,)), (torch.rand(n, 6) > 0.5).float()
-
-
-@pytest.mark.parametrize("name", list(built_heads()))
+# Every registered head (list_heads), built from the one table in head_cases.
+@pytest.mark.parametrize("name", list_heads())
 def test_save_load_round_trips_exactly(name, tmp_path):
-    head = built_heads()[name].eval()  # the loaded head is in eval mode (dropout off)
+    head = example_head(name).eval()  # the loaded head is in eval mode (dropout off)
     with torch.no_grad():
         for param in head.parameters():
             param.add_(torch.randn_like(param) * 0.1)
     head.save_pretrained(tmp_path / name)
     loaded = ConceptHead.from_pretrained(tmp_path / name)
-    assert type(loaded) is type(head)
+    assert type(loaded) is type(head) and loaded.head_type == name
     assert loaded.concept_names == head.concept_names and loaded.class_names == CLASSES
+    assert loaded.config == head.config
     for key, value in head.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    x = head_inputs(name)[0]
+    x = example_inputs(head)[0]
     assert torch.equal(loaded(x).logits, head(x).logits)
     assert sorted(p.name for p in (tmp_path / name).iterdir()) == [
         "config.json",
@@ -287,13 +252,13 @@ def test_save_load_round_trips_exactly(name, tmp_path):
     ]
 
 
-@pytest.mark.parametrize("name", list(built_heads()))
+@pytest.mark.parametrize("name", list_heads())
 def test_bf16_mixed_trainer_run(name):
-    head = built_heads()[name]
-    x, y, c = head_inputs(name, n=64)
+    head = example_head(name)
+    x, y, c = example_inputs(head, n=64)
     module = ConceptBottleneckModule(head)
     trainer = L.Trainer(max_epochs=2, precision="bf16-mixed", **QUIET)
-    if name == "description":  # zero-shot: evaluation only
+    if zero_shot(head):  # evaluation only
         logged = trainer.validate(module, loader((x, y), 32), verbose=False)[0]
         assert 0.0 <= logged["val/accuracy"] <= 1.0
         return
@@ -304,13 +269,13 @@ def test_bf16_mixed_trainer_run(name):
 
 
 def test_wrong_width_and_unknown_concept_are_typed_errors():
-    heads = built_heads()
     with pytest.raises(ShapeMismatchError, match="width 32, got 31"):
-        heads["label_free"](torch.randn(2, 31))
+        example_head("label_free_cbm")(torch.randn(2, 31))
     with pytest.raises(ShapeMismatchError, match="pooling='tokens'"):
-        heads["transformer"](torch.randn(2, 32))
+        example_head("concept_transformer")(torch.randn(2, 32))
+    supervised = SupervisedCBM(32, planted().names, CLASSES)
     with pytest.raises(UnknownConceptError, match="similar names: \\['concept_1', "):
-        remove_concept(heads["supervised"], "concept_1 ")
+        remove_concept(supervised, "concept_1 ")
     with pytest.raises(UnknownConceptError):
         ConceptBank(["a"], torch.ones(1, 2)).select(["b"])
 

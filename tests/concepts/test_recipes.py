@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from lightning_interp.cli import build_cli
 from lightning_interp.concepts import ConceptHead, LabelFreeCBM, PosthocCBM
-from lightning_interp.data.embeddings import EmbeddingDataModule
+from lightning_interp.data import EmbeddingDataModule
 from lightning_interp.modules import ConceptBottleneckModule
 from tests.backbones import tiny_models as tm
 from tests.data.test_tokens import make_tokenizer

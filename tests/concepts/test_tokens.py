@@ -12,7 +12,11 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from lightning_interp.concepts import ConceptSlotAttention, ConceptTransformer
-from lightning_interp.data.embeddings import EmbeddingDataModule, TokenDataset, collate_tokens
+from lightning_interp.data.embedding_datamodule import (
+    EmbeddingDataModule,
+    TokenDataset,
+    collate_tokens,
+)
 from lightning_interp.errors import ConfigError
 from lightning_interp.modules import ConceptBottleneckModule
 from tests.backbones import tiny_models as tm

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from lightning_interp.concepts import ConceptHead, ConceptSlotAttention, ConceptTransformer
 from lightning_interp.concepts.transformer import explanation_loss
-from lightning_interp.data.embeddings import TokenDataset, collate_tokens
+from lightning_interp.data.embedding_datamodule import TokenDataset, collate_tokens
 from lightning_interp.modules import ConceptBottleneckModule
 from tests.concepts.planted import CLASSES, QUIET, planted_tokens
 

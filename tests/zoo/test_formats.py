@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from lightning_interp import create_dictionary, load_dictionary
+from lightning_interp._weights import PAIRED_CONFIG_KEY, REPLACED_CONFIG_KEY
 from lightning_interp.dictionaries import JumpReLUSAE, TopKSAE
-from lightning_interp.dictionaries.serialization import PAIRED_CONFIG_KEY, REPLACED_CONFIG_KEY
 from lightning_interp.zoo.formats import FORMATS, convert, detect_format, read_folder, write_folder
 from tests.zoo import foreign_layouts as fl
 from tests.zoo.foreign_layouts import D_OUT, D, F

@@ -1,9 +1,12 @@
 """Readers and writers for dictionary folders in other libraries' formats.
 
-Each format is one small adapter (:class:`FormatAdapter`): ``name``, ``allow_patterns``
-(the files a Hub download needs), ``detect(filenames)``, ``read(folder)`` and, for
-``native`` and ``saelens``, ``write(dictionary, folder)``. Everything is read into, and
-written from, a native :class:`~lightning_interp.dictionaries.Dictionary`.
+Each format is one small adapter (:class:`FormatAdapter`) in its own module, registered by
+name with :func:`register_format`: it declares its ``required_files`` (and optional and
+companion files, and a ``specificity``), ``read(folder)`` and, for ``native`` and
+``saelens``, ``write(dictionary, folder)``. Everything is read into, and written from, a
+native :class:`~lightning_interp.dictionaries.Dictionary`. A new built-in format is one
+module plus its name in :data:`BUILTIN_FORMATS`; a format of your own is registered when
+the module that calls :func:`register_format` is imported.
 
 Example:
     >>> import tempfile
@@ -20,9 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 
@@ -30,77 +33,37 @@ from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.errors import (
     DictionaryNotFoundError,
     OutputExistsError,
-    UnknownFormatError,
     UnsupportedFormatError,
 )
-from lightning_interp.zoo.formats._common import FormatAdapter
-from lightning_interp.zoo.formats.dictionary_learning import DICTIONARY_LEARNING
-from lightning_interp.zoo.formats.gemma_scope import GEMMA_SCOPE
-from lightning_interp.zoo.formats.native import NATIVE
-from lightning_interp.zoo.formats.openai import OPENAI
-from lightning_interp.zoo.formats.saelens import SAELENS
-from lightning_interp.zoo.formats.sparsify import SPARSIFY
+from lightning_interp.zoo.formats.base import FormatAdapter
+from lightning_interp.zoo.formats.registry import (
+    FORMATS,
+    detect_format,
+    expected_files,
+    get_format,
+    list_formats,
+    matching_formats,
+    register_format,
+)
 
-#: Every known format by name.
-FORMATS: dict[str, FormatAdapter] = {
-    adapter.name: adapter
-    for adapter in (NATIVE, SAELENS, SPARSIFY, DICTIONARY_LEARNING, GEMMA_SCOPE, OPENAI)
-}
+#: The formats shipped here: modules of this package, each registering its adapter. Their
+#: order is the registration order, in which messages list the formats.
+BUILTIN_FORMATS = ("native", "saelens", "sparsify", "dictionary_learning", "gemma_scope", "openai")
+for _module in BUILTIN_FORMATS:
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = [
+    "BUILTIN_FORMATS",
     "FORMATS",
     "FormatAdapter",
     "convert",
     "detect_format",
     "get_format",
+    "list_formats",
     "read_folder",
+    "register_format",
     "write_folder",
 ]
-
-
-def get_format(name: str) -> FormatAdapter:
-    """Return the adapter registered as ``name``.
-
-    Raises:
-        UnknownFormatError: listing the known format names.
-    """
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise UnknownFormatError(
-            f"unknown dictionary format {name!r}; known formats: {sorted(FORMATS)}"
-        ) from None
-
-
-def _matching(names: set[str]) -> list[str]:
-    """The names of the formats whose :meth:`~FormatAdapter.detect` accepts ``names``."""
-    return [name for name, adapter in FORMATS.items() if adapter.detect(names)]
-
-
-def detect_format(filenames: Iterable[str]) -> str:
-    """Name the format of a dictionary folder from the names of its files.
-
-    Args:
-        filenames: File names (or paths; only the last component counts) in one folder.
-
-    Raises:
-        UnknownFormatError: no format, or more than one, matches; the message lists the
-            files found and what each format looks for.
-    """
-    names = {PurePosixPath(str(f)).name for f in filenames}
-    matches = _matching(names)
-    if len(matches) == 1:
-        return matches[0]
-    problem = "matches no known format" if not matches else f"matches several formats {matches}"
-    raise UnknownFormatError(
-        f"a folder holding {sorted(names) or 'no files'} {problem}. Known formats and their "
-        f"files: {_expected()}. Pass format=... to choose one, or point at a single "
-        f"dictionary's folder"
-    )
-
-
-def _expected() -> str:
-    return "; ".join(f"{n}: {a.allow_patterns}" for n, a in FORMATS.items())
 
 
 def _folder(path: str | os.PathLike[str]) -> Path:
@@ -123,7 +86,7 @@ def read_folder(
 
     Args:
         folder: The folder of one dictionary (for sparsify, one hookpoint's folder).
-        format: A name from :data:`FORMATS`, or ``"auto"`` to detect it from the files.
+        format: A name from :func:`list_formats`, or ``"auto"`` to detect it from the files.
         device: Where to put the parameters (default CPU).
         dtype: Convert the parameters to this dtype (default: as stored).
 
@@ -141,7 +104,7 @@ def read_folder(
     if format != "auto":
         return get_format(format).read(path, device=device, dtype=dtype)
     names = {p.name for p in path.iterdir()}
-    matches = _matching(names)
+    matches = matching_formats(names)
     if len(matches) == 1:
         return get_format(matches[0]).read(path, device=device, dtype=dtype)
     if matches:
@@ -149,10 +112,10 @@ def read_folder(
     # No complete folder of any format. Most often it is our own folder, half-copied: the
     # native reader's error names the missing file; the other formats are listed after it.
     try:
-        return NATIVE.read(path, device=device, dtype=dtype)
+        return get_format("native").read(path, device=device, dtype=dtype)
     except DictionaryNotFoundError as err:
         raise DictionaryNotFoundError(
-            f"{err}. Other known formats and their files: {_expected()}"
+            f"{err}. Other known formats and their files: {expected_files()}"
         ) from err
 
 
@@ -216,7 +179,7 @@ def convert(
     target = _writer(to_format)  # fail on a bad or read-only target before reading
     out = Path(dst)
     present = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    if not overwrite and _matching(present):
+    if not overwrite and matching_formats(present):
         raise OutputExistsError(
             f"{out} already holds a dictionary ({', '.join(sorted(present))}); pass "
             f"overwrite=True (--overwrite on the command line) to replace it, or another folder"

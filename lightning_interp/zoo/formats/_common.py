@@ -18,68 +18,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_interp._dtypes import dtype_name
+from lightning_interp._io import read_json as read_json  # re-exported
+from lightning_interp._weights import read_weights as read_weights
 from lightning_interp.dictionaries.base import Dictionary
-from lightning_interp.dictionaries.config import Provenance, dtype_name
+from lightning_interp.dictionaries.config import Provenance
 from lightning_interp.dictionaries.registry import get_dictionary_class
-from lightning_interp.dictionaries.serialization import (
-    build_from_tensors,
-)
-from lightning_interp.dictionaries.serialization import read_json as read_json  # re-exported
-from lightning_interp.dictionaries.serialization import read_weights as read_weights
+from lightning_interp.dictionaries.serialization import build_from_tensors
 from lightning_interp.errors import (
     CorruptFileError,
     DictionaryNotFoundError,
     UnsafeFileError,
-    UnsupportedFormatError,
 )
-
-#: Where :meth:`FormatAdapter.read` puts the dictionary (``None``: the CPU).
-DeviceLike = str | torch.device | None
-#: The dtype :meth:`FormatAdapter.read` gives the dictionary (``None``: the file's own).
-DtypeLike = str | torch.dtype | None
-
-
-class FormatAdapter:
-    """One on-disk dictionary format: how to recognise, read and (maybe) write it.
-
-    Attributes:
-        name: The format's name, as given to ``read_folder(format=...)``.
-        allow_patterns: File names a dictionary folder of this format needs; a Hub loader
-            downloads only these.
-        can_write: Whether :meth:`write` is implemented.
-        required_files: File names whose presence together marks a folder of this format
-            (used by the default :meth:`detect`); empty for formats that detect otherwise.
-    """
-
-    name: str = ""
-    allow_patterns: list[str] = []
-    can_write: bool = False
-    required_files: tuple[str, ...] = ()
-
-    def detect(self, filenames: set[str]) -> bool:
-        """Whether a folder holding ``filenames`` (base names) is in this format.
-
-        By default: whether every one of :attr:`required_files` is among ``filenames``.
-        """
-        if not self.required_files:
-            raise NotImplementedError
-        return set(self.required_files) <= filenames
-
-    def read(
-        self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
-    ) -> Dictionary:
-        """Read the dictionary in ``folder`` into a native :class:`Dictionary`."""
-        raise NotImplementedError
-
-    def write(self, dictionary: Dictionary, folder: Path) -> Path:
-        """Write ``dictionary`` to ``folder`` in this format and return the folder."""
-        raise UnsupportedFormatError(
-            f"the {self.name!r} format is read-only here; write with format='native' or "
-            f"format='saelens'"
-        )
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r}>"
+from lightning_interp.zoo.formats.base import DeviceLike, DtypeLike
 
 
 def require_file(folder: Path, name: str, fmt: str) -> Path:

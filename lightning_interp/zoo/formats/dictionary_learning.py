@@ -40,9 +40,6 @@ from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.errors import CorruptFileError, UnsupportedFormatError
 from lightning_interp.zoo.formats import sitenames
 from lightning_interp.zoo.formats._common import (
-    DeviceLike,
-    DtypeLike,
-    FormatAdapter,
     build_dictionary,
     matrix,
     provenance,
@@ -52,6 +49,8 @@ from lightning_interp.zoo.formats._common import (
     require_tensors,
 )
 from lightning_interp.zoo.formats._fields import ConfigFields
+from lightning_interp.zoo.formats.base import DeviceLike, DtypeLike, FormatAdapter
+from lightning_interp.zoo.formats.registry import register_format
 
 WEIGHTS_NAME = "ae.pt"
 CONFIG_NAME = "config.json"
@@ -136,7 +135,6 @@ class DictionaryLearningFormat(FormatAdapter):
     """dictionary_learning's trainer output folder."""
 
     name = "dictionary_learning"
-    allow_patterns = [WEIGHTS_NAME, CONFIG_NAME]
     required_files = (WEIGHTS_NAME, CONFIG_NAME)  # ae.pt beside config.json
 
     def read(
@@ -207,4 +205,4 @@ class DictionaryLearningFormat(FormatAdapter):
         )
 
 
-DICTIONARY_LEARNING = DictionaryLearningFormat()
+DICTIONARY_LEARNING = register_format(DictionaryLearningFormat())

@@ -26,9 +26,6 @@ from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.errors import UnsupportedFormatError
 from lightning_interp.zoo.formats import sitenames
 from lightning_interp.zoo.formats._common import (
-    DeviceLike,
-    DtypeLike,
-    FormatAdapter,
     build_dictionary,
     matrix,
     provenance,
@@ -40,6 +37,8 @@ from lightning_interp.zoo.formats._common import (
     require_tensors,
 )
 from lightning_interp.zoo.formats._fields import ConfigFields
+from lightning_interp.zoo.formats.base import DeviceLike, DtypeLike, FormatAdapter
+from lightning_interp.zoo.formats.registry import register_format
 
 V1_WEIGHTS = "params.npz"
 V2_WEIGHTS = "params.safetensors"
@@ -56,11 +55,8 @@ class GemmaScopeFormat(FormatAdapter):
     """Gemma Scope v1 (``params.npz``) and v2 (``params.safetensors`` + ``config.json``)."""
 
     name = "gemma_scope"
-    allow_patterns = [V1_WEIGHTS, V2_WEIGHTS, V2_CONFIG]
-
-    def detect(self, filenames: set[str]) -> bool:
-        """``params.npz``, or ``params.safetensors``."""
-        return V1_WEIGHTS in filenames or V2_WEIGHTS in filenames
+    required_files = ((V1_WEIGHTS, V2_WEIGHTS),)  # either version's weights
+    optional_files = (V2_CONFIG,)  # v2 only; its reader requires it
 
     def read(
         self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
@@ -145,4 +141,4 @@ class GemmaScopeFormat(FormatAdapter):
         }
 
 
-GEMMA_SCOPE = GemmaScopeFormat()
+GEMMA_SCOPE = register_format(GemmaScopeFormat())

@@ -11,16 +11,16 @@ from lightning_interp.dictionaries.serialization import (
     load_folder,
     save_dictionary,
 )
-from lightning_interp.zoo.formats._common import DeviceLike, DtypeLike, FormatAdapter
+from lightning_interp.zoo.formats.base import DeviceLike, DtypeLike, FormatAdapter
+from lightning_interp.zoo.formats.registry import register_format
 
 
 class NativeFormat(FormatAdapter):
     """lightning-interp's folder layout, written by :meth:`Dictionary.save_pretrained`."""
 
     name = "native"
-    allow_patterns = [CONFIG_NAME, WEIGHTS_NAME]
-    can_write = True
     required_files = (CONFIG_NAME, WEIGHTS_NAME)  # model.safetensors beside config.json
+    can_write = True
 
     def read(
         self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
@@ -33,4 +33,4 @@ class NativeFormat(FormatAdapter):
         return save_dictionary(dictionary.to_inference().with_scale_folded(), folder)
 
 
-NATIVE = NativeFormat()
+NATIVE = register_format(NativeFormat())

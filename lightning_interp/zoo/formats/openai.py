@@ -20,9 +20,6 @@ from lightning_interp.errors import (
     UnsupportedFormatError,
 )
 from lightning_interp.zoo.formats._common import (
-    DeviceLike,
-    DtypeLike,
-    FormatAdapter,
     build_dictionary,
     matrix,
     provenance,
@@ -31,30 +28,27 @@ from lightning_interp.zoo.formats._common import (
     require_tensors,
 )
 from lightning_interp.zoo.formats._fields import ConfigFields
+from lightning_interp.zoo.formats.base import PATTERN, DeviceLike, DtypeLike, FormatAdapter
+from lightning_interp.zoo.formats.registry import register_format
 
-# Other libraries' .pt files that are not OpenAI autoencoders.
-_FOREIGN_PT = {"ae.pt", "trainer_state.pt"}
-
-
-def _pt_files(filenames: set[str]) -> list[str]:
-    return sorted(n for n in filenames if n.endswith(".pt") and n not in _FOREIGN_PT)
+_PT = "*.pt"
 
 
 class OpenAIFormat(FormatAdapter):
     """A folder holding one OpenAI sparse autoencoder state dict."""
 
     name = "openai"
-    allow_patterns = ["*.pt"]
-
-    def detect(self, filenames: set[str]) -> bool:
-        """A ``.pt`` file that is not dictionary_learning's ``ae.pt``."""
-        return bool(_pt_files(filenames)) and "ae.pt" not in filenames
+    # Any .pt file that no other format names (dictionary_learning's ae.pt, SAELens's
+    # trainer_state.pt are theirs). A bare pattern is weak evidence: a format known by
+    # file names of its own wins a folder both match.
+    required_files = (_PT,)
+    specificity = PATTERN
 
     def read(
         self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
     ) -> Dictionary:
         """Read the folder's single ``.pt`` state dict into a standard or TopK dictionary."""
-        files = _pt_files({p.name for p in folder.iterdir()}) if folder.is_dir() else []
+        files = self.own_files(_PT, (p.name for p in folder.iterdir())) if folder.is_dir() else []
         if len(files) != 1:
             raise DictionaryNotFoundError(
                 f"{folder} should hold exactly one OpenAI autoencoder .pt file, found "
@@ -112,4 +106,4 @@ class OpenAIFormat(FormatAdapter):
         return dictionary
 
 
-OPENAI = OpenAIFormat()
+OPENAI = register_format(OpenAIFormat())

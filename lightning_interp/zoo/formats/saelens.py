@@ -29,15 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_interp._dtypes import dtype_name
+from lightning_interp._weights import paired_config, write_weights_and_config
 from lightning_interp.dictionaries.base import Dictionary
-from lightning_interp.dictionaries.config import dtype_name
-from lightning_interp.dictionaries.serialization import paired_config, write_weights_and_config
 from lightning_interp.errors import UnsupportedFormatError
 from lightning_interp.zoo.formats import sitenames
 from lightning_interp.zoo.formats._common import (
-    DeviceLike,
-    DtypeLike,
-    FormatAdapter,
     build_dictionary,
     provenance,
     read_json,
@@ -46,10 +43,15 @@ from lightning_interp.zoo.formats._common import (
     require_config_and_weights,
 )
 from lightning_interp.zoo.formats._fields import ConfigFields
+from lightning_interp.zoo.formats.base import DeviceLike, DtypeLike, FormatAdapter
+from lightning_interp.zoo.formats.registry import register_format
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
 SCALER_NAME = "activation_scaler.json"
+# Files of SAELens folders the reader never needs: feature sparsities (pretrained releases)
+# and the trainer's state (checkpoints; a pickle, never read).
+_COMPANIONS = ("sparsity.safetensors", "trainer_state.pt")
 #: The SAELens release whose folder layout :meth:`SAELensFormat.write` reproduces.
 SAELENS_VERSION = "6.18.0"
 #: Metadata key under which we keep our full config, so native -> SAELens -> native is exact.
@@ -167,9 +169,10 @@ class SAELensFormat(FormatAdapter):
     """SAELens's per-SAE folder, pre-6.0 and v6."""
 
     name = "saelens"
-    allow_patterns = [CFG_NAME, WEIGHTS_NAME, SCALER_NAME]
-    can_write = True
     required_files = (CFG_NAME, WEIGHTS_NAME)  # sae_weights.safetensors beside cfg.json
+    optional_files = (SCALER_NAME,)
+    companion_files = _COMPANIONS
+    can_write = True
 
     def read(
         self, folder: Path, *, device: DeviceLike = None, dtype: DtypeLike = None
@@ -361,4 +364,4 @@ class SAELensFormat(FormatAdapter):
         )
 
 
-SAELENS = SAELensFormat()
+SAELENS = register_format(SAELensFormat())

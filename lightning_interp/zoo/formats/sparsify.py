@@ -23,9 +23,6 @@ from lightning_interp.dictionaries.base import Dictionary
 from lightning_interp.errors import CorruptFileError, UnsupportedFormatError
 from lightning_interp.zoo.formats import sitenames
 from lightning_interp.zoo.formats._common import (
-    DeviceLike,
-    DtypeLike,
-    FormatAdapter,
     build_dictionary,
     matrix,
     provenance,
@@ -35,6 +32,8 @@ from lightning_interp.zoo.formats._common import (
     require_tensors,
 )
 from lightning_interp.zoo.formats._fields import ConfigFields
+from lightning_interp.zoo.formats.base import DeviceLike, DtypeLike, FormatAdapter
+from lightning_interp.zoo.formats.registry import register_format
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
@@ -44,7 +43,6 @@ class SparsifyFormat(FormatAdapter):
     """A sparsify sparse coder (TopK SAE or transcoder, optional skip connection)."""
 
     name = "sparsify"
-    allow_patterns = [CFG_NAME, WEIGHTS_NAME]
     required_files = (CFG_NAME, WEIGHTS_NAME)  # sae.safetensors beside cfg.json
 
     def read(
@@ -130,4 +128,4 @@ class SparsifyFormat(FormatAdapter):
         )
 
 
-SPARSIFY = SparsifyFormat()
+SPARSIFY = register_format(SparsifyFormat())
