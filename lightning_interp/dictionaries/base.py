@@ -9,19 +9,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.dictionaries.config import (
-    DictionaryConfig,
-    check_fits_in_memory,
-    check_scale,
-    dtype_from_name,
-    dtype_name,
-)
-from lightning_interp.dictionaries.output import DictionaryOutput, batch_fvu, squared_error
+from lightning_interp._dtypes import dtype_from_name, dtype_name
+from lightning_interp.dictionaries.config import DictionaryConfig, check_fits_in_memory, check_scale
+from lightning_interp.dictionaries.output import DictionaryOutput, squared_error
 from lightning_interp.errors import ConfigError, CorruptFileError, ShapeMismatchError
 
 # DictionaryOutput and the losses live in output.py; they are re-exported from here, where
 # they have always been imported from.
-__all__ = ["Dictionary", "DictionaryOutput", "batch_fvu", "squared_error"]
+__all__ = ["Dictionary", "DictionaryOutput", "squared_error"]
 
 
 class Dictionary(nn.Module):

@@ -20,15 +20,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from lightning_interp._dtypes import dtype_from_name, dtype_name
 from lightning_interp.dictionaries.validation import dataclass_from_dict, describe, validate_fields
 from lightning_interp.errors import ConfigError, ConfigTypeError
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 BDecInit = Literal["geometric_median", "mean", "zeros"]
 
@@ -37,38 +31,6 @@ BDecInit = Literal["geometric_median", "mean", "zeros"]
 #: 1.4e11). Larger values are refused at validation, before anything is allocated; they come
 #: from typos or from hostile checkpoint hyper-parameters, not from real dictionaries.
 MAX_PARAMETERS = 2**40
-
-
-def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
-    """Return the torch dtype for a name such as ``"bfloat16"`` or ``"torch.float32"``.
-
-    Raises:
-        ConfigError: if the name is not a floating dtype a dictionary can hold.
-    """
-    if isinstance(name, torch.dtype):
-        if name not in _DTYPES.values():
-            raise ConfigError(
-                f"dtype {name} is not supported: dictionary weights are floating point; "
-                f"use one of {sorted(_DTYPES)}"
-            )
-        return name
-    if not isinstance(name, str):
-        raise ConfigTypeError(
-            f"dtype must be a string such as 'float32', got {describe(name)}; "
-            f"use one of {sorted(_DTYPES)}"
-        )
-    key = name.removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ConfigError(
-            f"unknown dtype {name!r}: dictionary weights are floating point; "
-            f"use one of {sorted(_DTYPES)}"
-        )
-    return _DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Return the short name (``"float32"``) of a torch dtype."""
-    return str(dtype).removeprefix("torch.")
 
 
 def check_scale(value: float, name: str) -> None:
@@ -144,7 +106,9 @@ class DictionaryConfig:
     ``super().__post_init__()``.
 
     Attributes:
-        d_in: Width of the input activations.
+        d_in: Width of the input activations. ``None`` (a recipe may leave it out) until a
+            training module fills it from its data module's site widths; a dictionary is
+            only built with it set.
         d_latent: Number of latents (dictionary atoms).
         d_out: Width of the output; ``None`` means ``d_in`` (an autoencoder). Set it for a
             transcoder that reads one site and predicts another.
@@ -164,7 +128,7 @@ class DictionaryConfig:
 
     architecture: ClassVar[str] = ""
 
-    d_in: int
+    d_in: int | None = None
     d_latent: int
     d_out: int | None = None
     dtype: str = "float32"
@@ -182,11 +146,12 @@ class DictionaryConfig:
         validate_fields(self)
         for name in ("d_in", "d_latent"):
             value = getattr(self, name)
-            if value <= 0:
+            if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.d_out is not None and self.d_out <= 0:
             raise ConfigError(f"d_out must be a positive integer or None, got {self.d_out!r}")
-        if self.d_out is not None and self.d_out != self.d_in and self.apply_b_dec_to_input:
+        unsized = self.d_in is None  # widths still to come from the data
+        if not unsized and self.d_out not in (None, self.d_in) and self.apply_b_dec_to_input:
             raise ConfigError(
                 f"apply_b_dec_to_input=True needs d_out == d_in, got d_in={self.d_in}, "
                 f"d_out={self.d_out}; set apply_b_dec_to_input=False for a transcoder"
@@ -202,7 +167,7 @@ class DictionaryConfig:
                 f"apply_b_dec_to_input=False for a transcoder with two scales"
             )
         self.dtype = dtype_name(dtype_from_name(self.dtype))
-        parameters = self.weight_count()
+        parameters = 0 if unsized else self.weight_count()
         if parameters > MAX_PARAMETERS:
             raise ConfigError(
                 f"d_in={self.d_in}, d_latent={self.d_latent}, d_out={self.d_out} give "
@@ -286,6 +251,11 @@ def check_fits_in_memory(config: DictionaryConfig, architecture: str = "dictiona
     Raises:
         ConfigError: the weights would need more bytes than the device has.
     """
+    if config.d_in is None:
+        raise ConfigError(
+            f"a {architecture} needs d_in, the width of its input activations; give it, or "
+            f"train through DictionaryModule on a data module, which fills it from the site"
+        )
     device = torch.get_default_device()
     if device.type == "meta":
         return

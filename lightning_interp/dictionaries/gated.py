@@ -27,7 +27,8 @@ class GatedConfig(DictionaryConfig):
         check_non_negative(self.l1_coefficient, "l1_coefficient")
 
 
-@register_dictionary("gated")
+# L1-penalised like the standard SAE: a looser FVU bound than the thresholded architectures'.
+@register_dictionary("gated", example_kwargs={"l1_coefficient": 2.0}, recovery_fvu=0.25)
 class GatedSAE(Dictionary):
     """Gated SAE: ``f = 1[pi_gate > 0] * relu(pi_mag)``.
 

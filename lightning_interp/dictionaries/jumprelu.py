@@ -81,7 +81,11 @@ class _Step(torch.autograd.Function):
         )
 
 
-@register_dictionary("jumprelu")
+@register_dictionary(
+    "jumprelu",
+    example_kwargs={"sparsity_coefficient": 0.1, "bandwidth": 0.05, "initial_threshold": 0.1},
+    recovery_fvu=0.15,
+)
 class JumpReLUSAE(Dictionary):
     """JumpReLU SAE: ``f_i = pre_i`` where ``pre_i > threshold_i``, else 0.
 

@@ -29,7 +29,8 @@ class StandardConfig(DictionaryConfig):
         check_non_negative(self.l1_coefficient, "l1_coefficient")
 
 
-@register_dictionary("standard")
+# L1 shrinks the codes, so its FVU bound is looser than the thresholded architectures'.
+@register_dictionary("standard", example_kwargs={"l1_coefficient": 0.5}, recovery_fvu=0.25)
 class StandardSAE(Dictionary):
     """ReLU SAE: ``f = relu((x - b_dec) W_enc + b_enc)``, ``x_hat = f W_dec + b_dec``."""
 

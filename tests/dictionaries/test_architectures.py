@@ -6,14 +6,13 @@ import torch
 from lightning_interp import (
     ConfigError,
     ShapeMismatchError,
-    UnknownArchitectureError,
     create_dictionary,
     list_architectures,
     load_dictionary,
 )
 from lightning_interp.dictionaries import BatchTopKSAE, JumpReLUSAE, Provenance
 from lightning_interp.dictionaries.init import geometric_median
-from tests.helpers import ARCHITECTURE_KWARGS, small_dictionary
+from tests.helpers import example_kwargs, small_dictionary
 
 
 @pytest.fixture(autouse=True)
@@ -28,15 +27,6 @@ def randomize(dictionary):
             if name != "log_threshold":
                 p.add_(0.1 * torch.randn_like(p))
     return dictionary
-
-
-def test_registry_lists_the_five_architectures():
-    assert set(list_architectures()) >= {"standard", "topk", "batchtopk", "jumprelu", "gated"}
-
-
-def test_unknown_architecture_names_the_known_ones():
-    with pytest.raises(UnknownArchitectureError, match="registered: .*topk.*Did you mean 'topk'"):
-        create_dictionary("topkk", d_in=4, d_latent=8, k=2)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +45,7 @@ def test_bad_config_gets_a_clear_error(kwargs, message):
         create_dictionary("topk", **kwargs)
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("architecture", list_architectures())
 def test_wrong_d_in_is_a_shape_error(architecture):
     dictionary = small_dictionary(architecture, d_in=16, d_latent=32)
     with pytest.raises(ShapeMismatchError, match="d_in=16.*got shape \\(3, 24\\)"):
@@ -225,7 +215,7 @@ def test_transcoder_reads_one_width_and_writes_another():
     assert losses["loss"].isfinite()
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("architecture", list_architectures())
 def test_bf16_activations_meet_fp32_weights(architecture):
     dictionary = small_dictionary(architecture, d_in=8, d_latent=32)
     x = torch.randn(16, 8, dtype=torch.bfloat16)
@@ -258,7 +248,7 @@ def scaled_dictionary(architecture, *, scale_in, scale_out=None, **overrides):
     provenance = Provenance(
         normalization="expected_norm", activation_scale=scale_in, activation_scale_out=scale_out
     )
-    kwargs = {**ARCHITECTURE_KWARGS.get(architecture, {}), **overrides}
+    kwargs = {**example_kwargs(architecture), **overrides}
     dictionary = create_dictionary(
         architecture, d_in=D_IN, d_latent=F, dtype="float64", provenance=provenance, **kwargs
     )

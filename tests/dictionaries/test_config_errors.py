@@ -21,14 +21,14 @@ from lightning_interp import (
 from lightning_interp.dictionaries import Provenance, get_dictionary_class
 from lightning_interp.errors import ConfigTypeError
 from lightning_interp.modules.dictionary_module import as_dictionary, dictionary_hparams
-from tests.helpers import ARCHITECTURE_KWARGS
+from tests.helpers import example_kwargs
 
 ARCHITECTURES = list_architectures()
 BASE = {"d_in": 4, "d_latent": 8}
 
 
 def valid_kwargs(architecture):
-    return {**BASE, **ARCHITECTURE_KWARGS.get(architecture, {})}
+    return {**BASE, **example_kwargs(architecture)}
 
 
 def fields_of_type(config_class, wanted):

@@ -1,17 +1,22 @@
 """The sparse TopK training path gives the dense path's losses, gradients and updates."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from lightning_interp import create_dictionary
+from lightning_interp.dictionaries import get_dictionary_class
 from lightning_interp.dictionaries.sparse_ops import SparsePattern, gather_encoder, sparse_decode
+from tests.helpers import small_dictionary, sparse_architectures
+
+K = 5  # active latents per row in the TopK-specific tests below
 
 
 def pair(architecture="topk", **kwargs):
+    """A randomised dictionary with the sparse training path, and a dense-path copy."""
     torch.manual_seed(0)
-    sparse = create_dictionary(architecture, **{"d_in": 16, "d_latent": 96, "k": 5, **kwargs})
+    sparse = small_dictionary(architecture, d_in=16, d_latent=96, **kwargs)
     with torch.no_grad():
         for p in sparse.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -40,10 +45,11 @@ def step(dictionary, x, target=None, dead_mask=None, steps=3):
     return history
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("architecture", sparse_architectures())
 @pytest.mark.parametrize("dead_fraction", [0.0, 0.3, 1.0])
 def test_sparse_path_equals_dense_path(architecture, dead_fraction):
-    sparse, dense = pair(architecture, aux_k=12)
+    fields = {f.name for f in dataclasses.fields(get_dictionary_class(architecture).config_class)}
+    sparse, dense = pair(architecture, **({"aux_k": 12} if "aux_k" in fields else {}))
     x = torch.randn(64, 16) + 0.5
     dead = torch.rand(96, generator=torch.Generator().manual_seed(1)) < dead_fraction
     for (s_losses, s_grads), (d_losses, d_grads) in zip(
@@ -55,15 +61,15 @@ def test_sparse_path_equals_dense_path(architecture, dead_fraction):
             torch.testing.assert_close(s_grads[name], d_grads[name], rtol=1e-4, atol=1e-6)
     for name, p in dense.named_parameters():
         torch.testing.assert_close(dict(sparse.named_parameters())[name], p, rtol=1e-4, atol=1e-6)
-    if dead_fraction > 0:
+    # State estimated in training (BatchTopK's threshold) agrees too.
+    for name, buffer in dense.named_buffers():
+        torch.testing.assert_close(dict(sparse.named_buffers())[name], buffer)
+    if dead_fraction > 0 and "auxk_loss" in s_losses:
         assert float(s_losses["auxk_loss"]) > 0
-    if architecture == "batchtopk":
-        torch.testing.assert_close(sparse.threshold, dense.threshold)
-        assert float(sparse.threshold) > 0
 
 
 def test_sparse_path_equals_dense_path_for_a_transcoder():
-    sparse, dense = pair(d_out=12, apply_b_dec_to_input=False)
+    sparse, dense = pair(k=K, d_out=12, apply_b_dec_to_input=False)
     x, y = torch.randn(48, 16), torch.randn(48, 12)
     for (s_losses, s_grads), (d_losses, d_grads) in zip(
         step(sparse, x, y), step(dense, x, y), strict=True
@@ -74,17 +80,17 @@ def test_sparse_path_equals_dense_path_for_a_transcoder():
 
 
 def test_sparse_output_reports_codes_without_materialising_them():
-    sparse, dense = pair()
+    sparse, dense = pair(k=K)
     x = torch.randn(32, 16)
     out, reference = sparse.forward_train(x), dense.forward_train(x)
-    assert out.indices.shape == (32, 5) and out._codes is None
+    assert out.indices.shape == (32, K) and out._codes is None
     torch.testing.assert_close(out.l0_per_row(), reference.l0_per_row())
     torch.testing.assert_close(out.fired_latents(), reference.fired_latents())
     torch.testing.assert_close(out.codes, reference.codes)
 
 
 def test_gradient_reaches_only_the_selected_latents():
-    sparse, _ = pair()
+    sparse, _ = pair(k=K)
     x = torch.randn(8, 16)
     out = sparse.forward_train(x)
     out.reconstruction.sum().backward()
@@ -96,7 +102,7 @@ def test_gradient_reaches_only_the_selected_latents():
 
 
 def test_input_gradient_when_the_input_requires_it():
-    sparse, dense = pair()
+    sparse, dense = pair(k=K)
     x1 = torch.randn(16, 16, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
     sparse.forward_train(x1).reconstruction.pow(2).sum().backward()
@@ -122,7 +128,7 @@ def test_sparse_kernels_against_dense_formulas():
 
 
 def test_bf16_autocast_runs_the_sparse_path():
-    sparse, dense = pair()
+    sparse, dense = pair(k=K)
     x = torch.randn(32, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = sparse.forward_train(x)
@@ -135,10 +141,12 @@ def test_bf16_autocast_runs_the_sparse_path():
 
 
 def test_batchtopk_sparse_rows_hold_different_counts():
-    sparse, dense = pair("batchtopk")
+    sparse, dense = pair("batchtopk", k=K)
     x = torch.randn(32, 16) * torch.linspace(0.2, 3.0, 32)[:, None]
     out, reference = sparse.forward_train(x), dense.forward_train(x)
-    assert out.indices is None and out.values.shape == (5 * 32,)
+    assert out.indices is None and out.values.shape == (K * 32,)
+    torch.testing.assert_close(sparse.threshold, dense.threshold)
+    assert float(sparse.threshold) > 0
     counts = out.l0_per_row()
     assert counts.min() != counts.max()
     torch.testing.assert_close(counts, reference.l0_per_row())

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from lightning_interp import ConfigError, ShapeMismatchError, create_dictionary
+from lightning_interp import ConfigError, ShapeMismatchError, create_dictionary, list_architectures
 from lightning_interp.dictionaries.init import geometric_median
 from lightning_interp.modules import DictionaryModule, split_batch
 from tests.helpers import loader, make_module, planted_data, quiet_trainer, small_dictionary
@@ -121,7 +121,7 @@ def test_trains_under_bf16_mixed_precision():
     assert torch.isfinite(torch.tensor(list(result.values()))).all()
 
 
-@pytest.mark.parametrize("architecture", ["standard", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("architecture", list_architectures())
 def test_every_architecture_survives_bf16_mixed(architecture):
     module = make_module(small_dictionary(architecture))
     trainer = quiet_trainer(max_steps=5, precision="bf16-mixed")
