@@ -2,10 +2,18 @@
 
 ``lightning-interp fit --config recipes/quickstart.yaml`` trains; ``validate``, ``test`` and
 ``--print_config`` work as in any LightningCLI. Configs are parsed in omegaconf mode, so
-``${model.init_args.dictionary.init_args.config.d_in}``-style interpolation resolves. The
-model and the data are chosen by ``class_path`` (subclass mode): a
+``${model.init_args.dictionary.init_args.config.d_latent}``-style interpolation resolves.
+The model and the data are chosen by ``class_path`` (subclass mode): a
 :class:`~lightning_interp.modules.DictionaryModule`, a
 :class:`~lightning_interp.modules.MultiDictionaryModule`, or any LightningModule.
+
+A dictionary's ``d_in`` (and a transcoder's ``d_out``) may be left out of a config: the
+module fills them at setup from the data module's site widths
+(:class:`~lightning_interp.data.source.ActivationSource`), with its provenance. This is not
+done with ``link_arguments``: a link's target can no longer be set on the command line
+(``--...config.d_in=16``) nor restored from a checkpoint's hyper-parameters, the widths are
+known only once the data module has loaded its backbone, and a multi-dictionary run needs
+one width per dictionary.
 
 Commands that are not training runs (zoo publishing, conversion, ...) are plain functions
 registered in :data:`EXTRA_COMMANDS`; :func:`main` dispatches to them before LightningCLI
@@ -37,7 +45,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_interp.callbacks.progress import LogProgress
-from lightning_interp.errors import CheckpointError, ConfigError, LightningInterpError
+from lightning_interp.errors import (
+    CheckpointError,
+    ConfigError,
+    LightningInterpDeprecationWarning,
+    LightningInterpError,
+)
 
 PROG = "lightning-interp"
 
@@ -110,14 +123,18 @@ class _DropTips(logging.Filter):
 def quiet_third_party_output() -> None:
     """No tips, no deprecation warnings and no redrawn download bars in the CLI's output.
 
-    Deprecations are for the library's developers (the test suite shows them); a user's log
-    should show the run. Warnings asked for with ``-W`` or ``PYTHONWARNINGS`` are left alone.
+    Third-party deprecations are for the library's developers (the test suite shows them); a
+    user's log should show the run, and this library's own deprecations (a renamed class in
+    a recipe, a setting that no longer does anything), which the user can act on. Warnings
+    asked for with ``-W`` or ``PYTHONWARNINGS`` are left alone.
     """
     if not sys.warnoptions:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         for pattern in _NOISE:
             warnings.filterwarnings("ignore", message=pattern)
+        # Inserted last, so matched first.
+        warnings.filterwarnings("default", category=LightningInterpDeprecationWarning)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):
@@ -169,7 +186,14 @@ class InterpCLI(LightningCLI):
             check_checkpoint_file(path)
 
     def before_instantiate_classes(self) -> None:
-        """Route the top-level optimizer and scheduler into the module."""
+        """Let dictionaries wait for their widths; route the optimizer into the module.
+
+        A dictionary whose config leaves ``d_in`` open is handed to the module unbuilt; the
+        module builds it at setup from its data module's site widths.
+        """
+        from lightning_interp.modules.dictionary_spec import defer_unsized_dictionaries
+
+        defer_unsized_dictionaries(self.parser)
         config = self.config.get(str(self.subcommand), self.config)
         model = config.get("model")
         class_path = model.get("class_path") if model is not None else None

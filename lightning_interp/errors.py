@@ -101,3 +101,11 @@ class OutputExistsError(LightningInterpError, FileExistsError):
 
 class ConfigTypeError(ConfigError, TypeError):
     """A configuration value has the wrong type (e.g. the string ``"false"`` for a bool)."""
+
+
+class LightningInterpDeprecationWarning(DeprecationWarning):
+    """A name or setting of lightning-interp that still works but will be removed next release.
+
+    A subclass of ``DeprecationWarning``, so the ``lightning-interp`` command can show these
+    to its users while it silences third-party deprecations.
+    """

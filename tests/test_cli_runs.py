@@ -164,7 +164,7 @@ def test_killed_ddp_run_resumes_every_rank_exactly(tiny_world, ddp_run, tmp_path
     run = tmp_path / "double" / "run"
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     # Both ranks' stream positions are in the checkpoint rank 0 wrote.
-    assert len(last["LanguageModelActivations"]["train_stream"]["ranks"]) == 2
+    assert len(last["LanguageModelDataModule"]["train_stream"]["ranks"]) == 2
     resumed = lightning_interp(*ddp_args(recipe), "--ckpt_path", "last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, actual = weights(ddp_run), weights(run)

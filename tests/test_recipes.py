@@ -2,7 +2,8 @@
 
 The recipe's YAML is kept as written (architecture, optimizer, schedules, callbacks,
 precision, sites) except for what a tiny random model and a small text file force:
-widths, layer numbers, token budgets and paths.
+dictionary sizes, layer numbers, token budgets and paths. No recipe types a width (``d_in``,
+``d_out``): the module takes them from the tiny model's sites at setup.
 """
 
 from __future__ import annotations
@@ -66,9 +67,6 @@ def tiny_world(tmp_path_factory):
 
 
 def _shrink_dictionary_config(config: dict) -> None:
-    config["d_in"] = TINY_WIDTH
-    if "d_out" in config:
-        config["d_out"] = TINY_WIDTH
     config["d_latent"] = 128
     if "k" in config:
         config["k"] = min(config["k"], 8)
@@ -98,10 +96,8 @@ def tiny_recipe(name: str, tiny_world, run_dir: Path) -> dict:
         max_epochs=1,
     )
     trainer.pop("val_check_interval", None)
-    model_args = recipe["model"]["init_args"]
-    dictionaries = model_args.get("dictionaries") or {"": model_args["dictionary"]}
-    for dictionary in dictionaries.values():
-        _shrink_dictionary_config(dictionary["init_args"]["config"])
+    for config in dictionary_configs(recipe):
+        _shrink_dictionary_config(config)
     data = recipe["data"]["init_args"]
     family = FAMILY_OF_MODEL[data["model"]]
     data["model"] = str(folders[family])
@@ -172,11 +168,28 @@ def test_recipe_trains_and_exports(name, tiny_world, tmp_path):
             assert metrics["ce_loss_recovered"] is None
 
 
+def dictionary_configs(recipe: dict) -> list[dict]:
+    model_args = recipe["model"]["init_args"]
+    dictionaries = model_args.get("dictionaries") or {"": model_args["dictionary"]}
+    return [spec["init_args"]["config"] for spec in dictionaries.values()]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_no_recipe_types_a_width(name):
+    # Widths come from the data module's sites at setup (ActivationSource.site_widths).
+    recipe = yaml.safe_load(Path("recipes", name).read_text())
+    for config in dictionary_configs(recipe):
+        assert "d_in" not in config and "d_out" not in config, config
+
+
 def test_transcoder_recipe_records_both_sites(tiny_world, tmp_path):
     recipe = tiny_recipe("pythia70m_mlp_transcoder.yaml", tiny_world, tmp_path / "run")
     run_recipe(recipe, tmp_path / "recipe.yaml")
-    provenance = load_dictionary(tmp_path / "run" / "dictionary").config.provenance
+    dictionary = load_dictionary(tmp_path / "run" / "dictionary")
+    provenance = dictionary.config.provenance
     assert (provenance.site, provenance.site_out) == ("layers.3.mlp_in", "layers.3.mlp_out")
+    # Both widths came from the tiny GPT-NeoX's MLP: 32 in, 32 out.
+    assert (dictionary.config.d_in, dictionary.config.d_out) == (TINY_WIDTH, TINY_WIDTH)
 
 
 def test_multi_dictionary_recipe_trains_each_on_its_own_site(tiny_world, tmp_path):

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_interp._dtypes import dtype_from_name
 from lightning_interp.backbones.devices import follow_module, to_device
 from lightning_interp.backbones.hooks import StopForward, add_reader, add_writer
 from lightning_interp.backbones.offline import canonical_model_id, resolve_offline_model
 from lightning_interp.backbones.sites import Site, SiteMap, get_module
-from lightning_interp.dictionaries.config import dtype_from_name
 from lightning_interp.errors import ConfigError, TokenIdError
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
@@ -371,6 +371,22 @@ class Backbone:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype_from_name(dtype))
+
+
+def load_backbone(model: str, gguf_file: str | None = None, **kwargs: Any) -> Backbone:
+    """A Backbone from a Hub id, a local folder, or ``offline:smollm2`` / ``offline:minilm``.
+
+    :meth:`Backbone.from_pretrained` (which resolves the ``offline:`` aliases) with the data
+    modules' ``gguf_file`` argument.
+
+    Args:
+        model: Hub id, local folder or ``offline:`` alias.
+        gguf_file: GGUF file name inside ``model`` (a folder of GGUF weights).
+        **kwargs: Passed to :meth:`Backbone.from_pretrained` (``dtype``, ``device``...).
+    """
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    return Backbone.from_pretrained(model, **kwargs)
 
 
 def _token_embedding(model: nn.Module) -> nn.Embedding | None:

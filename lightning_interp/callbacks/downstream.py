@@ -16,7 +16,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_interp.callbacks.export import ExportDictionary, dictionary_sites
+from lightning_interp.callbacks.export import ExportDictionary
+from lightning_interp.data.batches import sites_read
+from lightning_interp.data.source import ActivationSource, activation_source
 from lightning_interp.dictionaries import Dictionary
 from lightning_interp.metrics.downstream import (
     CrossEntropyLossRecovered,
@@ -30,12 +32,12 @@ from lightning_interp.metrics.downstream import (
 class DownstreamMetrics(L.Callback):
     """After each validation, splice each dictionary into the backbone and log CE metrics.
 
-    Needs a datamodule with ``backbone``, ``site`` and ``downstream_inputs()`` (such as
-    :class:`~lightning_interp.data.lm_datamodule.LanguageModelActivations`) whose backbone
-    has an LM head; otherwise it logs nothing and says why once (encoders such as BERT
-    or MiniLM get the reconstruction metrics only). A transcoder (``site_out`` in its
-    provenance, or a data module yielding ``(inputs, targets)`` pairs) reads its site and
-    replaces ``site_out``.
+    Needs a data module that is an :class:`~lightning_interp.data.source.ActivationSource`
+    with a backbone that has an LM head and ``downstream_inputs()`` to splice over (such as
+    :class:`~lightning_interp.data.LanguageModelDataModule`); otherwise it logs nothing and
+    says why once (encoders such as BERT or MiniLM get the reconstruction metrics only). A
+    transcoder (``site_out`` in its provenance, or data serving a pair of sites) reads its
+    site and replaces ``site_out``.
     """
 
     def __init__(self) -> None:
@@ -52,15 +54,16 @@ class DownstreamMetrics(L.Callback):
         """Log ``ce_loss_recovered``, ``delta_lm_loss`` and ``kl_divergence`` per dictionary."""
         if trainer.sanity_checking:
             return
-        data = trainer.datamodule
-        backbone = getattr(data, "backbone", None)
-        if backbone is None or not hasattr(data, "downstream_inputs") or not has_lm_head(backbone):
+        data = activation_source(trainer.datamodule)
+        backbone = data.backbone if data is not None else None
+        if backbone is None or not has_lm_head(backbone):
             self._skip(pl_module, "no causal-LM backbone in the data (reconstruction only)")
             return
         targets: dict[str | None, SpliceTarget] = {}
         for name, learner in pl_module.named_learners():
             dictionary = learner.dictionary
-            site, site_out = dictionary_sites(dictionary, data)
+            provenance = dictionary.config.provenance
+            site, site_out = sites_read(provenance.site, provenance.site_out, data.sites)
             if site_out is None and dictionary.d_out != dictionary.d_in:
                 self._skip(pl_module, f"{name or 'dictionary'} maps to another site: set site_out")
                 continue
@@ -80,7 +83,7 @@ class DownstreamMetrics(L.Callback):
             pl_module.log(f"{prefix}/delta_lm_loss", float(values["delta_lm_loss"]))
             pl_module.log(f"{prefix}/kl_divergence", float(target.kl_metric.compute()))
 
-    def _inputs(self, data: Any) -> list[dict[str, Any]]:
+    def _inputs(self, data: ActivationSource) -> list[dict[str, Any]]:
         # The held-out contexts do not change during a run: tokenize them once.
         if self._cached_for is not data:
             self._cached_inputs, self._cached_for = data.downstream_inputs(), data

@@ -4,7 +4,8 @@
 ``max_epochs`` or ``max_steps``): a validation pass if the last one is stale, then each
 dictionary's weights and a ``metrics.json``, into the trainer's ``default_root_dir`` as the
 run resolves it (so ``--trainer.default_root_dir=X`` moves the export), never over another
-run's export.
+run's export. It saves each dictionary as the training module holds it: the module took its
+provenance from the data module at setup, and the activation scale when training started.
 """
 
 from __future__ import annotations
@@ -17,29 +18,11 @@ from typing import Any
 
 import lightning as L
 
-from lightning_interp._io import check_folder_name, safe_join
-from lightning_interp.dictionaries import Dictionary
-from lightning_interp.dictionaries.serialization import atomic_write
+from lightning_interp._io import atomic_write, check_folder_name, safe_join
 from lightning_interp.errors import NonFiniteError, OutputExistsError
 from lightning_interp.modules.guards import nonfinite_parameters
 
 METRICS_FILE = "metrics.json"
-
-
-def dictionary_sites(dictionary: Dictionary, data: Any) -> tuple[str | None, str | None]:
-    """``(site, site_out)`` of a dictionary: its provenance, else the data module's sites.
-
-    A data module yielding ``(inputs, targets)`` pairs (two sites, ``batch_format:
-    auto``) trains a transcoder from its first site to its second.
-    """
-    provenance = dictionary.config.provenance
-    site, site_out = provenance.site, provenance.site_out
-    backbone = getattr(data, "backbone", None)
-    if site is None and backbone is not None:
-        sites = backbone.resolve_sites(data.hparams.get("sites") or data.site)
-        pairs = len(sites) == 2 and data.hparams.get("batch_format", "auto") == "auto"
-        site, site_out = (sites[0], sites[1]) if pairs else (data.site, None)
-    return site, site_out
 
 
 def run_final_validation(trainer: L.Trainer) -> bool:
@@ -75,9 +58,9 @@ class ExportDictionary(L.Callback):
     """At the end of fit, save each dictionary and its final validation metrics.
 
     Writes ``<dirpath>/dictionary/`` (``config.json`` + ``model.safetensors``, loadable with
-    :func:`lightning_interp.load_dictionary`; provenance filled from the data module, and an
-    activation scale the training data applied folded into the weights, so the saved
-    dictionary takes raw activations) and ``<dirpath>/metrics.json``:
+    :func:`lightning_interp.load_dictionary`; with the provenance the training module took
+    from the data module, and an activation scale the training data applied folded into the
+    weights, so the saved dictionary takes raw activations) and ``<dirpath>/metrics.json``:
 
     - ``fvu``, ``l0``: the final validation pass;
     - ``dead_fraction``: latents that did not fire in the last ``dead_window_tokens``
@@ -190,34 +173,14 @@ class ExportDictionary(L.Callback):
             )
         if not trainer.is_global_zero:
             return
-        data = getattr(trainer, "datamodule", None)
         for name, learner in learners.items():
             folder = folders[name]
-            self._fill_provenance(learner.dictionary, data)
             summary = self._summary(trainer, pl_module, name, learner)
             learner.dictionary.save_pretrained(folder / "dictionary")
             text = json.dumps(summary, indent=2) + "\n"
             atomic_write(folder / METRICS_FILE, lambda p, text=text: p.write_text(text))
             print(f"dictionary: {folder / 'dictionary'}")
             print(f"metrics: {folder / METRICS_FILE} {json.dumps(summary)}")
-
-    @staticmethod
-    def _fill_provenance(dictionary: Dictionary, data: Any) -> None:
-        if getattr(data, "backbone", None) is None:
-            return
-        hparams: Any = getattr(data, "hparams", {})
-        # A data module's own provenance names the Hub ids behind offline: aliases (so the
-        # card's base_model links); hparams are the fallback for other data modules.
-        recorded = getattr(data, "provenance", None)
-        source: dict[str, Any] = dict(recorded) if isinstance(recorded, dict) else {}
-        provenance = dictionary.config.provenance
-        provenance.backbone = provenance.backbone or source.get("backbone", hparams.get("model"))
-        provenance.site, provenance.site_out = dictionary_sites(dictionary, data)
-        provenance.dataset = provenance.dataset or source.get("dataset", hparams.get("text"))
-        provenance.context_size = provenance.context_size or source.get(
-            "context_size", hparams.get("context_size")
-        )
-        provenance.extra = {**source.get("extra", {}), **provenance.extra}
 
     def _summary(
         self, trainer: L.Trainer, pl_module: L.LightningModule, name: str | None, learner: Any

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lightning_interp._dtypes import dtype_from_name, dtype_name
+from lightning_interp._io import atomic_write, sync_folder
 from lightning_interp.data.cache_format import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -32,8 +34,6 @@ from lightning_interp.data.cache_format import (
     check_scales,
 )
 from lightning_interp.data.lock import FolderLock
-from lightning_interp.dictionaries.atomic import atomic_write, sync_folder
-from lightning_interp.dictionaries.config import dtype_from_name, dtype_name
 from lightning_interp.errors import ConfigError, EmptyCacheError, ShapeMismatchError
 
 

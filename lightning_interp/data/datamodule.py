@@ -1,17 +1,13 @@
 """Serving activations to a Trainer: shuffled, resumable batches from a cache, or a live stream.
 
-:class:`CachedActivations` turns an :class:`~lightning_interp.data.cache.ActivationCache` into
-an ``IterableDataset`` of whole batches whose order depends only on ``(seed, epoch)``, and
-which can resume mid-epoch. :class:`ActivationDataModule` serves it (or any live
-``IterableDataset``) to a Trainer and stores the stream position in checkpoints.
+:class:`ActivationDataModule` serves an activation cache through
+:class:`~lightning_interp.data.cache.CachedActivations` (or any live ``IterableDataset``) to
+a Trainer and stores the stream position in checkpoints.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -19,197 +15,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_interp.data import sharding
+from lightning_interp.backbones import Backbone
 from lightning_interp.data.cache import ActivationCache
+from lightning_interp.data.cache import CachedActivations as _CachedActivations  # see below
+from lightning_interp.data.renamed import moved_names
 from lightning_interp.errors import ConfigError
 
-Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
-
-
-def _generator(*values: int | str) -> torch.Generator:
-    # A stable seed, so a resumed run (another process) reshuffles alike.
-    return torch.Generator().manual_seed(sharding.stable_seed(*values))
-
-
-class CachedActivations(IterableDataset):
-    """Batches of cached activations in a shuffled order fixed by ``(seed, epoch)``.
-
-    Each epoch permutes the shards, takes them ``shuffle_shards`` at a time, and permutes the
-    rows of each such group, so a batch mixes rows of several shards while memory holds only
-    a group or two. The epoch is one stream of batches; data-loader workers and DDP ranks each
-    take every n-th batch of it (rank ``r`` of ``R`` takes batches ``r, r+R, …`` whatever its
-    number of workers), and the stream is cut to a multiple of ``R`` batches so every rank
-    steps equally. Use with ``DataLoader(dataset, batch_size=None)``.
-
-    Every pass over the dataset draws the next epoch; ``set_epoch`` and ``load_state_dict``
-    choose the next pass. With ``num_workers > 0`` workers iterate copies, so call
-    ``set_epoch`` before each pass, or serve it through :class:`ActivationDataModule`, which
-    does this and records the position in checkpoints.
-
-    Args:
-        cache: An :class:`ActivationCache` or its folder.
-        batch_size: Rows per batch.
-        sites: Sites to serve (default: all, in manifest order). One site yields tensors
-            ``[batch, d]``; two yield ``(inputs, targets)`` in the order given; more yield
-            dicts keyed by site.
-        shuffle: Shuffle shards and rows (otherwise serve rows in cache order).
-        seed: Base seed of the shuffle.
-        drop_last: Drop the last, smaller batch of an epoch.
-        apply_normalization: Multiply each site's rows by the scale recorded in the manifest.
-        shuffle_shards: Shards whose rows are mixed together.
-        start: First cache row served (for splits).
-        stop: One past the last cache row served (default: the end).
-    """
-
-    def __init__(
-        self,
-        cache: ActivationCache | str | os.PathLike[str],
-        *,
-        batch_size: int,
-        sites: Sequence[str] | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = True,
-        apply_normalization: bool = False,
-        shuffle_shards: int = 2,
-        start: int = 0,
-        stop: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
-        self.sites = list(sites) if sites is not None else self.cache.sites
-        unknown = [site for site in self.sites if site not in self.cache.widths]
-        if unknown or not self.sites:
-            raise ConfigError(f"unknown sites {unknown}; this cache has {self.cache.sites}")
-        stop = self.cache.total_tokens if stop is None else stop
-        if not 0 <= start <= stop <= self.cache.total_tokens:
-            raise ConfigError(
-                f"rows {start}:{stop} are outside the cache's {self.cache.total_tokens}"
-            )
-        if batch_size <= 0 or shuffle_shards <= 0:
-            raise ConfigError("batch_size and shuffle_shards must be positive")
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.drop_last, self.shuffle_shards = drop_last, shuffle_shards
-        self.scales = self.cache.normalization if apply_normalization else {}
-        self.rows = stop - start
-        # (shard, first row, end row) of every shard's part inside [start, stop).
-        offsets = self.cache.offsets
-        self.segments = [
-            (i, max(start, offsets[i]) - offsets[i], min(stop, offsets[i + 1]) - offsets[i])
-            for i in range(self.cache.num_shards)
-            if offsets[i + 1] > start and offsets[i] < stop
-        ]
-        self.epoch = 0
-        self._start = 0
-        self._position: tuple[int, int] | None = None
-
-    def _num_batches(self, world: int) -> int:
-        count = self.rows // self.batch_size
-        if not self.drop_last:
-            count = math.ceil(self.rows / self.batch_size)
-        # Under DDP a rank with one more batch than the others would hang in all-reduce.
-        return count - count % world
-
-    def __len__(self) -> int:
-        """Batches per epoch served by this process (this DDP rank, all its workers)."""
-        world = sharding.world()[1]
-        return self._num_batches(world) // world
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass draw ``epoch`` from its first batch."""
-        self.load_state_dict({"epoch": epoch, "batches_yielded": 0})
-
-    def state_dict(self) -> dict[str, int]:
-        """Where the stream stands: ``{"epoch", "batches_yielded"}``.
-
-        ``batches_yielded`` counts batches of the whole epoch stream (all ranks) handed out by
-        the pass in this process; a finished epoch reads as the next one at 0.
-        """
-        epoch, done = self._position if self._position is not None else (self.epoch, self._start)
-        if done >= self._num_batches(sharding.world()[1]):
-            epoch, done = epoch + 1, 0
-        return {"epoch": epoch, "batches_yielded": done}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Make the next pass continue from ``state`` (as returned by :meth:`state_dict`)."""
-        epoch, done = state.get("epoch"), state.get("batches_yielded")
-        if not isinstance(epoch, int) or not isinstance(done, int) or epoch < 0 or done < 0:
-            raise ConfigError(f"expected {{'epoch': int, 'batches_yielded': int}}, got {state}")
-        self.epoch, self._start, self._position = epoch, done, None
-
-    def _groups(self, epoch: int) -> list[list[tuple[int, int, int]]]:
-        order = list(range(len(self.segments)))
-        if self.shuffle:
-            order = torch.randperm(len(order), generator=_generator(self.seed, epoch)).tolist()
-        segments = [self.segments[i] for i in order]
-        return [
-            segments[i : i + self.shuffle_shards]
-            for i in range(0, len(segments), self.shuffle_shards)
-        ]
-
-    def _load_group(
-        self, epoch: int, index: int, segments: list[tuple[int, int, int]]
-    ) -> dict[str, Tensor]:
-        rows = {
-            site: torch.cat([self.cache.read_shard(i, site, lo, hi) for i, lo, hi in segments])
-            for site in self.sites
-        }
-        if self.shuffle:
-            count = next(iter(rows.values())).shape[0]
-            # One permutation for every site keeps a transcoder's input and output rows aligned.
-            perm = torch.randperm(count, generator=_generator(self.seed, epoch, "rows", index))
-            rows = {site: tensor[perm] for site, tensor in rows.items()}
-        return rows
-
-    def _format(self, rows: dict[str, Tensor]) -> Batch:
-        for site, scale in self.scales.items():
-            if site in rows:
-                # Scale in at least fp32, then round once to the stored dtype.
-                wide = torch.promote_types(rows[site].dtype, torch.float32)
-                rows[site] = (rows[site].to(wide) * scale).to(rows[site].dtype)
-        if len(self.sites) == 1:
-            return rows[self.sites[0]]
-        if len(self.sites) == 2:
-            return rows[self.sites[0]], rows[self.sites[1]]
-        return rows
-
-    def __iter__(self) -> Iterator[Batch]:
-        rank, world = sharding.world()
-        worker = torch.utils.data.get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        total = self._num_batches(world)
-        epoch, start = self.epoch, self._start
-        if start >= total:
-            epoch, start = epoch + 1, 0
-        self.epoch, self._start, self._position = epoch + 1, 0, (epoch, start)
-        groups = self._groups(epoch)
-        bounds = [0]
-        for segments in groups:
-            bounds.append(bounds[-1] + sum(hi - lo for _, lo, hi in segments))
-        loaded: dict[int, dict[str, Tensor]] = {}
-        # Worker w of rank r takes the rank's w-th, (w+W)-th, ... batch, so the DataLoader's
-        # round-robin over workers hands the rank its batches in stream order.
-        first = start + worker_id * world + rank
-        for count, index in enumerate(range(first, total, world * workers), start=1):
-            lo, hi = index * self.batch_size, min((index + 1) * self.batch_size, self.rows)
-            group = bisect.bisect_right(bounds, lo) - 1
-            pieces: dict[str, list[Tensor]] = {site: [] for site in self.sites}
-            while group < len(groups) and bounds[group] < hi:
-                if group not in loaded:
-                    loaded[group] = self._load_group(epoch, group, groups[group])
-                begin, end = max(lo, bounds[group]), min(hi, bounds[group + 1])
-                for site in self.sites:
-                    pieces[site].append(
-                        loaded[group][site][begin - bounds[group] : end - bounds[group]]
-                    )
-                group += 1
-            # Batches only move forward: drop groups this one has passed.
-            for old in [g for g in loaded if g < group - 1]:
-                del loaded[old]
-            batch = {site: torch.cat(parts) for site, parts in pieces.items()}
-            # Counted before the yield: a consumer that stops here has received this batch.
-            self._position = (epoch, min(start + count * world, total))
-            yield self._format(batch)
+# CachedActivations lived here before it moved beside the cache (importable for one release).
+__getattr__ = moved_names(
+    __name__, {"CachedActivations": "lightning_interp.data.cache:CachedActivations"}
+)
 
 
 class _PassLoader(DataLoader):
@@ -236,11 +51,18 @@ def _is_stream(dataset: Any) -> bool:
 class ActivationDataModule(L.LightningDataModule):
     """Serves activations from a cache folder, or from live datasets, to a Trainer.
 
-    With ``cache_dir``, training reads the cache shuffled (:class:`CachedActivations`) and
-    the last ``val_tokens`` rows are held out for validation, read in order. With
-    ``train_dataset`` (and optionally ``val_dataset``), any ``IterableDataset`` yielding whole
-    batches is served as is. Checkpoints store the training stream's position, so resuming
-    mid-epoch continues with exactly the batches an uninterrupted run would have seen.
+    With ``cache_dir``, training reads the cache shuffled
+    (:class:`~lightning_interp.data.cache.CachedActivations`) and the last ``val_tokens``
+    rows are held out for validation, read in order. With ``train_dataset`` (and optionally
+    ``val_dataset``), any ``IterableDataset`` yielding whole batches is served as is.
+    Checkpoints store the training stream's position, so resuming mid-epoch continues with
+    exactly the batches an uninterrupted run would have seen.
+
+    It is an :class:`~lightning_interp.data.source.ActivationSource` without a backbone: a
+    cache's sites, widths and scales come from its manifest, and its provenance from the
+    manifest metadata's ``"provenance"`` entry, if the writer recorded one. A live dataset
+    gives its ``sites`` and ``scales`` if it announces them (as
+    :class:`~lightning_interp.data.ActivationStream` does), and no widths.
 
     Args:
         cache_dir: Folder written by :class:`~lightning_interp.data.ActivationCacheWriter`.
@@ -281,13 +103,16 @@ class ActivationDataModule(L.LightningDataModule):
             raise ConfigError("val_tokens and num_workers must be >= 0")
         # Datasets may not be serialisable: checkpoints keep only the plain arguments.
         self.save_hyperparameters(ignore=["train_dataset", "val_dataset"])
-        self.cache_dir, self.batch_size, self.sites = cache_dir, batch_size, sites
+        self.cache_dir, self.batch_size, self._sites = cache_dir, batch_size, sites
         self.val_tokens, self.shuffle, self.seed = val_tokens, shuffle, seed
         self.shuffle_shards, self.apply_normalization = shuffle_shards, apply_normalization
         self.num_workers = num_workers
         self._train_source, self._val_source = train_dataset, val_dataset
         self.train_data: IterableDataset | None = None
         self.val_data: IterableDataset | None = None
+        self._cache: ActivationCache | None = None
+        # A cache holds activations, not the model that computed them.
+        self.backbone: Backbone | None = None
         self._pending_state: dict[str, Any] | None = None
         self._pass: dict[str, int] | None = None
 
@@ -296,7 +121,7 @@ class ActivationDataModule(L.LightningDataModule):
         if self.train_data is not None:
             return
         if self.cache_dir is not None:
-            cache = ActivationCache(self.cache_dir)
+            cache = self._cache = ActivationCache(self.cache_dir)
             if self.val_tokens >= cache.total_tokens:
                 raise ConfigError(
                     f"val_tokens={self.val_tokens} leaves no training rows in {self.cache_dir} "
@@ -305,10 +130,10 @@ class ActivationDataModule(L.LightningDataModule):
             split = cache.total_tokens - self.val_tokens
             common = dict(
                 batch_size=self.batch_size,
-                sites=self.sites,
+                sites=self._sites,
                 apply_normalization=self.apply_normalization,
             )
-            self.train_data = CachedActivations(
+            self.train_data = _CachedActivations(
                 cache,
                 **common,
                 shuffle=self.shuffle,
@@ -317,7 +142,7 @@ class ActivationDataModule(L.LightningDataModule):
                 stop=split,
             )
             if self.val_tokens:
-                self.val_data = CachedActivations(
+                self.val_data = _CachedActivations(
                     cache, **common, shuffle=False, drop_last=False, start=split
                 )
         else:
@@ -326,6 +151,40 @@ class ActivationDataModule(L.LightningDataModule):
         if self._pending_state is not None and hasattr(self.train_data, "load_state_dict"):
             self.train_data.load_state_dict(self._pending_state)
 
+    # ------------------------------------------------------------------ ActivationSource
+    @property
+    def sites(self) -> list[str]:
+        """The sites served, in batch order (opens the cache if needed)."""
+        self.setup()
+        return [str(site) for site in getattr(self.train_data, "sites", None) or []]
+
+    @property
+    def site_widths(self) -> dict[str, int]:
+        """Each served site's width, from the cache manifest (none for a live dataset)."""
+        self.setup()
+        if self._cache is None:
+            return {}
+        return {site: self._cache.widths[site] for site in self.sites}
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The ``"provenance"`` entry of the cache manifest's metadata (empty if none)."""
+        self.setup()
+        recorded = self._cache.metadata.get("provenance") if self._cache is not None else None
+        return dict(recorded) if isinstance(recorded, Mapping) else {}
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """Site -> factor batches are multiplied by (``apply_normalization``; else empty)."""
+        self.setup()
+        scales, sites = getattr(self.train_data, "scales", None) or {}, self.sites
+        return {str(site): float(scale) for site, scale in scales.items() if site in sites}
+
+    def downstream_inputs(self) -> list[dict[str, Tensor]]:
+        """None: a cache holds no token contexts to splice into a backbone."""
+        return []
+
+    # ------------------------------------------------------------------ loaders
     def _begin_train_pass(self) -> None:
         dataset = self.train_data
         if not _is_stream(dataset):

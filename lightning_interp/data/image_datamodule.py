@@ -14,8 +14,14 @@ from torch.utils.data import DataLoader
 
 from lightning_interp.backbones import Backbone
 from lightning_interp.data.images import ImageActivations, TokenChoice
-from lightning_interp.data.source import root_device, source_provenance
+from lightning_interp.data.renamed import moved_names
+from lightning_interp.data.source import BackboneSites, root_device, source_provenance
 from lightning_interp.errors import ConfigError
+
+# VisionModelActivations was this data module's name before it was renamed (one release).
+__getattr__ = moved_names(
+    __name__, {"VisionModelActivations": "lightning_interp.data:VisionModelDataModule"}
+)
 
 # CLIP's published normalisation (OpenAI), used when the model folder has no
 # preprocessor_config.json to read it from.
@@ -84,12 +90,13 @@ def preprocess(
     return (images - mean_t) / std_t
 
 
-class VisionModelActivations(L.LightningDataModule):
+class VisionModelDataModule(BackboneSites, L.LightningDataModule):
     """Activations of a frozen vision tower (CLIP ViT and kin) over images.
 
     The last ``val_fraction`` of the images is held out for validation. Attached to a
     Trainer, ``setup`` puts the backbone on ``trainer.strategy.root_device``, so the vision
-    forward (under ``autocast_dtype`` when set) and the shuffling buffer run there.
+    forward (under ``autocast_dtype`` when set) and the shuffling buffer run there. Batches
+    are ``{site: rows}``; an :class:`~lightning_interp.data.source.ActivationSource`.
 
     Args:
         model: Hub id or local folder of a CLIP (or CLIP vision) model.
@@ -130,9 +137,19 @@ class VisionModelActivations(L.LightningDataModule):
         self.val_set: ImageActivations | None = None
 
     @property
-    def site(self) -> str:
-        """The site, canonical."""
-        return self.backbone.resolve_sites(self.hparams.site)[0]
+    def sites(self) -> list[str]:
+        """The one site served, canonical (sets the data module up if needed)."""
+        self.setup()
+        return self.backbone.resolve_sites(self.hparams.site)
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """No scaling: batches are raw activations."""
+        return {}
+
+    def downstream_inputs(self) -> list[dict[str, torch.Tensor]]:
+        """None: spliced language-model metrics do not apply to a vision tower."""
+        return []
 
     def _normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         config_file = Path(self.hparams.model) / "preprocessor_config.json"

@@ -37,8 +37,10 @@ class ImageActivations(IterableDataset):
 
     Each epoch visits the images in an order fixed by ``(seed, epoch)``, captures
     ``images_per_capture`` at a time (the forward stops after the site), keeps the chosen
-    tokens, and mixes them in a :class:`ShufflingBuffer` before yielding ``[batch_size,
-    d]`` batches. DDP ranks and data-loader workers take every n-th capture group.
+    tokens, and mixes them in a :class:`ShufflingBuffer` before yielding batches ``{site:
+    [batch_size, d]}`` (keyed by the canonical site, as every activation source's; see
+    :mod:`~lightning_interp.data.batches`). DDP ranks and data-loader workers take every
+    n-th capture group.
 
     Args:
         backbone: A :class:`~lightning_interp.backbones.Backbone` with a vision tower.
@@ -103,16 +105,26 @@ class ImageActivations(IterableDataset):
         acts = self.backbone.capture(inputs, self.site, autocast_dtype=self.autocast_dtype)
         return select_tokens(acts[self.site], self.tokens)
 
-    def __iter__(self) -> Iterator[Tensor]:
+    @property
+    def sites(self) -> list[str]:
+        """The one site served, canonical (the key of every batch)."""
+        return [self.site]
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """Site -> factor rows are multiplied by: none, image rows are raw activations."""
+        return {}
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
         epoch = self.epoch
         self.epoch += 1
         buffer = ShufflingBuffer(self.buffer_tokens, seed=self.seed * 7919 + epoch)
         for group in self._groups(epoch):
             buffer.add(self._capture(group))
             while not buffer.needs_refill and len(buffer) >= self.batch_size:
-                yield buffer.take(self.batch_size)
+                yield {self.site: buffer.take(self.batch_size)}
         while len(buffer) >= self.batch_size:  # drain at the end of the epoch
-            yield buffer.take(self.batch_size)
+            yield {self.site: buffer.take(self.batch_size)}
 
     def state_dict(self) -> Mapping[str, Any]:
         """The epoch the next pass will draw."""

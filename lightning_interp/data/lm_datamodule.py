@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_interp.backbones import Backbone
+from lightning_interp.backbones import load_backbone as _load_backbone  # see __getattr__
 from lightning_interp.data import offline
 from lightning_interp.data.normalize import (
     NormalizeMode,
@@ -19,10 +20,20 @@ from lightning_interp.data.normalize import (
     describe_target,
     estimate_scales,
 )
-from lightning_interp.data.source import root_device, source_provenance
+from lightning_interp.data.renamed import moved_names, warn_ignored
+from lightning_interp.data.source import BackboneSites, root_device, source_provenance
 from lightning_interp.data.stream import ActivationStream
 from lightning_interp.data.tokens import pack_texts
 from lightning_interp.errors import ConfigError
+
+# Former names, importable from here for one release (with a DeprecationWarning).
+__getattr__ = moved_names(
+    __name__,
+    {
+        "LanguageModelActivations": "lightning_interp.data:LanguageModelDataModule",
+        "load_backbone": "lightning_interp.backbones:load_backbone",
+    },
+)
 
 OFFLINE_TEXTS = {
     "offline:wikipedia": lambda: list(offline.wikipedia_articles()),
@@ -82,19 +93,12 @@ def load_texts(source: str) -> list[str] | HubTexts:
     )
 
 
-def load_backbone(model: str, gguf_file: str | None = None, **kwargs: Any) -> Backbone:
-    """A Backbone from a Hub id, a local folder, or ``offline:smollm2`` / ``offline:minilm``.
-
-    ``Backbone.from_pretrained`` resolves the ``offline:`` aliases itself; this adds the
-    data modules' ``gguf_file`` argument.
-    """
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-    return Backbone.from_pretrained(model, **kwargs)
-
-
-class LanguageModelActivations(L.LightningDataModule):
+class LanguageModelDataModule(BackboneSites, L.LightningDataModule):
     """Activations of a frozen language model over text, for training dictionaries.
+
+    Batches are ``{site: rows}`` by canonical site name; it is an
+    :class:`~lightning_interp.data.source.ActivationSource`, from which a training module
+    takes each dictionary's widths and provenance.
 
     The last ``val_fraction`` of the documents is held out: validation batches and the
     token contexts used for downstream (spliced CE) metrics come from it only.
@@ -107,7 +111,7 @@ class LanguageModelActivations(L.LightningDataModule):
     by one factor per site, estimated from the first ``normalize_tokens`` kept positions
     of the training text (see :mod:`~lightning_interp.data.normalize`) when the first
     loader is built, or restored from a checkpoint without estimating again. The training
-    stream announces the factors (``scales``, ``sites``), so the dictionary's provenance
+    data module announces the factors (:attr:`scales`), so the dictionary's provenance
     records them and the export folds them: the saved dictionary takes raw activations.
     The downstream (spliced CE) metrics splice raw activations, through the factors.
 
@@ -132,9 +136,8 @@ class LanguageModelActivations(L.LightningDataModule):
         autocast_dtype: Run the backbone under autocast (``bfloat16`` on GPUs).
         model_dtype: Load the backbone's weights in this dtype.
         seed: Seed of the shuffling.
-        batch_format: ``"auto"`` (a tensor for one site, ``(inputs, targets)`` for two, a
-            dict for more) or ``"dict"`` (always a dict by site, for
-            :class:`~lightning_interp.modules.MultiDictionaryModule`).
+        batch_format: Deprecated and ignored: batches are always dicts by site (two sites
+            without a ``provenance.site`` in the dictionary are a transcoder's pair).
         stream_device: Where the shuffling buffer lives (default: the backbone's device;
             ``"cpu"`` keeps a large buffer in pinned host memory).
         normalize: ``"none"`` (raw activations) or ``"expected_norm"`` (one fixed factor
@@ -165,7 +168,7 @@ class LanguageModelActivations(L.LightningDataModule):
         autocast_dtype: str | None = None,
         model_dtype: str | None = None,
         seed: int = 0,
-        batch_format: str = "auto",
+        batch_format: str | None = None,
         stream_device: str | None = None,
         normalize: NormalizeMode = "none",
         normalize_target: NormalizeTarget = "sqrt_d",
@@ -175,6 +178,8 @@ class LanguageModelActivations(L.LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
         check_normalization(normalize, normalize_target, normalize_tokens)
+        if batch_format is not None:
+            warn_ignored("data batch_format", "batches are always dicts keyed by site")
         self.save_hyperparameters()
         self.backbone: Backbone | None = None
         self.train_stream: ActivationStream | None = None
@@ -189,7 +194,7 @@ class LanguageModelActivations(L.LightningDataModule):
                 self.backbone.to(device)
             return
         h = self.hparams
-        self.backbone = load_backbone(h.model, h.gguf_file, dtype=h.model_dtype, device=device)
+        self.backbone = _load_backbone(h.model, h.gguf_file, dtype=h.model_dtype, device=device)
         texts = load_texts(h.text)
         if h.val_text is not None:
             train_texts, self.val_texts = texts, load_texts(h.val_text)
@@ -214,7 +219,6 @@ class LanguageModelActivations(L.LightningDataModule):
             chat=h.chat,
             autocast_dtype=h.autocast_dtype,
             seed=h.seed,
-            batch_format=h.batch_format,
             device=h.stream_device,
         )
         self.train_stream = ActivationStream(
@@ -271,10 +275,10 @@ class LanguageModelActivations(L.LightningDataModule):
         return {"normalize": h.normalize, "target": h.normalize_target}
 
     @property
-    def site(self) -> str:
-        """The (first) site, canonical."""
-        sites = self.hparams.sites
-        return self.backbone.resolve_sites(sites if isinstance(sites, str) else sites[0])[0]
+    def sites(self) -> list[str]:
+        """The sites served, canonical, in batch order (sets the data module up if needed)."""
+        self.setup()
+        return list(self.train_stream.sites)
 
     def train_dataloader(self) -> DataLoader:
         """Live training stream (whole batches)."""

@@ -52,6 +52,7 @@ from lightning_interp._dtypes import dtype_from_name
 from lightning_interp.backbones.devices import to_device
 from lightning_interp.data import sharding
 from lightning_interp.data.cache_format import check_scales
+from lightning_interp.data.renamed import warn_ignored
 from lightning_interp.data.stream_iterator import STATE_VERSION, Batch, _StreamIterator
 from lightning_interp.data.tokens import (
     Separator,
@@ -82,10 +83,9 @@ class ActivationStream(IterableDataset):
         texts: Documents (strings), or conversations (lists of ``{"role", "content"}``
             messages) when ``chat``. Must be re-iterable (a list, a dataset) or a
             callable returning a fresh iterator.
-        sites: One site (batches are tensors ``[batch_size, d]``), two (``(inputs,
-            targets)`` pairs, as a transcoder needs) or more (dicts by site); globs work.
-        batch_format: ``"auto"`` (as just described) or ``"dict"``: always a dict by
-            canonical site name (what a multi-dictionary run reads).
+        sites: The site(s) to read; globs work. Batches are dicts ``{site: [batch_size,
+            d]}`` by canonical site name, in this order (two sites are a transcoder's
+            (inputs, targets); see :mod:`~lightning_interp.data.batches`).
         batch_size: Rows per batch.
         context_size: Tokens per context (BOS included).
         contexts_per_capture: Contexts per backbone forward.
@@ -107,6 +107,7 @@ class ActivationStream(IterableDataset):
         tokenizer: Overrides ``backbone.tokenizer``.
         scales: Factor each site's rows are multiplied by (default: none, raw
             activations); see :attr:`scales`.
+        batch_format: Deprecated and ignored: batches are always dicts by site.
     """
 
     def __init__(
@@ -130,13 +131,12 @@ class ActivationStream(IterableDataset):
         device: str | torch.device | None = None,
         autocast_dtype: str | torch.dtype | None = None,
         tokenizer: Any = None,
-        batch_format: str = "auto",
         scales: Mapping[str, float] | None = None,
+        batch_format: str | None = None,
     ) -> None:
         super().__init__()
-        if batch_format not in ("auto", "dict"):
-            raise ConfigError(f"batch_format must be 'auto' or 'dict', got {batch_format!r}")
-        self.batch_format = batch_format
+        if batch_format is not None:
+            warn_ignored("ActivationStream's batch_format", "batches are dicts keyed by site")
         for name, value in (
             ("batch_size", batch_size),
             ("context_size", context_size),
@@ -354,10 +354,4 @@ class ActivationStream(IterableDataset):
         return {key: tensor.pin_memory() for key, tensor in rows.items()}
 
     def _format(self, rows: dict[str, Tensor]) -> Batch:
-        if self.batch_format == "dict":
-            return {site: rows[site] for site in self.sites}
-        if len(self.sites) == 1:
-            return rows[self.sites[0]]
-        if len(self.sites) == 2:
-            return rows[self.sites[0]], rows[self.sites[1]]
         return {site: rows[site] for site in self.sites}

@@ -23,7 +23,7 @@ from lightning_interp.errors import ConfigError
 if TYPE_CHECKING:
     from lightning_interp.data.stream import ActivationStream
 
-Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
+Batch = dict[str, Tensor]  # site -> rows (see lightning_interp.data.batches)
 ROW = "__row__"  # buffer column: the id of each row, its order of arrival on this shard
 STATE_VERSION = 1
 

@@ -2,114 +2,50 @@
 
 :class:`DictionaryModule` trains one dictionary; what it shares with
 :class:`~lightning_interp.modules.multi_module.MultiDictionaryModule` (optimizer, schedules,
-decoder constraints, the non-finite policy, checkpoint checks, logging) lives in
-:class:`~lightning_interp.modules.training_module.DictionaryTrainingModule`. Also here: how
-batches and checkpoint hyper-parameters are read (:func:`split_batch`,
-:func:`dictionary_hparams`, :func:`as_dictionary`).
+decoder constraints, the non-finite policy, checkpoint checks, sizing from the data module,
+logging) lives in :class:`~lightning_interp.modules.training_module.DictionaryTrainingModule`.
+Batches become (inputs, targets) in :func:`~lightning_interp.data.batches.inputs_and_targets`;
+checkpoint hyper-parameters are read by :func:`as_dictionary`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_interp.dictionaries import Dictionary, create_dictionary, list_architectures
-from lightning_interp.dictionaries.registry import dictionary_class_from_path
-from lightning_interp.errors import ConfigError, ConfigTypeError, ShapeMismatchError
+from lightning_interp.data.batches import inputs_and_targets, split_batch
+from lightning_interp.dictionaries import Dictionary
+from lightning_interp.modules.dictionary_spec import (
+    DictionarySpec,
+    dictionary_hparams,
+    dictionary_or_spec,
+)
 from lightning_interp.modules.guards import NonFinitePolicy, batch_parts
 from lightning_interp.modules.learner import DictionaryLearner
 from lightning_interp.modules.training_module import DictionaryTrainingModule
 
-
-def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """Return ``(inputs, targets)`` from a batch of activations.
-
-    Accepted: a tensor ``[..., d_in]``; a tuple/list ``(inputs,)`` or ``(inputs, targets)``
-    (a transcoder's two sites); a mapping with ``"activations"`` or ``"inputs"`` and an
-    optional ``"targets"``. Leading dimensions are flattened to rows.
-    """
-    if isinstance(batch, Tensor):
-        inputs, targets = batch, None
-    elif isinstance(batch, Mapping):
-        key = "activations" if "activations" in batch else "inputs"
-        if key not in batch:
-            raise ConfigError(
-                f"a dict batch needs an 'activations' or 'inputs' key, got keys {sorted(batch)}"
-            )
-        inputs, targets = batch[key], batch.get("targets")
-    elif isinstance(batch, Sequence) and 1 <= len(batch) <= 2:
-        inputs, targets = batch[0], batch[1] if len(batch) == 2 else None
-    else:
-        raise ConfigError(
-            f"cannot read activations from a batch of type {type(batch).__name__}; yield "
-            f"tensors, (inputs, targets) pairs or dicts with an 'activations' key"
-        )
-    inputs = inputs.reshape(-1, inputs.shape[-1])
-    if targets is not None:
-        targets = targets.reshape(-1, targets.shape[-1])
-        if targets.shape[0] != inputs.shape[0]:
-            raise ShapeMismatchError(
-                f"inputs have {inputs.shape[0]} rows but targets have {targets.shape[0]}"
-            )
-    return inputs, targets
-
-
-def dictionary_hparams(dictionary: Dictionary) -> dict[str, Any]:
-    """A dictionary as a checkpoint's hyperparameters store it: ``class_path`` + config.
-
-    The same shape a LightningCLI config gives, so ``lightning-interp validate
-    --ckpt_path ...`` (which re-parses checkpoint hyperparameters as init arguments) and
-    ``load_from_checkpoint`` both rebuild it.
-    """
-    cls = type(dictionary)
-    config = {k: v for k, v in dictionary.config.to_dict().items() if k != "architecture"}
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {"config": config}}
+# split_batch and dictionary_hparams are imported from here too.
+__all__ = ["DictionaryModule", "as_dictionary", "dictionary_hparams", "split_batch"]
 
 
 def as_dictionary(value: Dictionary | Mapping[str, Any]) -> Dictionary:
     """A Dictionary, or one built from :func:`dictionary_hparams` or a flat config dict.
 
-    A ``class_path`` (as checkpoint hyper-parameters store it) is resolved through the
-    dictionary registry only, never imported: a checkpoint cannot make this process import
-    an arbitrary module. The config is validated (types, ranges, a bound on its size) and
-    checked against the memory of the device before any weight is allocated.
+    As :func:`~lightning_interp.modules.dictionary_spec.dictionary_or_spec`, but the config
+    must give every width: this builds the dictionary now.
 
     Raises:
         UnknownArchitectureError: the ``class_path`` or ``architecture`` names no registered
             dictionary (the message lists those that are).
-        ConfigError: the config is malformed or too large (a ``ConfigTypeError`` for a value
-            of the wrong type).
+        ConfigError: the config is malformed, too large, or leaves ``d_in`` open.
     """
-    if isinstance(value, Mapping) and "class_path" in value:
-        cls = dictionary_class_from_path(value["class_path"])
-        init_args = value.get("init_args")
-        init_args = {} if init_args is None else init_args
-        if not isinstance(init_args, Mapping):
-            raise ConfigTypeError(
-                f"init_args of {value['class_path']} must be a mapping with a 'config' key, "
-                f"got a {type(init_args).__name__}"
-            )
-        config = init_args.get("config", {})
-        if not isinstance(config, cls.config_class):
-            config = cls.config_class.from_dict(config)
-        value = cls(config)
-    elif isinstance(value, Mapping):
-        fields = dict(value)
-        if "architecture" not in fields:
-            raise ConfigError(
-                f"a dictionary config needs an 'architecture' (one of {list_architectures()}) "
-                f"or a 'class_path', got keys {sorted(map(str, fields))}"
-            )
-        value = create_dictionary(fields.pop("architecture"), **fields)
-    if not isinstance(value, Dictionary):
-        raise ConfigError(
-            f"expected a Dictionary, got {type(value).__name__}; build one with "
-            f"lightning_interp.create_dictionary or a class_path in the config"
-        )
+    value = dictionary_or_spec(value)
+    if isinstance(value, DictionarySpec):
+        return value.dictionary_class(value.config)  # refused: d_in is not set
     return value
 
 
@@ -120,9 +56,16 @@ class DictionaryModule(DictionaryTrainingModule):
     initialisation from the first batch, dead-latent tracking (for AuxK and for logging)
     and metrics. It knows nothing about file formats or the Hub.
 
+    Trained on a data module (an :class:`~lightning_interp.data.source.ActivationSource`),
+    the dictionary reads the site its ``provenance.site`` names (the data's only site, or
+    for two sites the pair ``site -> site_out`` of a transcoder), and takes its widths and
+    provenance from the data at setup: its config may leave ``d_in`` (and a transcoder's
+    ``d_out``) out, and the dictionary is then built in :meth:`configure_model`.
+
     Args:
-        dictionary: The dictionary to train (or its config as a dict with
-            ``architecture``, as stored in checkpoints).
+        dictionary: The dictionary to train, or its config: a config dataclass, a dict
+            with ``architecture``, or ``class_path`` + ``init_args`` as checkpoints store
+            it; ``d_in`` may be left out (see above).
         optimizer: Callable building the optimizer from the parameters (LightningCLI
             ``OptimizerCallable``). Default: fused Adam, lr 2e-4, ``betas=(0.9, 0.999)``.
         lr_scheduler: Callable building a scheduler stepped every optimizer step. When
@@ -154,7 +97,7 @@ class DictionaryModule(DictionaryTrainingModule):
 
     def __init__(
         self,
-        dictionary: Dictionary,
+        dictionary: Dictionary | DictionarySpec,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_steps: int = 0,
@@ -164,7 +107,7 @@ class DictionaryModule(DictionaryTrainingModule):
         dense_threshold: float = 0.1,
         on_nonfinite: NonFinitePolicy = "raise",
     ) -> None:
-        dictionary = as_dictionary(dictionary)
+        dictionary = dictionary_or_spec(dictionary)
         super().__init__(
             {"main": dictionary},
             optimizer=optimizer,
@@ -180,13 +123,20 @@ class DictionaryModule(DictionaryTrainingModule):
         # refuses pickled functions. load_from_checkpoint then uses the default optimizer;
         # resuming a run (fit ckpt_path=...) restores the optimizer state itself.
         self.save_hyperparameters(ignore=["dictionary", "optimizer", "lr_scheduler"])
-        # Stored as a plain config so load_from_checkpoint can rebuild the dictionary.
-        self.hparams["dictionary"] = dictionary_hparams(dictionary)
+        self._store_specs()
+
+    def _store_specs(self) -> None:
+        # A plain config, so load_from_checkpoint can rebuild the dictionary (after setup:
+        # with the widths and provenance the data gave).
+        self.hparams["dictionary"] = dictionary_hparams(self._current()["main"])
+
+    def _label(self, name: str) -> str:
+        return "the dictionary"
 
     @property
     def learner(self) -> DictionaryLearner:
         """The dictionary's training state."""
-        return self.learners["main"]
+        return self._learner("main")
 
     @property
     def dictionary(self) -> Dictionary:
@@ -226,7 +176,7 @@ class DictionaryModule(DictionaryTrainingModule):
         For a batch or loss that ``on_nonfinite="skip"`` skips, returns
         :meth:`skipped_step` (a zero loss whose gradients are discarded: no weight moves).
         """
-        inputs, targets = split_batch(batch)
+        inputs, targets = self._read(batch)
         if not self._usable_batch(batch_parts(inputs, targets), batch_idx):
             return self.skipped_step()
         loss, logged, out = self.learner.forward_loss(
@@ -241,7 +191,11 @@ class DictionaryModule(DictionaryTrainingModule):
         self._log_throughput(inputs.shape[0])
         return loss
 
+    def _read(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        provenance = self.dictionary.config.provenance
+        return inputs_and_targets(batch, provenance.site, provenance.site_out, "the dictionary")
+
     def _evaluate(self, batch: Any, prefix: str, batch_idx: int) -> None:
-        inputs, targets = split_batch(batch)
+        inputs, targets = self._read(batch)
         if self._usable_batch(batch_parts(inputs, targets), batch_idx, stage=prefix):
             self._log_evaluation(prefix, self.learner.update_metrics(inputs, targets))

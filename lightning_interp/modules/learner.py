@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_interp.dictionaries import Dictionary
-from lightning_interp.dictionaries.base import DictionaryOutput, batch_fvu
+from lightning_interp.dictionaries.base import DictionaryOutput
 from lightning_interp.metrics import (
     L0,
     DeadLatentFraction,
@@ -23,6 +23,7 @@ from lightning_interp.metrics import (
     FractionOfVarianceUnexplained,
     MeanSquaredError,
 )
+from lightning_interp.metrics.functional import fraction_of_variance_unexplained as batch_fvu
 from lightning_interp.metrics.sparsity import dead_fraction_in_window
 
 # reduce(tensor, op) with op "sum" or "mean" across DDP ranks (identity on one process).

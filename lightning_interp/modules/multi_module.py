@@ -9,12 +9,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from lightning_interp.data.batches import inputs_and_targets
 from lightning_interp.dictionaries import Dictionary
 from lightning_interp.errors import ConfigError
-from lightning_interp.modules.dictionary_module import (
-    as_dictionary,
+from lightning_interp.modules.dictionary_spec import (
+    DictionarySpec,
     dictionary_hparams,
-    split_batch,
+    dictionary_or_spec,
 )
 from lightning_interp.modules.guards import NonFinitePolicy, batch_parts
 from lightning_interp.modules.training_module import DictionaryTrainingModule
@@ -34,11 +35,13 @@ class MultiDictionaryModule(DictionaryTrainingModule):
     """Trains several dictionaries on the same batches, each with its own state and metrics.
 
     Each dictionary reads the site named in its ``config.provenance.site`` (and
-    ``site_out`` for a transcoder) from dict batches keyed by site, as
-    :class:`~lightning_interp.data.lm_datamodule.LanguageModelActivations` yields with
-    ``batch_format: dict``; with plain tensor (or ``(inputs, targets)``) batches every
-    dictionary sees the whole batch, e.g. several widths or ``k`` on one site. So the
-    backbone runs once per batch however many dictionaries train.
+    ``site_out`` for a transcoder) from batches keyed by site, as every data module of
+    :mod:`lightning_interp.data` yields them; a dictionary naming no site reads the data's
+    only site (or its pair of sites), e.g. several widths or ``k`` on one site. With plain
+    tensor (or ``(inputs, targets)``) batches every dictionary sees the whole batch. So the
+    backbone runs once per batch however many dictionaries train. Widths and provenance
+    come from the data module at setup, as for
+    :class:`~lightning_interp.modules.DictionaryModule`.
 
     Every dictionary has its own parameter group (its learning rate from
     ``learning_rates``, its own Adam moments), decoder constraint, ``b_dec``
@@ -50,7 +53,9 @@ class MultiDictionaryModule(DictionaryTrainingModule):
     would give.
 
     Args:
-        dictionaries: Name -> dictionary (or config dict with ``architecture``).
+        dictionaries: Name -> dictionary, or its config (as
+            :class:`~lightning_interp.modules.DictionaryModule` takes it; ``d_in`` may be
+            left out).
         optimizer: Optimizer callable, applied to each dictionary's parameters.
         lr_scheduler: Scheduler callable (replaces the built-in warm-up/decay).
         learning_rates: Name -> learning rate, overriding the optimizer's for that one.
@@ -80,7 +85,7 @@ class MultiDictionaryModule(DictionaryTrainingModule):
 
     def __init__(
         self,
-        dictionaries: Mapping[str, Dictionary],
+        dictionaries: Mapping[str, Dictionary | DictionarySpec],
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         learning_rates: dict[str, float] | None = None,
@@ -96,7 +101,7 @@ class MultiDictionaryModule(DictionaryTrainingModule):
         built = {}
         for name, dictionary in dictionaries.items():
             _check_name(name)
-            built[name] = as_dictionary(dictionary)
+            built[name] = dictionary_or_spec(dictionary)
         super().__init__(
             built,
             optimizer=optimizer,
@@ -110,8 +115,11 @@ class MultiDictionaryModule(DictionaryTrainingModule):
             on_nonfinite=on_nonfinite,
         )
         self.save_hyperparameters(ignore=["dictionaries", "optimizer", "lr_scheduler"])
+        self._store_specs()
+
+    def _store_specs(self) -> None:
         self.hparams["dictionaries"] = {
-            name: dictionary_hparams(dictionary) for name, dictionary in built.items()
+            name: dictionary_hparams(item) for name, item in self._current().items()
         }
 
     @property
@@ -121,20 +129,8 @@ class MultiDictionaryModule(DictionaryTrainingModule):
 
     def select(self, batch: Any, name: str) -> tuple[Tensor, Tensor | None]:
         """The ``(inputs, targets)`` dictionary ``name`` trains on in ``batch``."""
-        if not isinstance(batch, Mapping) or "activations" in batch or "inputs" in batch:
-            return split_batch(batch)
         provenance = self.learners[name].dictionary.config.provenance
-        wanted = [provenance.site] + ([provenance.site_out] if provenance.site_out else [])
-        missing = [site for site in wanted if site not in batch]
-        if provenance.site is None or missing:
-            raise ConfigError(
-                f"dictionary {name!r} reads site {provenance.site!r}"
-                + (f" -> {provenance.site_out!r}" if provenance.site_out else "")
-                + f" but the batch holds {sorted(batch)}; set "
-                f"config.provenance.site (and site_out for a transcoder) of {name!r} to one "
-                f"of them, and list every site in the data module's sites"
-            )
-        return split_batch(tuple(batch[site] for site in wanted))
+        return inputs_and_targets(batch, provenance.site, provenance.site_out, self._label(name))
 
     def _specs(self, hparams: Mapping[str, Any]) -> dict[str, Mapping[str, Any]] | None:
         specs = hparams.get("dictionaries")

@@ -8,18 +8,21 @@ dictionary takes raw activations, as SAELens does with its ``norm_scaling_factor
 end of training. A transcoder's output site has its own factor
 (``provenance.activation_scale_out``).
 
-A training dataset announces its scaling with two attributes, as
-:class:`~lightning_interp.data.datamodule.CachedActivations` has them: ``scales`` (site ->
-factor, empty when it does not scale) and ``sites`` (the order of a batch's parts); one
-with ``batch_format == "dict"`` yields dicts by site whatever their number.
+The training module reads the factors from its data module's
+:class:`~lightning_interp.data.source.ActivationSource` (``scales``: site -> factor, empty
+when it does not scale; ``sites``), or, trained on a bare dataset, from the same two
+attributes of the dataset (as :class:`~lightning_interp.data.ActivationStream` and
+:class:`~lightning_interp.data.CachedActivations` announce them). Which sites a dictionary
+reads is :func:`~lightning_interp.data.batches.sites_read`'s decision, as for its batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lightning_interp.data.batches import sites_read
 from lightning_interp.dictionaries import Dictionary
 from lightning_interp.errors import ConfigError
 
@@ -32,18 +35,6 @@ def data_scales(dataset: Any) -> tuple[dict[str, float], list[str]] | None:
     return {str(site): float(s) for site, s in scales.items()}, [str(site) for site in sites]
 
 
-def _sites_read(
-    dictionary: Dictionary, sites: list[str], by_site: bool
-) -> tuple[str | None, str | None]:
-    # Mirrors how batches reach a dictionary: one site -> tensors, two -> (inputs, targets),
-    # more (or batch_format "dict") -> dicts from which MultiDictionaryModule picks
-    # provenance.site (and site_out).
-    if by_site or len(sites) > 2:
-        provenance = dictionary.config.provenance
-        return provenance.site, provenance.site_out
-    return sites[0], sites[1] if len(sites) == 2 else None
-
-
 def _merged(recorded: float | None, found: float, field: str, site: str | None) -> float:
     if recorded in (None, 1.0) or recorded == found:
         return found
@@ -54,17 +45,20 @@ def _merged(recorded: float | None, found: float, field: str, site: str | None) 
     )
 
 
-def record_activation_scales(dictionary: Dictionary, dataset: Any) -> bool:
-    """Write the scales ``dataset`` applies into ``dictionary.config.provenance``.
+def record_activation_scales(
+    dictionary: Dictionary, scales: Mapping[str, float], sites: Sequence[str]
+) -> bool:
+    """Write the scales the training data applies into ``dictionary.config.provenance``.
 
     Sets ``activation_scale`` (input site) and, for a transcoder reading a second site,
     ``activation_scale_out``; ``normalization`` becomes ``"expected_norm"`` and empty
-    ``site``/``site_out`` take the dataset's site names. Idempotent (a second fit records
+    ``site``/``site_out`` take the data's site names. Idempotent (a second fit records
     the same values).
 
     Args:
         dictionary: The dictionary being trained (its config is replaced).
-        dataset: The training dataset (see the module docstring).
+        scales: Site -> factor the data multiplies rows by (empty: raw activations).
+        sites: The sites the data serves, in batch order.
 
     Returns:
         Whether a scale other than 1 was recorded.
@@ -74,13 +68,10 @@ def record_activation_scales(dictionary: Dictionary, dataset: Any) -> bool:
             (the activations would be scaled twice), or input and output scales differ
             while ``b_dec`` is applied to the input (the export could not fold them).
     """
-    found = data_scales(dataset)
-    if found is None:
+    if not sites:
         return False
-    scales, sites = found
-    by_site = getattr(dataset, "batch_format", "auto") == "dict"
-    site_in, site_out = _sites_read(dictionary, sites, by_site)
     provenance = dictionary.config.provenance
+    site_in, site_out = sites_read(provenance.site, provenance.site_out, sites)
     updates: dict[str, Any] = {}
     if provenance.site is None and site_in is not None:
         updates["site"] = site_in

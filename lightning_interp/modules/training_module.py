@@ -5,7 +5,10 @@
 and schedules, decoder constraints, the non-finite policy, checkpoint checks, throughput
 and metric logging); :class:`~lightning_interp.modules.DictionaryModule` trains one
 dictionary, and :class:`~lightning_interp.modules.MultiDictionaryModule` several from the
-same batches.
+same batches. At setup it reads the data module through its
+:class:`~lightning_interp.data.source.ActivationSource` contract only: each dictionary's
+widths and provenance then (:mod:`~lightning_interp.modules.dictionary_spec`), its scale
+when training starts (:mod:`~lightning_interp.modules.scales`).
 """
 
 from __future__ import annotations
@@ -22,12 +25,19 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_interp.data.renamed import adopt_former_state
+from lightning_interp.data.source import ActivationSource, activation_source
 from lightning_interp.dictionaries import Dictionary
 from lightning_interp.errors import ConfigError
 from lightning_interp.modules.checkpoints import check_resume_compatible, install_checkpoint_checks
+from lightning_interp.modules.dictionary_spec import (
+    DictionarySpec,
+    build_specs,
+    configure_from_source,
+)
 from lightning_interp.modules.guards import BatchGuard, NonFinitePolicy
 from lightning_interp.modules.learner import DictionaryLearner
-from lightning_interp.modules.scales import record_activation_scales
+from lightning_interp.modules.scales import data_scales, record_activation_scales
 from lightning_interp.modules.schedules import linear_warmup, warmup_then_decay
 
 
@@ -56,7 +66,10 @@ class DictionaryTrainingModule(L.LightningModule):
 
     It wraps each named dictionary in a
     :class:`~lightning_interp.modules.learner.DictionaryLearner` (``self.learners``);
-    subclasses implement ``training_step``, ``_evaluate`` and ``_specs``. This class builds
+    subclasses implement ``training_step``, ``_evaluate``, ``_specs`` and ``_store_specs``.
+    A dictionary given as a :class:`~lightning_interp.modules.dictionary_spec.DictionarySpec`
+    (its config leaves ``d_in`` open) gets its learner in :meth:`configure_model`, where
+    every dictionary takes its widths and provenance from the data module. This class builds
     the optimizer and schedule, keeps decoders on the unit sphere, logs throughput
     (``tok/s`` in the progress bar), applies the ``on_nonfinite`` policy to batches and
     losses (:class:`~lightning_interp.modules.guards.BatchGuard`), refuses checkpoints of
@@ -67,7 +80,7 @@ class DictionaryTrainingModule(L.LightningModule):
 
     def __init__(
         self,
-        dictionaries: Mapping[str, Dictionary],
+        dictionaries: Mapping[str, Dictionary | DictionarySpec],
         *,
         optimizer: OptimizerCallable | None,
         lr_scheduler: LRSchedulerCallable | None,
@@ -83,23 +96,26 @@ class DictionaryTrainingModule(L.LightningModule):
         self.guard = BatchGuard(on_nonfinite, any_rank=self._any_rank, announce=self.print)
         if dead_tokens_threshold <= 0:
             raise ConfigError(f"dead_tokens_threshold must be > 0, got {dead_tokens_threshold}")
+        self._learner_kwargs = dict(
+            dead_tokens_threshold=dead_tokens_threshold, dense_threshold=dense_threshold
+        )
+        self._names = list(dictionaries)
+        # Dictionaries whose d_in the data module gives: built in configure_model.
+        self._pending = {n: d for n, d in dictionaries.items() if isinstance(d, DictionarySpec)}
         learners = {
-            name: DictionaryLearner(
-                dictionary,
-                dead_tokens_threshold=dead_tokens_threshold,
-                dense_threshold=dense_threshold,
-            )
+            name: DictionaryLearner(dictionary, **self._learner_kwargs)
             for name, dictionary in dictionaries.items()
+            if name not in self._pending
         }
         if not 0.0 <= decay_fraction <= 1.0:
             raise ConfigError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
         if warmup_steps < 0 or sparsity_warmup_steps < 0:
             raise ConfigError("warmup_steps and sparsity_warmup_steps must be >= 0")
-        unknown = sorted(set(learning_rates or {}) - set(learners))
+        unknown = sorted(set(learning_rates or {}) - set(self._names))
         if unknown:
             raise ConfigError(
                 f"learning_rates names {unknown}, which are not dictionaries of this run "
-                f"({sorted(learners)})"
+                f"({sorted(self._names)})"
             )
         self.learners = nn.ModuleDict(dict(learners))
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=2e-4, fused=True)
@@ -112,6 +128,26 @@ class DictionaryTrainingModule(L.LightningModule):
         self._throughput = (0.0, 0.0)  # smoothed (rows, seconds)
         self._last_step_end: float | None = None
         self._discard_gradients = False
+
+    def _label(self, name: str) -> str:
+        """How messages name dictionary ``name``."""
+        return f"dictionary {name!r}"
+
+    def _current(self) -> dict[str, Dictionary | DictionarySpec]:
+        """Name -> dictionary, or its spec while it waits for the data's widths."""
+        return {
+            name: self._pending[name] if name in self._pending else self.learners[name].dictionary
+            for name in self._names
+        }
+
+    def _learner(self, name: str) -> DictionaryLearner:
+        if name in self._pending:
+            raise ConfigError(
+                f"{self._label(name)} is built at setup, from the data module's site widths "
+                f"(its config leaves d_in open); read it after trainer.fit/validate starts, or "
+                f"give d_in"
+            )
+        return self.learners[name]
 
     def named_learners(self) -> Iterator[tuple[str | None, DictionaryLearner]]:
         """``(name, learner)`` pairs; the name is ``None`` for a single-dictionary module.
@@ -171,6 +207,61 @@ class DictionaryTrainingModule(L.LightningModule):
         """Name -> dictionary spec recorded in (checkpoint) hyper-parameters, if any."""
         raise NotImplementedError
 
+    def _store_specs(self) -> None:
+        """Record the current dictionary specs in ``self.hparams`` (what checkpoints keep)."""
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        """Size and stamp every dictionary from the data module, building any left open.
+
+        Lightning runs this after the data module's ``setup`` and before it restores a
+        checkpoint, so a dictionary exists with its real size when its weights load. The data
+        module is read through :class:`~lightning_interp.data.source.ActivationSource` only
+        (see :func:`~lightning_interp.modules.dictionary_spec.configure_from_source`); with
+        none, dictionaries are trained as given.
+
+        Raises:
+            ConfigError: a config leaves ``d_in`` open and the data does not give it.
+            ShapeMismatchError: a given width differs from the data's.
+        """
+        trainer = self._trainer
+        source = activation_source(trainer.datamodule) if trainer is not None else None
+        if source is None:
+            if self._pending:
+                names = ", ".join(self._label(name) for name in self._pending)
+                raise ConfigError(
+                    f"{names} leaves d_in open, and only a data module implementing "
+                    f"ActivationSource (e.g. LanguageModelDataModule) gives widths; set d_in"
+                )
+            return
+        self._configure_from(source)
+
+    def _configure_from(self, source: ActivationSource) -> None:
+        configs = {
+            name: configure_from_source(item.config, source, self._label(name))
+            for name, item in self._current().items()
+        }
+        built = build_specs(
+            {
+                name: DictionarySpec(configs[name], spec.rng_state, spec.default_dtype)
+                for name, spec in self._pending.items()
+            }
+        )
+        for name, learner in self.learners.items():
+            if learner.dictionary.config != configs[name]:
+                learner.dictionary.config = configs[name]
+        if built:
+            self.learners = nn.ModuleDict(
+                {
+                    name: self.learners[name]
+                    if name in self.learners
+                    else DictionaryLearner(built[name], **self._learner_kwargs)
+                    for name in self._names
+                }
+            )
+            self._pending = {}
+        self._store_specs()
+
     def setup(self, stage: str) -> None:
         """Make the trainer report damaged checkpoint files as :class:`CheckpointError`.
 
@@ -187,6 +278,8 @@ class DictionaryTrainingModule(L.LightningModule):
         is refused as clearly as a different width.
         """
         source = self._trainer.ckpt_path if self._trainer is not None else None
+        if self._trainer is not None:  # a data module's state saved under its former name
+            adopt_former_state(checkpoint, self._trainer.datamodule)
         saved = self._specs(checkpoint.get("hyper_parameters") or {})
         check_resume_compatible(saved, self._specs(self.hparams) or {}, source=source)
         state = checkpoint.get("lightning_interp") or {}
@@ -202,9 +295,15 @@ class DictionaryTrainingModule(L.LightningModule):
         So that saving folds it and the saved dictionary takes raw activations (see
         :mod:`~lightning_interp.modules.scales`).
         """
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        source = activation_source(self.trainer.datamodule)
+        if source is not None:
+            found = source.scales, source.sites
+        else:  # a bare dataset (trainer.fit(module, stream)) announcing its scales and sites
+            found = data_scales(getattr(self.trainer.train_dataloader, "dataset", None))
+        if found is None:
+            return
         for name, learner in self.learners.items():
-            if record_activation_scales(learner.dictionary, dataset):
+            if record_activation_scales(learner.dictionary, *found):
                 provenance = learner.dictionary.config.provenance
                 self.print(
                     f"{name}: training data scaled by {provenance.activation_scale} (input)"

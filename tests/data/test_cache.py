@@ -19,9 +19,10 @@ from lightning_interp.data import SparseSuperposition, SyntheticActivations, sha
 from lightning_interp.data.cache import (
     ActivationCache,
     ActivationCacheWriter,
+    CachedActivations,
     expected_norm_scale,
 )
-from lightning_interp.data.datamodule import ActivationDataModule, CachedActivations
+from lightning_interp.data.datamodule import ActivationDataModule
 from lightning_interp.errors import ConfigError, CorruptFileError, ShapeMismatchError
 from lightning_interp.modules import DictionaryModule
 
@@ -43,8 +44,14 @@ def indexed_rows(n: int, d: int = 4) -> torch.Tensor:
     return torch.arange(n, dtype=torch.float32)[:, None].expand(n, d).contiguous()
 
 
+def only(batch: dict) -> torch.Tensor:
+    """The rows of a one-site batch ``{site: rows}``."""
+    (rows,) = batch.values()
+    return rows
+
+
 def row_ids(batches) -> list[int]:
-    return [int(v) for batch in batches for v in batch[:, 0]]
+    return [int(v) for batch in batches for v in only(batch)[:, 0]]
 
 
 # ---------------------------------------------------------------------- writing and reading
@@ -240,10 +247,10 @@ def test_epoch_covers_every_row_once_and_reshuffles(indexed_cache):
     other_seed = CachedActivations(indexed_cache, batch_size=32, drop_last=False, seed=4)
     assert row_ids(list(other_seed)) != row_ids(epoch0)
     # Rows of a batch come from more than one shard.
-    shards_per_batch = [len({int(v) // 40 for v in batch[:, 0]}) for batch in epoch0[:-1]]
+    shards_per_batch = [len({int(v) // 40 for v in only(b)[:, 0]}) for b in epoch0[:-1]]
     assert min(shards_per_batch) >= 2
     dropped = CachedActivations(indexed_cache, batch_size=32, seed=3)
-    assert len(dropped) == 9 and all(b.shape == (32, 4) for b in dropped)
+    assert len(dropped) == 9 and all(only(b).shape == (32, 4) for b in dropped)
 
 
 def test_unshuffled_reads_in_order(indexed_cache):
@@ -255,10 +262,11 @@ def test_two_sites_stay_aligned(tmp_path):
     x = torch.randn(300, 6)
     cache = write_cache(tmp_path, {"mlp_in": x, "mlp_out": 2 * x[:, :3] + 1}, shard_tokens=50)
     ds = CachedActivations(cache, batch_size=64, sites=["mlp_out", "mlp_in"], seed=1)
-    for targets, inputs in ds:
-        assert torch.equal(targets, 2 * inputs[:, :3] + 1)
+    for batch in ds:
+        assert list(batch) == ["mlp_out", "mlp_in"]  # keyed by site, in the order asked
+        assert torch.equal(batch["mlp_out"], 2 * batch["mlp_in"][:, :3] + 1)
     single = next(iter(CachedActivations(cache, batch_size=8, sites=["mlp_in"])))
-    assert isinstance(single, torch.Tensor) and single.shape == (8, 6)
+    assert list(single) == ["mlp_in"] and single["mlp_in"].shape == (8, 6)
 
 
 def test_workers_split_the_stream(indexed_cache):
@@ -320,7 +328,7 @@ def test_normalization_round_trips_and_applies(tmp_path):
     assert torch.equal(cache.read("x"), x)  # stored raw
     raw = CachedActivations(cache, batch_size=256, shuffle=False)
     scaled = CachedActivations(cache, batch_size=256, shuffle=False, apply_normalization=True)
-    (rx, ry), (sx, sy) = next(iter(raw)), next(iter(scaled))
+    (rx, ry), (sx, sy) = next(iter(raw)).values(), next(iter(scaled)).values()
     torch.testing.assert_close(sx, rx * scale)
     assert torch.equal(sy, ry)  # no scale recorded for y
     assert sx.norm(dim=-1).mean().item() == pytest.approx(4.0, rel=1e-5)
@@ -366,7 +374,7 @@ class RecordBatches(Callback):
         self.batches = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append(batch.clone())
+        self.batches.append(only(batch).clone())
 
 
 @pytest.mark.parametrize(("num_workers", "steps"), [(0, (7, 14, 21)), (2, (21,))])

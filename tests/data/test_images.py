@@ -36,7 +36,9 @@ def test_every_token_of_every_image_is_served_once_per_epoch(clip):
         images_per_capture=4,
         buffer_tokens=64,
     )
-    rows = torch.cat(list(dataset))
+    batches = list(dataset)
+    assert all(list(batch) == ["vision.layers.1.resid_post"] for batch in batches)  # by site
+    rows = torch.cat([batch["vision.layers.1.resid_post"] for batch in batches])
     assert rows.shape == (170, 32)  # 10 images x 17 tokens, in batches of 17
     expected = clip.capture({"pixel_values": pixels}, "vision.layers.1.resid_post")
     expected = expected["vision.layers.1.resid_post"].reshape(-1, 32)
@@ -45,8 +47,9 @@ def test_every_token_of_every_image_is_served_once_per_epoch(clip):
     # Shuffled: consecutive rows are not one image's consecutive tokens.
     assert not torch.allclose(rows[:17], expected[:17])
     again = torch.cat(
-        list(
-            ImageActivations(
+        [
+            batch["vision.layers.1.resid_post"]
+            for batch in ImageActivations(
                 clip,
                 pixels,
                 "vision.layers.1.resid_post",
@@ -54,7 +57,7 @@ def test_every_token_of_every_image_is_served_once_per_epoch(clip):
                 images_per_capture=4,
                 buffer_tokens=64,
             )
-        )
+        ]
     )
     torch.testing.assert_close(again, rows)  # same seed, same first epoch
 
@@ -84,7 +87,7 @@ def test_cls_rows_from_raw_images_through_a_processor():
         images_per_capture=3,
         buffer_tokens=6,
     )
-    batches = list(DataLoader(dataset, batch_size=None))
+    batches = [b["vision.layers.0.resid_post"] for b in DataLoader(dataset, batch_size=None)]
     assert [tuple(b.shape) for b in batches] == [(3, 32), (3, 32)]
     pixels = ResizeProcessor()(images)["pixel_values"]
     cls = backbone.capture({"pixel_values": pixels}, "vision.layers.0.resid_post")

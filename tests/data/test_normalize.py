@@ -1,6 +1,6 @@
 """Normalised language-model activations: the target norm, raw-input exports, resume.
 
-A tiny random GPT-2 streams its activations through ``LanguageModelActivations`` with
+A tiny random GPT-2 streams its activations through ``LanguageModelDataModule`` with
 ``normalize="expected_norm"``; the factor each site is multiplied by must give the target
 statistic, be recorded in the trained dictionary's provenance (separately for a
 transcoder's two sites) and folded at export, and survive a resume exactly.
@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_interp import create_dictionary, load_dictionary
 from lightning_interp.callbacks import DownstreamMetrics, ExportDictionary
-from lightning_interp.data.lm_datamodule import LanguageModelActivations
+from lightning_interp.data import LanguageModelDataModule
 from lightning_interp.data.normalize import estimate_scales
 from lightning_interp.data.stream import ActivationStream
 from lightning_interp.errors import ConfigError
@@ -36,7 +36,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def language_data(tiny_folders, sites=SITE, **kwargs) -> LanguageModelActivations:
+def language_data(tiny_folders, sites=SITE, **kwargs) -> LanguageModelDataModule:
     settings = dict(
         text=tiny_folders["text"],
         context_size=16,
@@ -48,10 +48,10 @@ def language_data(tiny_folders, sites=SITE, **kwargs) -> LanguageModelActivation
         normalize="expected_norm",
         normalize_tokens=ALL_TOKENS,
     )
-    return LanguageModelActivations(tiny_folders["gpt2"], sites, **{**settings, **kwargs})
+    return LanguageModelDataModule(tiny_folders["gpt2"], sites, **{**settings, **kwargs})
 
 
-def raw_rows(data: LanguageModelActivations) -> dict[str, torch.Tensor]:
+def raw_rows(data: LanguageModelDataModule) -> dict[str, torch.Tensor]:
     """Every kept training row, unscaled, by site."""
     pieces = list(data.train_stream.rows_in_text_order(ALL_TOKENS))
     return {site: torch.cat([p[site] for p in pieces]).double() for site in pieces[0]}
@@ -72,7 +72,7 @@ def module(dictionary) -> DictionaryModule:
 def test_batches_have_the_target_norm(tiny_folders, target, statistic, wanted):
     data = language_data(tiny_folders, normalize_target=target)
     data.setup()
-    batches = torch.cat(list(data.train_dataloader())).double()
+    batches = torch.cat([batch[SITE] for batch in data.train_dataloader()]).double()
     scale = data.scales[SITE]
     # On the estimation sample the statistic is exact; the batches hold the same rows but
     # for a last part-batch, so they agree closely.
@@ -92,7 +92,7 @@ def test_batches_have_the_target_norm(tiny_folders, target, statistic, wanted):
         pairs = list(zip(loader, raw_loader, strict=True))
         assert pairs
         for scaled, plain in pairs:
-            torch.testing.assert_close(scaled, plain * scale, rtol=1e-6, atol=0)
+            torch.testing.assert_close(scaled[SITE], plain[SITE] * scale, rtol=1e-6, atol=0)
 
 
 def test_export_takes_raw_activations_and_spliced_ce_reads_them(tiny_folders, tmp_path):
@@ -158,7 +158,7 @@ def test_a_transcoder_gets_separate_input_and_output_scales(tiny_folders, tmp_pa
 
 def test_dict_batches_scale_each_dictionary_by_its_own_site(tiny_folders):
     sites = ["layers.1.resid_post", "layers.2.resid_post"]
-    data = language_data(tiny_folders, sites, batch_format="dict", train_tokens=16 * 2)
+    data = language_data(tiny_folders, sites, train_tokens=16 * 2)
 
     def sae(site):
         dictionary = create_dictionary("topk", d_in=32, d_latent=64, k=4)
@@ -190,8 +190,14 @@ def test_resume_keeps_the_saved_scale(tiny_folders, tmp_path):
     first = language_data(tiny_folders, train_tokens=16 * 8)
     _, path = fit(first, 4)
     saved = first.scales
-    state = torch.load(path, weights_only=True)["LanguageModelActivations"]
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["LanguageModelDataModule"]
     assert state["train_stream"]["scales"] == saved
+    # Resumed from a checkpoint written before the rename, which keys the data module's
+    # state by its former class name: the state (and so the factor) must still be found.
+    checkpoint["LanguageModelActivations"] = checkpoint.pop("LanguageModelDataModule")
+    path = tmp_path / "before-the-rename.ckpt"
+    torch.save(checkpoint, path)
 
     # Fewer estimation tokens would estimate another factor: the resumed run must not.
     resumed = language_data(tiny_folders, train_tokens=16 * 8, normalize_tokens=24)

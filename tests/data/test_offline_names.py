@@ -6,10 +6,12 @@ import pytest
 
 from lightning_interp.backbones import Backbone
 from lightning_interp.backbones.offline import resolve_offline_model
+from lightning_interp.data import (
+    EmbeddingDataModule,
+    LanguageModelDataModule,
+    VisionModelDataModule,
+)
 from lightning_interp.data.cache import ActivationCache
-from lightning_interp.data.embeddings import EmbeddingDataModule
-from lightning_interp.data.image_datamodule import VisionModelActivations
-from lightning_interp.data.lm_datamodule import LanguageModelActivations
 from lightning_interp.data.offline import (
     OFFLINE_DATASETS,
     SMOLLM2_GGUF,
@@ -53,7 +55,7 @@ def test_dataset_names_say_what_the_data_are():
 
 
 def test_data_modules_record_canonical_ids_and_keep_the_configured_names():
-    language = LanguageModelActivations("offline:smollm2", "layers.6.resid_post", context_size=64)
+    language = LanguageModelDataModule("offline:smollm2", "layers.6.resid_post", context_size=64)
     provenance = language.provenance  # from the configuration alone: nothing is loaded
     assert language.backbone is None
     assert provenance["backbone"] == SMOLLM2 and provenance["context_size"] == 64
@@ -64,7 +66,7 @@ def test_data_modules_record_canonical_ids_and_keep_the_configured_names():
     embeddings = EmbeddingDataModule("offline:minilm", "offline:polarity")
     assert embeddings.provenance["backbone"] == MINILM
     assert re.match(r"200 movie-review sentences", embeddings.provenance["dataset"])
-    vision = VisionModelActivations("openai/clip-vit-base-patch32", "vision.layers.8.resid_post")
+    vision = VisionModelDataModule("openai/clip-vit-base-patch32", "vision.layers.8.resid_post")
     assert vision.provenance["backbone"] == "openai/clip-vit-base-patch32"
     assert "scikit-learn" in vision.provenance["dataset"]
 

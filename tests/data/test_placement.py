@@ -10,16 +10,23 @@ import torch
 from torch import nn
 
 from lightning_interp.backbones import Backbone
+from lightning_interp.data import (
+    ActivationStream,
+    EmbeddingDataModule,
+    LanguageModelDataModule,
+    VisionModelDataModule,
+)
 from lightning_interp.data.embed import embed
-from lightning_interp.data.embeddings import EmbeddingDataModule
-from lightning_interp.data.image_datamodule import VisionModelActivations
-from lightning_interp.data.lm_datamodule import LanguageModelActivations
-from lightning_interp.data.stream import ActivationStream
 from tests.backbones.tiny_models import build
 from tests.data.test_tokens import make_tokenizer, random_texts
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SITE = "layers.1.resid_post"
+
+
+def first_rows(batch) -> torch.Tensor:
+    """Activation batches are {site: rows}, labelled embeddings (embeddings, labels)."""
+    return next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
 
 
 class Probe(L.LightningModule):
@@ -44,13 +51,11 @@ class Probe(L.LightningModule):
         self.forwards.append((first.device, autocast, torch.get_autocast_dtype(kind)))
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
-        rows = batch[0] if isinstance(batch, tuple | list) else batch
-        self.batch_devices.append(rows.device)  # as the data module produced it
+        self.batch_devices.append(first_rows(batch).device)  # as the data module produced it
         return batch
 
     def training_step(self, batch, batch_idx):
-        rows = batch[0] if isinstance(batch, tuple | list) else batch
-        return self.layer(rows.float()).pow(2).mean()
+        return self.layer(first_rows(batch).float()).pow(2).mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
@@ -75,7 +80,7 @@ def fit_two_steps(data, width, accelerator="cpu", presetup=False):
 
 
 def language_data(tiny_folders, **kwargs):
-    return LanguageModelActivations(
+    return LanguageModelDataModule(
         tiny_folders["gpt2"],
         SITE,
         text=tiny_folders["text"],
@@ -107,7 +112,7 @@ def test_language_backbone_and_stream_on_the_root_device(tiny_folders, presetup)
 
 
 def test_vision_backbone_on_the_root_device(tiny_folders):
-    data = VisionModelActivations(
+    data = VisionModelDataModule(
         tiny_folders["clip"],
         "vision.layers.1.resid_post",
         images="offline:digits",
@@ -158,7 +163,7 @@ def test_language_model_forward_runs_on_the_gpu(tiny_folders, presetup):
 @pytest.mark.cuda
 @cuda
 def test_vision_and_embedding_backbones_on_the_gpu(tiny_folders):
-    vision = VisionModelActivations(
+    vision = VisionModelDataModule(
         tiny_folders["clip"],
         "vision.layers.1.resid_post",
         images="offline:digits",
@@ -204,4 +209,5 @@ def test_the_stream_syncs_with_the_gpu_only_inside_the_model(tiny_folders):
         batches = list(stream)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    batches = [batch[SITE] for batch in batches]
     assert batches and all(b.device.type == "cuda" and b.shape == (32, 32) for b in batches)

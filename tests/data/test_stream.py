@@ -90,28 +90,41 @@ def multiset(rows):
     return Counter(row.numpy().tobytes() for row in rows)
 
 
+def rows(batch):
+    """A batch ``{site: rows}`` as one tensor, the sites' rows side by side in batch order."""
+    return torch.cat(list(batch.values()), dim=-1)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_shapes_for_one_two_and_three_sites(backbones, family):
     backbone = backbones[family]
-    one = next(iter(ActivationStream(backbone, TEXTS, SITE, **SMALL)))
-    assert one.shape == (16, 32) and one.dtype == torch.float32 and not one.requires_grad
-    inputs, targets = next(iter(ActivationStream(backbone, TEXTS, PAIR, **SMALL)))
-    assert inputs.shape == (16, 32) and targets.shape == (16, 32)
-    assert not torch.equal(inputs, targets)
+    # Every batch is {site: rows}, keyed by canonical site name in the order given.
+    (one,) = next(iter(ActivationStream(backbone, TEXTS, SITE, **SMALL))).items()
+    assert one[0] == SITE and one[1].shape == (16, 32)
+    assert one[1].dtype == torch.float32 and not one[1].requires_grad
+    pair = next(iter(ActivationStream(backbone, TEXTS, PAIR, **SMALL)))
+    assert list(pair) == PAIR and all(t.shape == (16, 32) for t in pair.values())
+    assert not torch.equal(*pair.values())
     sites = ["layers.0.resid_post", "layers.1.mlp_in", "layers.1.resid_post"]
     three = next(iter(ActivationStream(backbone, TEXTS, sites, **SMALL)))
     assert list(three) == sites and all(t.shape == (16, 32) for t in three.values())
     glob = next(iter(ActivationStream(backbone, TEXTS, "layers.*.resid_post", **SMALL)))
-    assert isinstance(glob, tuple) and len(glob) == 2
+    assert list(glob) == ["layers.0.resid_post", "layers.1.resid_post"]
     wide = next(iter(ActivationStream(backbone, TEXTS, SITE, dtype=torch.float64, **SMALL)))
-    assert wide.dtype == torch.float64
+    assert wide[SITE].dtype == torch.float64
+
+
+def test_batch_format_is_deprecated_and_ignored(backbones):
+    with pytest.warns(DeprecationWarning, match="batch_format is deprecated and ignored"):
+        stream = ActivationStream(backbones["gpt2"], TEXTS, PAIR, batch_format="auto", **SMALL)
+    assert list(next(iter(stream))) == PAIR
 
 
 @pytest.mark.parametrize("exclude", [True, False])
 def test_yields_exactly_the_kept_activations(backbones, exclude):
     backbone = backbones["gpt2"]
     stream = ActivationStream(backbone, TEXTS, PAIR, exclude_special_tokens=exclude, **SMALL)
-    batches = [torch.cat(pair, dim=-1) for pair in stream]
+    batches = [rows(batch) for batch in stream]
     ids = torch.stack(list(pack_texts(TEXTS, backbone.tokenizer, 16)))
     expected = kept_rows(backbone, 4, ids, torch.ones_like(ids), PAIR, exclude)
     specials = int(special_token_mask(ids, backbone.tokenizer).sum())
@@ -130,7 +143,7 @@ def test_yields_exactly_the_kept_activations(backbones, exclude):
 def test_chat_mode_keeps_conversations_apart(backbones):
     backbone = backbones["llama"]
     stream = ActivationStream(backbone, CONVERSATIONS, SITE, chat=True, **SMALL)
-    yielded = torch.cat(list(stream))
+    yielded = torch.cat([rows(batch) for batch in stream])
     contexts = list(iter_chat(CONVERSATIONS, backbone.tokenizer, 16))
     ids = torch.stack([c[1] for c in contexts])
     mask = torch.stack([c[2] for c in contexts])
@@ -147,7 +160,7 @@ def test_deterministic_under_seed(backbones):
     again = list(ActivationStream(backbone, lambda: iter(TEXTS), SITE, seed=3, **SMALL))
     other = list(ActivationStream(backbone, TEXTS, SITE, seed=4, **SMALL))
     assert same_batches(first, again)
-    assert not torch.equal(first[0], other[0])
+    assert not torch.equal(rows(first[0]), rows(other[0]))
 
 
 def test_total_tokens_and_length(backbones):
@@ -158,9 +171,9 @@ def test_total_tokens_and_length(backbones):
 
 
 def same_batches(first, second):
-    """Bitwise equal sequences of batches (tensors or tuples of tensors)."""
+    """Bitwise equal sequences of batches (dicts by site, or tensors)."""
     flat = [
-        [t for b in batches for t in (b if isinstance(b, tuple) else (b,))]
+        [t for b in batches for t in (b.values() if isinstance(b, dict) else (b,))]
         for batches in (first, second)
     ]
     return len(flat[0]) == len(flat[1]) and all(map(torch.equal, *flat))
@@ -282,10 +295,10 @@ def test_state_before_iterating_and_after_the_end(backbones):
 
 def test_workers_capture_disjoint_batches(backbones):
     backbone = backbones["gpt2"]
-    single = torch.cat(list(ActivationStream(backbone, TEXTS, SITE, **SMALL)))
+    single = torch.cat([rows(b) for b in ActivationStream(backbone, TEXTS, SITE, **SMALL)])
     stream = ActivationStream(backbone, TEXTS, SITE, **SMALL)
     loader = DataLoader(stream, batch_size=None, num_workers=2)
-    sharded = torch.cat(list(loader))
+    sharded = torch.cat([rows(b) for b in loader])
     ids = torch.stack(list(pack_texts(TEXTS, backbone.tokenizer, 16)))
     expected = kept_rows(backbone, 4, ids, torch.ones_like(ids), [SITE])
     # Each capture batch went to one worker: no row twice, at most one partial batch lost each.
@@ -327,6 +340,7 @@ class Recorder(L.LightningModule):
         self.seen = []
 
     def training_step(self, batch, batch_idx):
+        batch = rows(batch)
         self.seen.append(batch.clone())
         return self.layer(batch).pow(2).mean()
 

@@ -102,7 +102,7 @@ def test_minilm_stream_packs_with_cls_and_sep(minilm):
         context_size=64,
         buffer_tokens=256,
     )
-    rows = torch.cat(list(stream))
+    rows = torch.cat([batch["layers.1.resid_post"] for batch in stream])  # {site: rows}
     specials = sum(
         int(torch.isin(c, torch.tensor(tokenizer.all_special_ids)).sum()) for c in contexts
     )
@@ -130,7 +130,7 @@ def test_smollm2_chat_stream_keeps_conversations_apart(smollm2):
         contexts_per_capture=3,
         buffer_tokens=128,
     )
-    batches = list(stream)
+    batches = [batch["layers.3.resid_post"] for batch in stream]  # {site: rows}
     assert batches and all(b.shape == (32, 576) for b in batches)
     assert all(torch.isfinite(b).all() for b in batches)
 
@@ -138,11 +138,11 @@ def test_smollm2_chat_stream_keeps_conversations_apart(smollm2):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_smollm2_data_module_runs_its_forward_on_the_gpu():
-    from lightning_interp.data.lm_datamodule import LanguageModelActivations
+    from lightning_interp.data import LanguageModelDataModule
     from tests.data.test_placement import fit_two_steps
 
     autocast = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    data = LanguageModelActivations(
+    data = LanguageModelDataModule(
         "offline:smollm2",
         "layers.6.resid_post",
         context_size=128,

@@ -195,24 +195,17 @@ def test_the_export_folds_the_training_scale_and_takes_raw_activations(tmp_path,
         torch.testing.assert_close(exported(raw), expected, rtol=1e-4, atol=1e-4 * s_out**-1)
 
 
-class ScaledRows:
-    """The two attributes a dataset that scales its sites announces itself with."""
-
-    def __init__(self, scales, sites):
-        self.scales, self.sites = scales, sites
-
-
 def test_recorded_scales_refuse_double_scaling_and_unfoldable_transcoders():
     sae = create_dictionary("topk", d_in=8, d_latent=16, k=2)
-    assert record_activation_scales(sae, ScaledRows({"x": 0.5}, ["x"]))
+    assert record_activation_scales(sae, {"x": 0.5}, ["x"])
     assert sae.config.provenance.site == "x" and sae.config.provenance.activation_scale == 0.5
-    assert record_activation_scales(sae, ScaledRows({"x": 0.5}, ["x"]))  # idempotent
+    assert record_activation_scales(sae, {"x": 0.5}, ["x"])  # idempotent
     with pytest.raises(ConfigError, match="activation_scale is 0.5 but the training data"):
-        record_activation_scales(sae, ScaledRows({"x": 0.25}, ["x"]))
-    assert not record_activation_scales(sae, object())  # a dataset that does not scale
+        record_activation_scales(sae, {"x": 0.25}, ["x"])
+    assert not record_activation_scales(sae, {}, ["x"])  # data that does not scale
     transcoder = create_dictionary("topk", d_in=8, d_latent=16, d_out=8, k=2)  # resid -> resid
     with pytest.raises(ConfigError, match="set apply_b_dec_to_input: false"):
-        record_activation_scales(transcoder, ScaledRows({"x": 0.5, "y": 2.0}, ["x", "y"]))
+        record_activation_scales(transcoder, {"x": 0.5, "y": 2.0}, ["x", "y"])
 
 
 def test_the_card_states_the_dead_window():
