@@ -5,6 +5,7 @@ Every data module here that yields activations implements
 (:mod:`~lightning_interp.data.batches`).
 """
 
+from lightning_interp.backbones.special_tokens import special_token_ids, special_token_mask
 from lightning_interp.data.batches import inputs_and_targets, sites_read, split_batch
 from lightning_interp.data.buffer import ShufflingBuffer
 from lightning_interp.data.cache import (
@@ -25,13 +26,7 @@ from lightning_interp.data.synthetic import (
     SyntheticActivations,
     mean_max_cosine_similarity,
 )
-from lightning_interp.data.tokens import (
-    TextPosition,
-    chat_contexts,
-    pack_texts,
-    special_token_ids,
-    special_token_mask,
-)
+from lightning_interp.data.tokens import TextPosition, chat_contexts, pack_texts
 
 __all__ = [
     "ActivationCache",

@@ -50,6 +50,7 @@ from torch.utils.data import IterableDataset
 
 from lightning_interp._dtypes import dtype_from_name
 from lightning_interp.backbones.devices import to_device
+from lightning_interp.backbones.special_tokens import special_token_ids
 from lightning_interp.data import sharding
 from lightning_interp.data.cache_format import check_scales
 from lightning_interp.data.renamed import warn_ignored
@@ -59,7 +60,6 @@ from lightning_interp.data.tokens import (
     TextPosition,
     batch_contexts,
     iter_contexts,
-    special_token_ids,
 )
 from lightning_interp.errors import ConfigError
 

@@ -276,36 +276,3 @@ def batch_contexts(
     contexts = iter(contexts)
     while group := list(itertools.islice(contexts, size)):
         yield group[0][0], torch.stack([g[1] for g in group]), torch.stack([g[2] for g in group])
-
-
-def special_token_ids(tokenizer: Any) -> list[int]:
-    """Ids of every special token: pad, BOS, EOS, UNK, and added tokens marked special.
-
-    Added special tokens include chat-template markers (``<|im_start|>``, Llama 3's
-    ``<|start_header_id|>``) that some tokenizers leave out of ``all_special_ids``.
-    """
-    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
-    for which in ("bos", "eos", "pad", "unk"):
-        token_id = getattr(tokenizer, f"{which}_token_id", None)
-        if token_id is not None:
-            ids.add(int(token_id))
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    ids.update(int(i) for i, token in added.items() if getattr(token, "special", False))
-    return sorted(ids)
-
-
-def special_token_mask(input_ids: Tensor, tokenizer: Any) -> Tensor:
-    """True where a token is special (pad, BOS, EOS, chat markers, ...).
-
-    Activations at those positions are left out of training: BOS is an attention sink
-    with a huge norm, and pad and separators carry no text.
-
-    Args:
-        input_ids: Token ids of any shape.
-        tokenizer: The tokenizer that produced them.
-
-    Returns:
-        A bool tensor shaped like ``input_ids``.
-    """
-    special = torch.tensor(special_token_ids(tokenizer), dtype=input_ids.dtype)
-    return torch.isin(input_ids, special.to(input_ids.device))

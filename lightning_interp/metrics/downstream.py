@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_interp.backbones.backbone import CAUSAL_SUFFIXES, Backbone
+from lightning_interp.backbones.special_tokens import special_token_ids as _all_special_ids
 from lightning_interp.errors import ConfigError, ShapeMismatchError
 from lightning_interp.metrics.next_token import CrossEntropyLossRecovered, SplicedKLDivergence
 
@@ -126,9 +127,7 @@ def _special_ids(backbone: Backbone, convention: str) -> list[int]:
         return sorted(_ids_from(backbone.model.config, attributes))
     if convention == "saelens":
         return sorted(_ids_from(tokenizer, _STRUCTURAL_IDS))
-    from lightning_interp.data.tokens import special_token_ids
-
-    return special_token_ids(tokenizer)
+    return _all_special_ids(tokenizer)
 
 
 @dataclass(frozen=True)

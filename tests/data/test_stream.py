@@ -12,8 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_interp.backbones import Backbone
+from lightning_interp.backbones.special_tokens import special_token_mask
 from lightning_interp.data.stream import ActivationStream, _StreamIterator
-from lightning_interp.data.tokens import iter_chat, pack_texts, special_token_mask
+from lightning_interp.data.tokens import iter_chat, pack_texts
 from lightning_interp.errors import ConfigError
 from tests.data.test_tokens import BOS, EOS, make_tokenizer, random_texts
 

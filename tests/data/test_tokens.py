@@ -8,14 +8,13 @@ import torch
 import transformers
 from tokenizers import models, pre_tokenizers
 
+from lightning_interp.backbones.special_tokens import special_token_ids, special_token_mask
 from lightning_interp.data.tokens import (
     TextPosition,
     chat_contexts,
     iter_chat,
     iter_packed,
     pack_texts,
-    special_token_ids,
-    special_token_mask,
 )
 from lightning_interp.errors import ConfigError
 
