@@ -30,6 +30,7 @@ from any subcommand is printed as one line on stderr with exit code 2.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import logging
@@ -146,6 +147,23 @@ def quiet_third_party_output() -> None:
 
         disable_progress_bars()
         transformers_logging.disable_progress_bar()
+        _quiet_gguf_loading()
+
+
+def _quiet_gguf_loading() -> None:
+    """Silence the GGUF de-quantisation bar, which ignores ``disable_progress_bar``.
+
+    transformers' GGUF loader (``modeling_gguf_pytorch_utils``, 5.x) calls a raw
+    ``tqdm.auto.tqdm``: 272 redrawn frames on one line of the quickstart's log. It is given
+    tqdm's own off switch; nothing else changes.
+    """
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    except ImportError:  # another transformers layout: nothing to silence
+        return
+    bar = getattr(gguf_loading, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_loading.tqdm = functools.partial(bar, disable=True)
 
 
 def _accepts(class_path: str, argument: str) -> bool:
