@@ -10,10 +10,12 @@ from lightning_interp.dictionaries.registry import (
     list_architectures,
     register_dictionary,
 )
+from lightning_interp.dictionaries.sparse_codes import SparseCodes
 from lightning_interp.dictionaries.standard import StandardConfig, StandardSAE
 from lightning_interp.dictionaries.topk import BatchTopKConfig, BatchTopKSAE, TopKConfig, TopKSAE
 
 __all__ = [
+    "SparseCodes",
     "BatchTopKConfig",
     "BatchTopKSAE",
     "Dictionary",

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_interp._dtypes import dtype_from_name, dtype_name
 from lightning_interp.dictionaries.config import DictionaryConfig, check_fits_in_memory, check_scale
 from lightning_interp.dictionaries.output import DictionaryOutput, squared_error
+from lightning_interp.dictionaries.sparse_codes import SparseCodes
 from lightning_interp.errors import ConfigError, CorruptFileError, ShapeMismatchError
 
 # DictionaryOutput and the losses live in output.py; they are re-exported from here, where
@@ -152,6 +153,30 @@ class Dictionary(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Sparse codes for ``x`` (``[..., d_in]`` to ``[..., d_latent]``)."""
         return self.activation(self.encode_pre(x))
+
+    @torch.no_grad()
+    def encode_sparse(self, x: Tensor, *, chunk_rows: int = 4096) -> SparseCodes:
+        """Codes of ``x`` (``[..., d_in]``, leading dims flattened) as :class:`SparseCodes`.
+
+        Args:
+            x: Activations ``[..., d_in]``.
+            chunk_rows: Rows encoded at once: memory holds one chunk's dense codes plus the
+                active entries of all rows, never ``[N, d_latent]``.
+
+        Example:
+            >>> from lightning_interp import create_dictionary
+            >>> sae = create_dictionary("topk", d_in=8, d_latent=32, k=3)
+            >>> x = torch.randn(5, 8)
+            >>> sparse = sae.encode_sparse(x)
+            >>> sparse.indices.shape, torch.equal(sparse.to_dense(), sae.encode(x))
+            (torch.Size([5, 3]), True)
+        """
+        rows = x.reshape(-1, x.shape[-1])
+        parts = [SparseCodes.from_dense(self.encode(chunk)) for chunk in rows.split(chunk_rows)]
+        if not parts:
+            empty = torch.zeros(0, 0, device=x.device)
+            return SparseCodes(empty, empty.long(), self.d_latent)
+        return SparseCodes.cat(parts)
 
     def decode(self, codes: Tensor) -> Tensor:
         """Reconstruction from codes (``[..., d_latent]`` to ``[..., d_out]``)."""
