@@ -158,10 +158,8 @@ class Dictionary(nn.Module):
     def encode_sparse(self, x: Tensor, *, chunk_rows: int = 4096) -> SparseCodes:
         """Codes of ``x`` (``[..., d_in]``, leading dims flattened) as :class:`SparseCodes`.
 
-        Args:
-            x: Activations ``[..., d_in]``.
-            chunk_rows: Rows encoded at once: memory holds one chunk's dense codes plus the
-                active entries of all rows, never ``[N, d_latent]``.
+        Rows are encoded ``chunk_rows`` at a time: memory holds one chunk's pre-activations
+        plus the active entries of all rows, never ``[N, d_latent]`` codes.
 
         Example:
             >>> from lightning_interp import create_dictionary
@@ -172,11 +170,12 @@ class Dictionary(nn.Module):
             (torch.Size([5, 3]), True)
         """
         rows = x.reshape(-1, x.shape[-1])
-        parts = [SparseCodes.from_dense(self.encode(chunk)) for chunk in rows.split(chunk_rows)]
-        if not parts:
-            empty = torch.zeros(0, 0, device=x.device)
-            return SparseCodes(empty, empty.long(), self.d_latent)
-        return SparseCodes.cat(parts)
+        parts = [self.encode_sparse_chunk(chunk) for chunk in rows.split(chunk_rows)]
+        return SparseCodes.cat(parts) if parts else SparseCodes.empty(self.d_latent, x.device)
+
+    def encode_sparse_chunk(self, x: Tensor) -> SparseCodes:
+        """:class:`SparseCodes` of ``[n, d_in]`` rows; architectures may skip the dense codes."""
+        return SparseCodes.from_dense(self.encode(x))
 
     def decode(self, codes: Tensor) -> Tensor:
         """Reconstruction from codes (``[..., d_latent]`` to ``[..., d_out]``)."""

@@ -96,6 +96,24 @@ class SparseCodes:
         )
 
     @classmethod
+    def empty(cls, d_latent: int, device: torch.device | str | None = None) -> SparseCodes:
+        """Codes of zero rows."""
+        values = torch.zeros(0, 0, device=device)
+        return cls(values, values.long(), d_latent)
+
+    @classmethod
+    def from_topk(cls, values: Tensor, indices: Tensor, d_latent: int) -> SparseCodes:
+        """From per-row ``topk`` of pre-activations ``[N, k]``, ReLU applied here.
+
+        Sorts each row by value and marks entries the ReLU zeroed as padding, so TopK
+        dictionaries never build the dense ``[N, d_latent]`` codes.
+        """
+        values, order = torch.relu(values).sort(dim=-1, descending=True)
+        indices = indices.gather(-1, order)
+        padding = values == 0
+        return cls(values, indices.masked_fill(padding, PAD_INDEX), d_latent)
+
+    @classmethod
     def cat(cls, parts: Sequence[SparseCodes]) -> SparseCodes:
         """Rows of several batches, padded to the widest."""
         if not parts:

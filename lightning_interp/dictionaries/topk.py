@@ -15,6 +15,7 @@ from lightning_interp.dictionaries.config import (
     check_non_negative,
 )
 from lightning_interp.dictionaries.registry import register_dictionary
+from lightning_interp.dictionaries.sparse_codes import SparseCodes
 from lightning_interp.dictionaries.sparse_ops import SparsePattern, gather_encoder, sparse_decode
 from lightning_interp.errors import ConfigError
 
@@ -137,6 +138,11 @@ class TopKSAE(_TopKFamily):
     def activation(self, pre: Tensor) -> Tensor:
         """Per-row top-k then ReLU."""
         return keep_topk(pre, self.config.k)[0]
+
+    def encode_sparse_chunk(self, x: Tensor) -> SparseCodes:
+        """The ``k`` entries of each row straight from ``topk``: no dense codes."""
+        values, indices = self.encode_pre(x).topk(self.config.k, dim=-1, sorted=False)
+        return SparseCodes.from_topk(values, indices, self.d_latent)
 
     def forward_train(self, x: Tensor) -> DictionaryOutput:
         """Training forward pass on ``[N, d_in]``; sparse unless ``sparse_training`` is off.
