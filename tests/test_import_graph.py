@@ -38,7 +38,9 @@ ALLOWED = {
     # so it may import anything; DESIGN's list was an example, not a limit.
     "cli": {"modules", "features", "circuits", "zoo", "callbacks"},
     "modules": {"dictionaries", "concepts", "metrics", "data"},
-    "features": {"dictionaries", "backbones", "data", "metrics"},
+    # Amended: the feature tools read a dictionary from any source (a folder, the Hub, a
+    # catalogue id) through the zoo's one loader, as the CLI's other commands do.
+    "features": {"dictionaries", "backbones", "data", "metrics", "zoo"},
     "circuits": {"dictionaries", "backbones", "data", "metrics"},
     "zoo": {"dictionaries", "concepts"},
     # Amended: callbacks are the plug-in twin of modules/ and reuse its training core
