@@ -45,6 +45,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_interp._commands import PROG, error_line
 from lightning_interp.callbacks.progress import LogProgress
 from lightning_interp.errors import (
     CheckpointError,
@@ -52,8 +53,6 @@ from lightning_interp.errors import (
     LightningInterpDeprecationWarning,
     LightningInterpError,
 )
-
-PROG = "lightning-interp"
 
 # Lightning's own subcommands (LightningCLI.subcommands()).
 TRAINING_COMMANDS: tuple[str, ...] = tuple(LightningCLI.subcommands())
@@ -65,6 +64,8 @@ EXTRA_COMMANDS: dict[str, str] = {
     "card": "lightning_interp.zoo.commands:card",
     "convert": "lightning_interp.zoo.commands:convert",
     "zoo": "lightning_interp.zoo.commands:zoo",
+    "features": "lightning_interp.features.commands:features",
+    "dashboard": "lightning_interp.features.dashboard:command",
 }
 
 # Warnings about choices made on purpose, which say nothing about the run: the activation
@@ -89,12 +90,6 @@ def version() -> str:
         from lightning_interp import __version__
 
         return __version__
-
-
-def error_line(command: str | None, err: BaseException) -> str:
-    """``lightning-interp[ command]: error: <first line of err>``, the one line printed."""
-    message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return f"{PROG}{' ' + command if command else ''}: error: {message}"
 
 
 def typed_error(err: BaseException) -> LightningInterpError | None:

@@ -22,13 +22,14 @@ import lightning_interp
 ROOT = Path(lightning_interp.__file__).parent
 
 #: Neutral modules: anything may import them; they import only each other and ``errors``.
-NEUTRAL = {"_io", "_dtypes", "_validation", "_weights", "errors"}
+NEUTRAL = {"_io", "_dtypes", "_validation", "_weights", "_commands", "errors"}
 NEUTRAL_IMPORTS = {
     "errors": set(),
     "_io": {"errors"},
     "_validation": {"errors"},
     "_dtypes": {"errors", "_validation"},
     "_weights": {"errors", "_io", "_dtypes"},
+    "_commands": {"errors"},
 }
 
 #: DESIGN.md's table: what each package may import at module level (besides neutral modules),

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lightning_interp.errors import LightningInterpError
+from lightning_interp._commands import run_command
 
 Command = Callable[[list[str]], int]
 
@@ -24,17 +24,7 @@ def _command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Comma
     def decorate(run: Callable[[argparse.Namespace], int]) -> Command:
         @functools.wraps(run)
         def command(argv: list[str]) -> int:
-            parser = PARSERS[name]()
-            try:
-                args = parser.parse_args(argv)
-            except SystemExit as exit_:  # --help, or a usage error (already printed)
-                return int(exit_.code or 0)
-            try:
-                return run(args)
-            except LightningInterpError as err:
-                message = str(err).splitlines()[0] if str(err) else type(err).__name__
-                print(f"lightning-interp {name}: error: {message}", file=sys.stderr)
-                return 2
+            return run_command(name, PARSERS[name](), run, argv)
 
         return command
 
