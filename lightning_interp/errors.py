@@ -109,3 +109,11 @@ class LightningInterpDeprecationWarning(DeprecationWarning):
     A subclass of ``DeprecationWarning``, so the ``lightning-interp`` command can show these
     to its users while it silences third-party deprecations.
     """
+
+
+class FeatureStoreNotFoundError(LightningInterpError, FileNotFoundError):
+    """A feature-store folder (``store.json`` and its tensors) does not exist where named."""
+
+
+class InvalidFeatureStoreError(CorruptFileError):
+    """A feature store's files are unreadable, of another format/version, or inconsistent."""

@@ -1,0 +1,112 @@
+"""``lightning-interp features SOURCE --out DIR``: build a feature store from the command line.
+
+Backbone, site, text and context size default to the dictionary's provenance (the loadable
+names kept in ``provenance.extra``: ``backbone_source``, ``dataset_source``), so a
+dictionary trained by a recipe needs no other flag. Library errors are one line on stderr
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lightning_interp._commands import run_command
+from lightning_interp.errors import ConfigError, OutputExistsError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-interp features",
+        description="One pass of a dictionary over a corpus: per-latent statistics, top and "
+        "quantile-sampled contexts, logit lens and co-firing latents, as a feature store.",
+    )
+    parser.add_argument("source", help="dictionary: folder, org/name or zoo:<release>/<id>")
+    parser.add_argument("--out", required=True, help="store folder to create")
+    parser.add_argument("--tokens", type=int, help="kept tokens to read (default: all text)")
+    parser.add_argument("--text", help="text source (default: the dictionary's dataset)")
+    parser.add_argument("--backbone", help="model (default: the dictionary's backbone)")
+    parser.add_argument("--site", help="site (default: the dictionary's site)")
+    parser.add_argument("--top-k", type=int, default=20, help="top contexts per latent")
+    parser.add_argument("--window", type=int, default=32, help="tokens per context window")
+    parser.add_argument(
+        "--context-size", type=int, help="tokens per context (default: the dictionary's, else 128)"
+    )
+    parser.add_argument(
+        "--contexts-per-capture", type=int, default=8, help="contexts per backbone forward"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="capture batches between checkpoints to DIR.partial (0: none)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def resolve(dictionary: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Backbone, site, text and context size: the flags, else the dictionary's provenance.
+
+    Raises:
+        ConfigError: one of them is neither given nor recorded.
+    """
+    provenance = dictionary.config.provenance
+    extra = provenance.extra or {}
+    chosen = {
+        "backbone": args.backbone or extra.get("backbone_source") or provenance.backbone,
+        "site": args.site or provenance.site,
+        "text": args.text or extra.get("dataset_source") or provenance.dataset,
+        "context_size": args.context_size or provenance.context_size or 128,
+    }
+    missing = [name for name in ("backbone", "site", "text") if not chosen[name]]
+    if missing:
+        flags = " ".join(f"--{name} ..." for name in missing)
+        raise ConfigError(
+            f"the dictionary's provenance records no {', '.join(missing)}; pass {flags}"
+        )
+    return chosen
+
+
+def features(argv: list[str]) -> int:
+    """Run ``lightning-interp features``; returns the exit code."""
+    return run_command("features", _parser(), _run, argv)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lightning_interp.backbones import load_backbone
+    from lightning_interp.data.lm_datamodule import load_texts
+    from lightning_interp.features.build import Corpus, build_feature_store
+    from lightning_interp.features.store import FeatureSettings
+    from lightning_interp.zoo.load import load_dictionary
+
+    for name in ("tokens", "top_k", "window", "context_size", "contexts_per_capture"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if Path(args.out).exists():  # fail before loading anything
+        raise OutputExistsError(f"{args.out} exists; remove it or choose another --out")
+    dictionary = load_dictionary(args.source)
+    chosen = resolve(dictionary, args)
+    backbone = load_backbone(chosen["backbone"])
+    corpus = Corpus(
+        texts=load_texts(chosen["text"]),
+        name=chosen["text"],
+        context_size=chosen["context_size"],
+        contexts_per_capture=args.contexts_per_capture,
+        max_tokens=args.tokens,
+    )
+    out = build_feature_store(
+        dictionary,
+        backbone,
+        corpus,
+        args.out,
+        site=chosen["site"],
+        settings=FeatureSettings(top_k=args.top_k, window=args.window),
+        source=str(args.source),
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.quiet,
+    )
+    print(out)
+    return 0

@@ -1,0 +1,116 @@
+"""The feature-store folder (layout v1) and the progress folder of an unfinished build.
+
+A store is ``store.json``, ``stats.safetensors``, ``contexts.safetensors`` and
+``vocab.json`` (see docs/features.md). It is written in a sibling temporary folder and
+renamed into place, so a store either exists whole or not at all. An unfinished build keeps
+its accumulators in ``DIR.partial/``: ``state-<batch>.safetensors`` then ``progress.json``
+naming it (each file renamed into place), so a kill at any moment leaves a consistent
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lightning_interp._io import atomic_write, read_json
+from lightning_interp.errors import (
+    FeatureStoreNotFoundError,
+    InvalidFeatureStoreError,
+    OutputExistsError,
+)
+
+FORMAT = "lightning-interp-feature-store"
+VERSION = 1
+FILES = ("store.json", "stats.safetensors", "contexts.safetensors", "vocab.json")
+
+
+def _write_json(path: Path, values: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(values, indent=1), encoding="utf-8"))
+
+
+def partial_folder(out: Path) -> Path:
+    """Where the progress of a build of ``out`` is kept: ``<out>.partial``."""
+    return out.with_name(out.name + ".partial")
+
+
+def write_store(
+    out: Path,
+    meta: dict[str, Any],
+    stats: dict[str, Tensor],
+    contexts: dict[str, Tensor],
+    vocab: dict[str, str],
+) -> Path:
+    """Write a whole store at ``out`` atomically (temporary sibling folder, then rename).
+
+    Raises:
+        OutputExistsError: ``out`` exists already.
+    """
+    if out.exists():
+        raise OutputExistsError(f"{out} exists; remove it or choose another --out")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "store.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        save_file({k: v.contiguous() for k, v in stats.items()}, tmp / "stats.safetensors")
+        save_file({k: v.contiguous() for k, v in contexts.items()}, tmp / "contexts.safetensors")
+        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_store(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a store: ``{"meta", "stats", "contexts", "vocab"}`` (tensors by name).
+
+    Raises:
+        FeatureStoreNotFoundError: the folder or one of its files is missing.
+        InvalidFeatureStoreError: another format or version.
+    """
+    folder = Path(folder)
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise FeatureStoreNotFoundError(
+            f"{folder} is not a feature store (missing {missing}); build one with "
+            f"'lightning-interp features SOURCE --out {folder}'"
+        )
+    meta = read_json(folder / "store.json")
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise InvalidFeatureStoreError(
+            f"{folder}/store.json is {meta.get('format')!r} v{meta.get('version')}, not "
+            f"{FORMAT!r} v{VERSION}; rebuild it with this version of lightning-interp"
+        )
+    return {
+        "meta": meta,
+        "stats": load_file(folder / "stats.safetensors"),
+        "contexts": load_file(folder / "contexts.safetensors"),
+        "vocab": read_json(folder / "vocab.json"),
+    }
+
+
+def save_progress(partial: Path, tensors: dict[str, Tensor], progress: dict[str, Any]) -> None:
+    """Checkpoint a build: the tensors, then ``progress.json`` naming them."""
+    partial.mkdir(parents=True, exist_ok=True)
+    name = f"state-{progress['batches']}.safetensors"
+    atomic_write(partial / name, lambda tmp: save_file(tensors, tmp))
+    _write_json(partial / "progress.json", {**progress, "state": name})
+    for old in partial.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load_progress(partial: Path) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+    """``(progress, tensors)`` of the last checkpoint in ``partial``, or ``None``."""
+    if not (partial / "progress.json").is_file():
+        return None
+    progress = read_json(partial / "progress.json")
+    return progress, load_file(partial / progress["state"])
