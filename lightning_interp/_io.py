@@ -21,8 +21,10 @@ import json
 import os
 import re
 import secrets
+import shutil
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -239,3 +241,35 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise CorruptFileError(f"{path} holds a JSON {type(values).__name__}, not an object")
     return values
+
+
+@contextmanager
+def folder_replaced_atomically(out: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it becomes ``out`` in one rename.
+
+    A whole folder (a feature store, a dashboard, an export) then exists complete or not at
+    all: an error or a kill inside the block leaves the old state (the temporary is removed on
+    an error, and named ``.<out>.<pid>.<random>.tmp`` for cleaning after a kill).
+
+    Args:
+        out: The folder to create.
+        replace: Replace an existing ``out`` (two renames: the old folder leaves, the new
+            arrives; never a mix). Without it the caller must have refused an existing one.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}.{secrets.token_hex(4)}"
+    building = out.with_name(f".{out.name}.{tag}.tmp")
+    building.mkdir()
+    try:
+        yield building
+        if replace and out.exists():
+            old = out.with_name(f".{out.name}.{tag}.old.tmp")
+            os.replace(out, old)
+            os.replace(building, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(building, out)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise

@@ -124,3 +124,21 @@ def test_dtype_names_round_trip(name, dtype):
 def test_dtype_from_name_refuses_what_weights_cannot_be(name, error):
     with pytest.raises(error, match="float32"):
         dtype_from_name(name)
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    from lightning_interp._io import folder_replaced_atomically
+
+    out = tmp_path / "store"
+    with folder_replaced_atomically(out) as building:
+        (building / "a.json").write_text("1")
+        assert not out.exists()  # nothing visible before the block ends
+    assert (out / "a.json").read_text() == "1"
+    with pytest.raises(RuntimeError), folder_replaced_atomically(out, replace=True) as building:
+        (building / "a.json").write_text("2")
+        raise RuntimeError("killed halfway")
+    assert (out / "a.json").read_text() == "1"  # the old folder stays
+    with folder_replaced_atomically(out, replace=True) as building:
+        (building / "b.json").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["b.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # no temporaries left

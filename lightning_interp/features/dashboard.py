@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from lightning_interp._commands import run_command
+from lightning_interp._io import folder_replaced_atomically
 from lightning_interp.errors import OutputExistsError
 from lightning_interp.features.dashboard_store import DashboardStore, TokenTexts, read_store
 
@@ -349,23 +349,8 @@ def build_dashboard(
     shown = data.d_latent if latents is None else data.check_latents(latents)
     out = Path(out)
     _check_output(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}.{secrets.token_hex(4)}"
-    building = out.parent / f".{out.name}.{tag}.partial"
-    building.mkdir()
-    try:
+    with folder_replaced_atomically(out, replace=True) as building:
         _render_all(data, building, shown)
-        if out.exists():
-            # Two renames: the old dashboard leaves, the new one arrives; never a mix.
-            old = out.parent / f".{out.name}.{tag}.old"
-            os.replace(out, old)
-            os.replace(building, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(building, out)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
     return out / "index.html"
 
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lightning_interp._io import atomic_write, read_json
+from lightning_interp._io import atomic_write, folder_replaced_atomically, read_json
 from lightning_interp.errors import (
     FeatureStoreNotFoundError,
     InvalidFeatureStoreError,
@@ -55,17 +53,11 @@ def write_store(
     """
     if out.exists():
         raise OutputExistsError(f"{out} exists; remove it or choose another --out")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir(parents=True)
-    try:
+    with folder_replaced_atomically(out) as tmp:
         (tmp / "store.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         save_file({k: v.contiguous() for k, v in stats.items()}, tmp / "stats.safetensors")
         save_file({k: v.contiguous() for k, v in contexts.items()}, tmp / "contexts.safetensors")
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
