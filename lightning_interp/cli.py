@@ -66,6 +66,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "zoo": "lightning_interp.zoo.commands:zoo",
     "features": "lightning_interp.features.commands:features",
     "dashboard": "lightning_interp.features.dashboard:command",
+    "neuronpedia": "lightning_interp.features.neuronpedia:command",
 }
 
 # Warnings about choices made on purpose, which say nothing about the run: the activation
