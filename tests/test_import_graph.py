@@ -48,7 +48,8 @@ ALLOWED = {
     # (DictionaryLearner, the non-finite guards) rather than copy it; a plug-in also loads
     # dictionaries from the zoo (SpliceDictionary("org/repo")). modules/ never imports
     # callbacks/, so no circle.
-    "callbacks": {"dictionaries", "metrics", "backbones", "data", "modules", "zoo"},
+    # Amended: FeatureDashboard ends a fit with the feature tools' store and dashboard.
+    "callbacks": {"dictionaries", "metrics", "backbones", "data", "modules", "zoo", "features"},
     "data": {"backbones"},
     # Leaves, usable without Lightning or the Hub.
     "dictionaries": set(),

@@ -54,6 +54,14 @@ def _owner(folder: Path) -> str | None:
         return None
 
 
+def learner_folders(root: Path, pl_module: L.LightningModule) -> dict[str | None, Path]:
+    """Each dictionary's output folder: ``root`` for a single one, else ``root/<name>``."""
+    return {
+        name: root if name is None else safe_join(root, check_folder_name(name, "name"))
+        for name, _ in pl_module.named_learners()
+    }
+
+
 class ExportDictionary(L.Callback):
     """At the end of fit, save each dictionary and its final validation metrics.
 
@@ -105,11 +113,7 @@ class ExportDictionary(L.Callback):
         return Path(self.dirpath if self.dirpath is not None else trainer.default_root_dir)
 
     def _folders(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        root = self.output_dir(trainer)
-        return {
-            name: root if name is None else safe_join(root, check_folder_name(name, "name"))
-            for name, _ in pl_module.named_learners()
-        }
+        return learner_folders(self.output_dir(trainer), pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         """The run id, kept in checkpoints so a resumed run may replace its own export."""
