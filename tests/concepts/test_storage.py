@@ -9,7 +9,7 @@ import torch
 
 from lightning_interp.concepts import ConceptBank, ConceptHead, SupervisedCBM
 from lightning_interp.errors import NonFiniteError
-from tests.zoo.helpers import write_then_kill
+from tests.zoo.helpers import KILL_POINTS, write_then_kill
 
 
 def _head(names, bottleneck, seed):
@@ -62,14 +62,7 @@ KINDS = {
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to kill a writer for real")
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@pytest.mark.parametrize(
-    ("when", "which", "survivor"),
-    [
-        ("before", 1, "old"),  # killed with the new weights complete, not yet renamed
-        ("after", 1, "new"),  # killed between the weights' rename and the config's
-        ("after", 0, "new"),  # killed after both renames
-    ],
-)
+@pytest.mark.parametrize(("when", "which", "survivor"), KILL_POINTS)
 def test_a_writer_killed_at_any_step_leaves_the_old_or_the_new_object(
     tmp_path, kind, when, which, survivor
 ):

@@ -223,27 +223,15 @@ def test_stream_state_carries_its_scales(tiny_folders):
     stream.scales = {SITE: 0.5}
     state = stream.state_dict()
     assert state["scales"] == {SITE: 0.5}
-    twin = ActivationStream(
-        data.backbone,
-        stream.texts,
-        SITE,
-        batch_size=16,
-        context_size=16,
-        contexts_per_capture=4,
-        buffer_tokens=128,
-    )
+
+    def twin_stream(**scales):
+        settings = dict(batch_size=16, context_size=16, contexts_per_capture=4, buffer_tokens=128)
+        return ActivationStream(data.backbone, stream.texts, SITE, **settings, **scales)
+
+    twin = twin_stream()
     twin.load_state_dict(state)
     assert twin.scales == {SITE: 0.5}
-    other = ActivationStream(
-        data.backbone,
-        stream.texts,
-        SITE,
-        batch_size=16,
-        context_size=16,
-        contexts_per_capture=4,
-        buffer_tokens=128,
-        scales={SITE: 2.0},
-    )
+    other = twin_stream(scales={SITE: 2.0})
     with pytest.raises(ConfigError, match="scaling by"):
         other.load_state_dict(state)
     with pytest.raises(ConfigError, match="finite and > 0"):

@@ -20,6 +20,7 @@ from lightning_interp import (
 )
 from lightning_interp.dictionaries import GatedSAE, JumpReLUSAE, TopKSAE, list_architectures
 from tests.helpers import small_dictionary
+from tests.zoo.helpers import KILL_POINTS
 
 ARCHITECTURES = list_architectures()
 WEIGHTS = "model.safetensors"
@@ -268,14 +269,7 @@ def _same_dictionary(loaded, reference):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to kill a writer for real")
 @pytest.mark.parametrize("fmt", sorted(FORMAT_FILES))
-@pytest.mark.parametrize(
-    ("when", "which", "survivor"),
-    [
-        ("before", 1, "old"),  # killed with the new weights complete, not yet renamed
-        ("after", 1, "new"),  # killed between the weights' rename and the config's
-        ("after", 0, "new"),  # killed after both renames
-    ],
-)
+@pytest.mark.parametrize(("when", "which", "survivor"), KILL_POINTS)
 def test_a_writer_killed_at_any_step_leaves_the_old_or_the_new_dictionary(
     tmp_path, fmt, when, which, survivor
 ):

@@ -39,6 +39,15 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(ta[name], tb[name], rtol=0, atol=0)
 
 
+#: Where a pair writer (weights, then config) is killed, and which object must survive:
+#: ``(when, which file's rename, survivor)`` for :func:`write_then_kill`.
+KILL_POINTS = [
+    ("before", 1, "old"),  # killed with the new weights complete, not yet renamed
+    ("after", 1, "new"),  # killed between the weights' rename and the config's
+    ("after", 0, "new"),  # killed after both renames
+]
+
+
 def write_then_kill(write, *, when, target):
     """Run ``write()`` in a forked child that SIGKILLs itself at the rename onto ``target``.
 
