@@ -1,7 +1,7 @@
 """Typed configuration dataclasses shared by every dictionary architecture.
 
 Every field is checked against its type hint when a config is built
-(:func:`~lightning_interp.dictionaries.validation.validate_fields`),
+(:func:`~lightning_interp._validation.validate_fields`),
 so a value read from JSON, YAML or a checkpoint's hyper-parameters that has the wrong type
 (``"false"`` for a bool, ``true`` for an int, a string for the provenance) is refused with a
 one-line :class:`~lightning_interp.errors.ConfigTypeError` naming the field and the fix. The
@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from lightning_interp._dtypes import dtype_from_name, dtype_name
-from lightning_interp.dictionaries.validation import dataclass_from_dict, describe, validate_fields
+from lightning_interp._validation import dataclass_from_dict, describe, validate_fields
 from lightning_interp.errors import ConfigError, ConfigTypeError
 
 BDecInit = Literal["geometric_median", "mean", "zeros"]
