@@ -196,14 +196,14 @@ class FeatureAccumulator:
         firing = acts > 0
         rows, latents, acts = rows[firing], latents[firing], acts[firing]
         self._stats(rows, latents, acts, row_source)
-        self._cofiring(indices.masked_fill(values <= 0, -1), row_source)
+        firing_indices = indices.masked_fill(values <= 0, -1)
+        self._cofiring(firing_indices, row_source)
         if not len(rows):
             return
         # Sorted (row, latent) keys: the window lookup is a searchsorted.
         lookup = rows * self.d_latent + latents
         lookup, order = lookup.sort()
-        lookup_acts = acts[order]
-        batch = _Batch(input_ids.cpu(), row_index.cpu(), lookup, lookup_acts, first, self)
+        batch = _Batch(input_ids.cpu(), row_index.cpu(), lookup, acts[order], first, self)
         examples = batch.examples(flat_pos[rows], latents, acts)
         self._merge_top(examples, batch)
         self._merge_quantiles(examples, batch)
@@ -245,103 +245,134 @@ class FeatureAccumulator:
 
     def _merge_top(self, ex: dict[str, Tensor], batch: _Batch) -> None:
         t = self.settings.top_k
-        keep = ex["value"] > self.top_values[ex["latent"], -1]
+        # Slots are unordered during the pass; the weakest held example is the bar to pass.
+        keep = ex["value"] > self.top_values.min(1).values[ex["latent"]]
         ex = {k: v[keep] for k, v in ex.items()}  # still sorted by (latent, source)
         if not len(ex["latent"]):
             return
         unique, matrix = _groups(ex["latent"])
         pool = torch.cat([self.top_values[unique], _pick(ex["value"], matrix, -1.0)], 1)
-        # Stable: on ties the held examples (earlier in the corpus) come first.
-        order = torch.argsort(-pool, dim=1, stable=True)[:, :t]
-        self._place("top", unique, order, matrix, ex, batch, pool.gather(1, order), None)
+        last = torch.iinfo(torch.long).max
+        source = torch.cat([self.top_source[unique], _pick(ex["source"], matrix, last)], 1)
+        order = _by_value_then_source(pool, source)[:, :t]
+        chosen = torch.zeros_like(pool, dtype=torch.bool).scatter_(1, order, True)
+        self._replace("top", unique, chosen, matrix, ex, batch)
 
     def _merge_quantiles(self, ex: dict[str, Tensor], batch: _Batch) -> None:
         s = self.settings
-        q, per = s.quantile_bins, s.per_quantile
         unique, matrix = _groups(ex["latent"])
         top = self.act_max[unique][:, None]
         values = torch.cat([self.quantile_values[unique], _pick(ex["value"], matrix, 0.0)], 1)
         keys = torch.cat([self.quantile_keys[unique], _pick(ex["key"], matrix, float("inf"))], 1)
-        bins = (values / top * q).ceil().long().sub(1).clamp(0, q - 1)
-        bins = bins.masked_fill(keys.isinf(), q)  # empty slots and padding sort last
-        order = torch.argsort(bins.double() * 2 + keys, dim=1, stable=True)
-        sorted_bins = bins.gather(1, order)
-        position = torch.arange(order.shape[1]).expand_as(order)
-        start = (
-            torch.where(
-                torch.cat(
-                    [
-                        torch.ones_like(sorted_bins[:, :1], dtype=torch.bool),
-                        sorted_bins[:, 1:] != sorted_bins[:, :-1],
-                    ],
-                    1,
-                ),
-                position,
-                torch.zeros_like(position),
-            )
-            .cummax(1)
-            .values
-        )
-        rank = position - start
-        chosen = (rank < per) & (sorted_bins < q)
-        # Slot bin * S + rank of each chosen pool entry; unchosen slots stay empty.
-        slots = torch.full((len(unique), q * per), -1)
-        row, col = chosen.nonzero(as_tuple=True)
-        slots[row, sorted_bins[row, col] * per + rank[row, col]] = order[row, col]
-        empty = slots < 0
-        slots = slots.clamp(min=0)
-        self._place("quantile", unique, slots, matrix, ex, batch, values.gather(1, slots), empty)
-        self.quantile_keys[unique] = keys.gather(1, slots).masked_fill(empty, float("inf"))
+        order, bins, rank = _bin_order(values, keys, top, s.quantile_bins)
+        chosen_sorted = (rank < s.per_quantile) & (bins < s.quantile_bins)
+        chosen = torch.zeros_like(chosen_sorted).scatter_(1, order, chosen_sorted)
+        self._replace("quantile", unique, chosen, matrix, ex, batch)
 
-    def _place(
+    def _replace(
         self,
         prefix: str,
         unique: Tensor,
-        order: Tensor,
+        chosen: Tensor,
         matrix: Tensor,
         ex: dict[str, Tensor],
         batch: _Batch,
-        new_values: Tensor,
-        empty: Tensor | None,
     ) -> None:
-        """Write the chosen pool entries into ``prefix``'s slots.
+        """Keep the chosen pool entries of ``prefix``'s slots; write only what changed.
 
-        ``order[i, j]`` is the pool column for slot ``j`` of latent ``unique[i]``: below the
-        number of held slots a held example, else new example ``matrix[i, column - held]``
-        (whose window is cut from the batch now); ``empty`` marks slots left empty.
+        ``chosen[i]`` marks, for latent ``unique[i]``, the held slots that stay (first
+        columns) and the new examples ``matrix[i, j]`` that enter (the rest). A new
+        example takes a slot whose example left; slots left over are emptied. Held
+        examples never move, so the cost follows the examples that enter, not the slots
+        (the order is restored once, by :meth:`ordered`).
         """
-        held = getattr(self, f"{prefix}_values").shape[1]
-        identity = torch.arange(order.shape[1]).expand_as(order)
-        moved = (order != identity) | (order >= held)
-        if empty is not None:
-            moved = (moved & ~empty) | (empty & (getattr(self, f"{prefix}_source")[unique] >= 0))
-        changed = moved.any(1)
-        if not changed.all():  # rows left as they were cost nothing
-            unique, order, matrix = unique[changed], order[changed], matrix[changed]
-            new_values = new_values[changed]
-            empty = None if empty is None else empty[changed]
-        tokens = getattr(self, f"{prefix}_tokens")[unique]
-        acts = getattr(self, f"{prefix}_activations")[unique]
-        source = getattr(self, f"{prefix}_source")[unique]
-        idx = order.clamp(max=held - 1)
-        out_tokens = tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[2]))
-        out_acts = acts.gather(1, idx[..., None].expand(-1, -1, acts.shape[2]))
-        out_source = source.gather(1, idx)
-        new = order >= held
-        if empty is not None:
-            new &= ~empty
-        r, c = new.nonzero(as_tuple=True)
-        picked = matrix[r, order[r, c] - held]
+        values, source = getattr(self, f"{prefix}_values"), getattr(self, f"{prefix}_source")
+        tokens = getattr(self, f"{prefix}_tokens")
+        acts = getattr(self, f"{prefix}_activations")
+        held = values.shape[1]
+        leaving = ~chosen[:, :held]
+        entering = chosen[:, held:]
+        # The r-th entering example of a row takes the r-th freed slot of that row.
+        freed = torch.sort(leaving.logical_not().to(torch.uint8), dim=1, stable=True).indices
+        rank = entering.cumsum(1) - 1
+        r, c = entering.nonzero(as_tuple=True)
+        slot, latent, picked = freed[r, rank[r, c]], unique[r], matrix[r, c]
+        # Freed slots nobody takes are emptied (quantile bins can shrink when the max grows).
+        spare = leaving & (leaving.cumsum(1) > entering.sum(1, keepdim=True))
+        sr, sc = spare.nonzero(as_tuple=True)
+        empty = unique[sr]
+        values[empty, sc], source[empty, sc], tokens[empty, sc], acts[empty, sc] = 0.0, -1, -1, 0
+        if prefix == "quantile":
+            self.quantile_keys[empty, sc] = float("inf")
+            self.quantile_keys[latent, slot] = ex["key"][picked]
         win_tokens, win_acts = batch.windows(ex["position"][picked], ex["latent"][picked])
-        out_tokens[r, c], out_acts[r, c] = win_tokens, win_acts
-        out_source[r, c] = ex["source"][picked]
+        tokens[latent, slot], acts[latent, slot] = win_tokens, win_acts
+        values[latent, slot], source[latent, slot] = ex["value"][picked], ex["source"][picked]
+
+    # ------------------------------------------------------------------ results
+    def ordered(self, prefix: str) -> dict[str, Tensor]:
+        """``prefix``'s examples in the store's order (new tensors; the state is unchanged).
+
+        Top examples: largest value first, the earlier token on ties. Quantile examples:
+        slot ``b * S + r`` holds the ``r``-th example (by key) of bin ``b`` of the latent's
+        final maximum; empty slots hold padding.
+        """
+        values, source = getattr(self, f"{prefix}_values"), getattr(self, f"{prefix}_source")
+        if prefix == "top":
+            order = _by_value_then_source(values, source.masked_fill(source < 0, 1 << 62))
+            empty = None
+        else:
+            s = self.settings
+            q, per = s.quantile_bins, s.per_quantile
+            top = self.act_max[:, None]
+            pool_order, bins, rank = _bin_order(values, self.quantile_keys, top, q)
+            chosen = (rank < per) & (bins < q)
+            order = torch.zeros_like(pool_order)
+            row, col = chosen.nonzero(as_tuple=True)
+            order[row, bins[row, col] * per + rank[row, col]] = pool_order[row, col]
+            empty = torch.ones_like(chosen)
+            empty[row, bins[row, col] * per + rank[row, col]] = False
+        out = {
+            "values": values.gather(1, order),
+            "source": source.gather(1, order),
+            "tokens": _gather_rows(getattr(self, f"{prefix}_tokens"), order),
+            "activations": _gather_rows(getattr(self, f"{prefix}_activations"), order),
+        }
         if empty is not None:
-            out_tokens[empty], out_acts[empty], out_source[empty] = -1, 0, -1
-            new_values = new_values.masked_fill(empty, 0.0)
-        getattr(self, f"{prefix}_values")[unique] = new_values
-        getattr(self, f"{prefix}_tokens")[unique] = out_tokens
-        getattr(self, f"{prefix}_activations")[unique] = out_acts
-        getattr(self, f"{prefix}_source")[unique] = out_source
+            out["values"][empty], out["source"][empty] = 0.0, -1
+            out["tokens"][empty], out["activations"][empty] = -1, 0
+        return out
+
+
+def _gather_rows(windows: Tensor, order: Tensor) -> Tensor:
+    """``windows[f, order[f, j], :]`` for every latent ``f`` and slot ``j``."""
+    return windows.gather(1, order[..., None].expand(-1, -1, windows.shape[2]))
+
+
+def _by_value_then_source(values: Tensor, source: Tensor) -> Tensor:
+    """Per row, column order by value (largest first), then source (earliest first)."""
+    order = torch.argsort(source, dim=1, stable=True)
+    return order.gather(1, torch.argsort(-values.gather(1, order), dim=1, stable=True))
+
+
+def _bin_order(values: Tensor, keys: Tensor, top: Tensor, q: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Entries sorted by (activation-quantile bin, key), with their bins and ranks in bin.
+
+    Bin ``b`` of ``q`` holds values in ``(b/q, (b+1)/q]`` of ``top``; entries with an
+    infinite key (empty slots, padding) get bin ``q`` and sort last.
+
+    Returns:
+        ``(order, sorted_bins, rank)``, each ``[rows, columns]``.
+    """
+    bins = (values / top * q).ceil().long().sub(1).clamp(0, q - 1)
+    bins = bins.masked_fill(keys.isinf(), q)
+    order = torch.argsort(bins.double() * 2 + keys, dim=1, stable=True)
+    sorted_bins = bins.gather(1, order)
+    position = torch.arange(order.shape[1]).expand_as(order)
+    first = torch.ones_like(sorted_bins, dtype=torch.bool)
+    first[:, 1:] = sorted_bins[:, 1:] != sorted_bins[:, :-1]
+    start = torch.where(first, position, torch.zeros_like(position)).cummax(1).values
+    return order, sorted_bins, position - start
 
 
 class _Batch:

@@ -100,12 +100,12 @@ def summarize(acc: FeatureAccumulator, tokens: int) -> tuple[dict[str, Tensor], 
     }
     contexts: dict[str, Tensor] = {}
     for prefix in ("top", "quantile"):
-        source = getattr(acc, f"{prefix}_source")
-        contexts[f"{prefix}_tokens"] = getattr(acc, f"{prefix}_tokens").clone()
-        contexts[f"{prefix}_activations"] = getattr(acc, f"{prefix}_activations").clone()
-        contexts[f"{prefix}_values"] = getattr(acc, f"{prefix}_values").clone()
-        contexts[f"{prefix}_center"] = torch.full(source.shape, s.center, dtype=torch.int16)
-        contexts[f"{prefix}_source"] = source.clone()
+        examples = acc.ordered(prefix)
+        for name, tensor in examples.items():
+            contexts[f"{prefix}_{name}"] = tensor
+        contexts[f"{prefix}_center"] = torch.full(
+            examples["source"].shape, s.center, dtype=torch.int16
+        )
     return stats, contexts
 
 

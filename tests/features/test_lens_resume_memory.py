@@ -121,5 +121,5 @@ def test_accumulators_stay_bounded_on_a_wide_dictionary():
         size = size or acc.nbytes()
         assert acc.nbytes() == size, f"grew at batch {batch}"
     assert int(acc.count.sum()) == 12 * rows * k
-    # The top slots hold exactly the largest per-context maxima seen (spot check one latent).
-    assert (acc.top_values[acc.count > 0, 0] > 0).all()
+    # The best top example of every latent is its largest activation (values are copied).
+    torch.testing.assert_close(acc.ordered("top")["values"][:, 0], acc.act_max, rtol=0, atol=0)
