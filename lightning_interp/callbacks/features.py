@@ -1,7 +1,9 @@
 """Read what a fit learned: a feature store and a browsable dashboard at the end of ``fit``.
 
 :class:`FeatureDashboard` runs :func:`~lightning_interp.features.build.build_feature_store`
-over the run's own backbone and text, then
+over the run's own backbone and text (or
+:func:`~lightning_interp.features.build_images.build_image_feature_store` over its images,
+for a vision tower), then
 :func:`~lightning_interp.features.dashboard.build_dashboard`, so a training run ends with
 ``index.html`` to open, as SAEDashboard does after SAELens training. Everything it reads
 comes from the data module's :class:`~lightning_interp.data.source.ActivationSource`
@@ -24,6 +26,7 @@ from lightning_interp.data.lm_datamodule import load_texts
 from lightning_interp.data.source import activation_source
 from lightning_interp.errors import ConfigError
 from lightning_interp.features.build import Corpus, build_feature_store
+from lightning_interp.features.build_images import ImageSet, build_image_feature_store
 from lightning_interp.features.dashboard import build_dashboard
 from lightning_interp.features.store import FeatureSettings
 
@@ -58,10 +61,15 @@ class FeatureDashboard(L.Callback):
         latents: Render only latents ``0 .. latents-1`` in the dashboard (default: all;
             the store always holds every latent).
         contexts_per_capture: Contexts per backbone forward.
+        images: With a data module serving a vision tower (a ``vision.*`` site, e.g.
+            :class:`~lightning_interp.data.VisionModelDataModule`): the images the pass
+            reads, first ones first (instead of ``tokens``; an example is a whole image,
+            see :mod:`~lightning_interp.features.build_images`).
 
     Raises:
         ConfigError: a value is not positive; or, at fit start, the data module holds no
-            backbone with a tokenizer (an activation cache, images), so there is no text.
+            backbone (an activation cache), or one without a tokenizer that does not serve a
+            vision site.
     """
 
     def __init__(
@@ -72,9 +80,11 @@ class FeatureDashboard(L.Callback):
         dirpath: str | None = None,
         latents: int | None = None,
         contexts_per_capture: int = 8,
+        images: int = 256,
     ) -> None:
         for name, value in (
             ("tokens", tokens),
+            ("images", images),
             ("top_k", top_k),
             ("window", window),
             ("latents", latents),
@@ -84,7 +94,7 @@ class FeatureDashboard(L.Callback):
                 raise ConfigError(f"FeatureDashboard's {name} must be positive, got {value}")
         self.tokens, self.top_k, self.window = tokens, top_k, window
         self.dirpath, self.latents = dirpath, latents
-        self.contexts_per_capture = contexts_per_capture
+        self.contexts_per_capture, self.images = contexts_per_capture, images
 
     def output_dir(self, trainer: L.Trainer) -> Path:
         """The output folder of this run (``dirpath``, else ``trainer.default_root_dir``)."""
@@ -93,13 +103,48 @@ class FeatureDashboard(L.Callback):
     def _source(self, trainer: L.Trainer) -> Any:
         source = activation_source(trainer.datamodule)
         backbone = None if source is None else source.backbone
-        if backbone is None or getattr(backbone, "tokenizer", None) is None:
+        if backbone is None or (
+            getattr(backbone, "tokenizer", None) is None and not _serves_images(source)
+        ):
             raise ConfigError(
                 "FeatureDashboard needs a data module that runs a language model over text "
-                "(LanguageModelDataModule); this run's has no backbone with a tokenizer. "
-                "Remove the callback, or build a store later with `lightning-interp features`"
+                "(LanguageModelDataModule) or a vision tower over images; this run's has "
+                "neither. Remove the callback, or build a store later with `lightning-interp "
+                "features`"
             )
         return source
+
+    def _pass(self, source: Any) -> Any:
+        """``build(dictionary, out, site, name)``: the feature pass over this run's data."""
+        provenance = source.provenance
+        if _serves_images(source):
+            data: Any = ImageSet.from_provenance(provenance, max_images=self.images)
+            build, settings = build_image_feature_store, FeatureSettings(top_k=self.top_k)
+        else:
+            text = provenance["extra"]["dataset_source"]
+            data = Corpus(
+                texts=load_texts(text),
+                name=text,
+                context_size=provenance.get("context_size") or 128,
+                contexts_per_capture=self.contexts_per_capture,
+                max_tokens=self.tokens,
+            )
+            build = build_feature_store
+            settings = FeatureSettings(top_k=self.top_k, window=self.window)
+
+        def run(dictionary: Any, out: Path, site: str, name: str) -> Path:
+            return build(
+                dictionary,
+                source.backbone,
+                data,
+                out,
+                site=site,
+                settings=settings,
+                source=name,
+                checkpoint_every=0,
+            )
+
+        return run
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse, before training, a run whose data cannot feed a feature pass."""
@@ -110,16 +155,7 @@ class FeatureDashboard(L.Callback):
         if not trainer.is_global_zero:
             return
         source = self._source(trainer)
-        provenance = source.provenance
-        text = provenance["extra"]["dataset_source"]
-        corpus = Corpus(
-            texts=load_texts(text),
-            name=text,
-            context_size=provenance.get("context_size") or 128,
-            contexts_per_capture=self.contexts_per_capture,
-            max_tokens=self.tokens,
-        )
-        settings = FeatureSettings(top_k=self.top_k, window=self.window)
+        build = self._pass(source)
         folders = learner_folders(self.output_dir(trainer), pl_module)
         for name, learner in pl_module.named_learners():
             # A copy in the form the export saves: training goes on untouched.
@@ -128,20 +164,17 @@ class FeatureDashboard(L.Callback):
             folder = folders[name]
             store = _replace_store(
                 folder / STORE_FOLDER,
-                lambda out, d=dictionary, s=site, f=folder: build_feature_store(
-                    d,
-                    source.backbone,
-                    corpus,
-                    out,
-                    site=s,
-                    settings=settings,
-                    source=str(f / "dictionary"),  # where ExportDictionary saves it
-                    checkpoint_every=0,
-                ),
+                # str(f / "dictionary"): where ExportDictionary saves it
+                lambda out, d=dictionary, s=site, f=folder: build(d, out, s, str(f / "dictionary")),
             )
             index = build_dashboard(store, folder / DASHBOARD_FOLDER, latents=self.latents)
             print(f"features: {store.resolve()}")
             print(f"dashboard: {index.resolve()}")
+
+
+def _serves_images(source: Any) -> bool:
+    """Whether the source serves a vision tower's site (CLIP images, not text)."""
+    return source.sites[0].startswith("vision.")
 
 
 def _replace_store(out: Path, build: Any) -> Path:

@@ -67,6 +67,17 @@ def load_images(source: str) -> Tensor:
     )
 
 
+def image_normalisation(model: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` from the model folder's ``preprocessor_config.json``, else CLIP's."""
+    config_file = Path(model) / "preprocessor_config.json"
+    if config_file.is_file():
+        import json
+
+        values = json.loads(config_file.read_text())
+        return tuple(values["image_mean"]), tuple(values["image_std"])
+    return CLIP_MEAN, CLIP_STD
+
+
 def _pil_to_tensor(image: Any) -> Tensor:
     rgb = image.convert("RGB")
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
@@ -152,18 +163,17 @@ class VisionModelDataModule(BackboneSites, L.LightningDataModule):
         return []
 
     def _normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        config_file = Path(self.hparams.model) / "preprocessor_config.json"
-        if config_file.is_file():
-            import json
-
-            values = json.loads(config_file.read_text())
-            return tuple(values["image_mean"]), tuple(values["image_std"])
-        return CLIP_MEAN, CLIP_STD
+        return image_normalisation(self.hparams.model)
 
     @property
     def provenance(self) -> dict[str, Any]:
-        """Backbone (its Hub id) and images (Hub id or description)."""
-        return source_provenance(self.hparams.model, self.hparams.images)
+        """Backbone (its Hub id), images (Hub id or description), the tokens kept."""
+        provenance = source_provenance(self.hparams.model, self.hparams.images)
+        # What a feature pass must read the same way (lightning_interp.features.build_images).
+        provenance["extra"]["image_tokens"] = self.hparams.tokens
+        if self.hparams.image_size is not None:
+            provenance["extra"]["image_size"] = self.hparams.image_size
+        return provenance
 
     def setup(self, stage: str | None = None) -> None:
         """Load the backbone onto the trainer's device, preprocess the images (once)."""

@@ -29,11 +29,11 @@ from lightning_interp.backbones.special_tokens import special_token_ids
 from lightning_interp.data.tokens import Separator, TextPosition, batch_contexts, iter_contexts
 from lightning_interp.errors import ConfigError, OutputExistsError
 from lightning_interp.features.layout import (
-    FORMAT,
-    VERSION,
-    load_progress,
+    json_ready,  # noqa: F401 (importable from here, as before)
     partial_folder,
+    resume_progress,
     save_progress,
+    store_meta,
     write_store,
 )
 from lightning_interp.features.lens import logit_lens
@@ -81,36 +81,53 @@ class Corpus:
 
 
 class TokenProgress:
-    """Tokens read and tokens/s: a redrawn line on a terminal, plain lines in a log file.
+    """Tokens read and tokens/s: Lightning's progress bar on a terminal, plain lines in a log.
+
+    On a terminal the bar is Lightning's own (``lightning.pytorch``'s ``Tqdm``, the bar
+    ``fit`` draws), counting tokens; off a terminal (a log file, CI) a plain line at most
+    every 10 s and one at the end, so logs hold no carriage returns.
 
     Args:
         total: Tokens expected (``None``: unknown).
         stream: Where to print (default stderr).
         enabled: Print nothing when False.
+        unit: What is counted (``"tokens"``, or ``"patches"`` for images).
     """
 
-    def __init__(self, total: int | None, stream: Any = None, enabled: bool = True) -> None:
-        self.total, self.enabled = total, enabled
+    def __init__(
+        self, total: int | None, stream: Any = None, enabled: bool = True, unit: str = "tokens"
+    ) -> None:
+        self.total, self.enabled, self.unit = total, enabled, unit
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.start = time.monotonic()
         self._last_line = self.start
+        self._bar: Any = None
+        if enabled and self.tty:
+            from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+            self._bar = Tqdm(
+                total=total, desc="features", unit=f" {unit}", unit_scale=True, file=self.stream
+            )
         #: Seconds from the start to the last update (the pass alone, without the finish).
         self.seconds = 0.0
 
     def update(self, tokens: int, done: bool = False) -> None:
-        """Report ``tokens`` read so far (a plain line at most every 10 s off a terminal)."""
+        """Report ``tokens`` read so far."""
         now = time.monotonic()
         self.seconds = now - self.start
-        if not self.enabled or (not self.tty and not done and now - self._last_line < 10):
+        if self._bar is not None:
+            self._bar.update(tokens - self._bar.n)
+            if done:
+                self._bar.close()
+            return
+        if not self.enabled or (not done and now - self._last_line < 10):
             return
         self._last_line = now
-        self.seconds = now - self.start
-        rate = tokens / max(now - self.start, 1e-9)
+        rate = tokens / max(self.seconds, 1e-9)
         of = f"/{self.total:,}" if self.total else ""
-        line = f"features: {tokens:,}{of} tokens, {rate:,.0f} tokens/s"
-        end = "\n" if done or not self.tty else ""
-        print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
+        line = f"features: {tokens:,}{of} {self.unit}, {rate:,.0f} {self.unit}/s"
+        print(line, file=self.stream, flush=True)
 
 
 def build_feature_store(
@@ -166,15 +183,9 @@ def build_feature_store(
     acc = FeatureAccumulator(dictionary.d_latent, settings)
     partial = partial_folder(out)
     state = {"position": [0, 0], "batches": 0, "contexts": 0, "tokens": 0}
-    saved = load_progress(partial)
+    saved = resume_progress(partial, fingerprint, acc)
     if saved is not None:
-        if saved[0]["fingerprint"] != json_ready(fingerprint):
-            raise ConfigError(
-                f"{partial} holds a build with other settings; delete it, or resume with the "
-                f"settings it was started with"
-            )
-        acc.load(saved[1])
-        state = {k: saved[0][k] for k in state}
+        state = {k: saved[k] for k in state}
     special = torch.tensor(
         special_token_ids(tokenizer) if corpus.exclude_special_tokens else [], dtype=torch.long
     )
@@ -224,13 +235,6 @@ def build_feature_store(
     return out
 
 
-def json_ready(values: Any) -> Any:
-    """``values`` as JSON gives them back (tuples become lists)."""
-    import json
-
-    return json.loads(json.dumps(values))
-
-
 def _finish(
     dictionary: Any,
     backbone: Any,
@@ -251,30 +255,13 @@ def _finish(
         ids += [lens["logit_top_ids"].unique(), lens["logit_bottom_ids"].unique()]
     vocab_ids = torch.cat(ids).unique().tolist() if ids else []
     strings = backbone.tokenizer.batch_decode([[i] for i in vocab_ids]) if vocab_ids else []
-    provenance = dataclasses.asdict(dictionary.config.provenance)
     meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "dictionary": {
-            "source": source,
-            "architecture": dictionary.config.architecture,
-            "d_latent": dictionary.d_latent,
-            "site": site,
-            "backbone": provenance.get("backbone"),
-            "provenance": json_ready(provenance),
-        },
+        **store_meta(dictionary, s, site, source),
         "corpus": {"dataset": corpus.name, "tokens": tokens, "context_size": corpus.context_size},
-        "window": s.window,
-        "top_k": s.top_k,
-        "quantile_bins": s.quantile_bins,
-        "per_quantile": s.per_quantile,
         "logit_lens": 0 if lens is None else lens["logit_top_ids"].shape[1],
-        "correlated": s.correlated,
-        "histogram": {"bins": s.histogram_bins, "log10_min": s.log10_min, "log10_max": s.log10_max},
         "modality": "text",
         "quantiles": quantiles_kind(acc),
         "correlation": "jaccard",
         "correlation_sample": correlation_kind(acc, tokens),
-        "settings": s.to_dict(),
     }
     write_store(out, meta, stats, contexts, dict(zip(map(str, vocab_ids), strings, strict=True)))

@@ -2,8 +2,10 @@
 
 Backbone, site, text and context size default to the dictionary's provenance (the loadable
 names kept in ``provenance.extra``: ``backbone_source``, ``dataset_source``), so a
-dictionary trained by a recipe needs no other flag. Library errors are one line on stderr
-and exit code 2.
+dictionary trained by a recipe needs no other flag. A vision dictionary (a ``vision.*`` site,
+or ``--images``) reads whole images instead of text
+(:mod:`~lightning_interp.features.build_images`). Library errors are one line on stderr and
+exit code 2.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
         default=100,
         help="capture batches between checkpoints to DIR.partial (0: none)",
     )
+    parser.add_argument(
+        "--images",
+        help="images for a vision dictionary: offline:digits, a folder or hf:<dataset>[:<split>] "
+        "(default: the dictionary's; a site 'vision.*' reads images without this flag)",
+    )
+    parser.add_argument("--max-images", type=int, help="images to read (default: all)")
+    parser.add_argument(
+        "--images-per-capture", type=int, default=32, help="images per backbone forward"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -57,7 +68,8 @@ def resolve(dictionary: Any, args: argparse.Namespace) -> dict[str, Any]:
     chosen = {
         "backbone": args.backbone or extra.get("backbone_source") or provenance.backbone,
         "site": args.site or provenance.site,
-        "text": args.text or extra.get("dataset_source") or provenance.dataset,
+        # A vision dictionary's dataset is its images (--images).
+        "text": args.text or args.images or extra.get("dataset_source") or provenance.dataset,
         "context_size": args.context_size or provenance.context_size or 128,
     }
     missing = [name for name in ("backbone", "site", "text") if not chosen[name]]
@@ -81,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
     from lightning_interp.features.store import FeatureSettings
     from lightning_interp.zoo.load import load_dictionary
 
-    for name in ("tokens", "top_k", "window", "context_size", "contexts_per_capture"):
+    names = ("tokens", "top_k", "window", "context_size", "contexts_per_capture", "max_images")
+    for name in (*names, "images_per_capture"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -89,6 +102,8 @@ def _run(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"{args.out} exists; remove it or choose another --out")
     dictionary = load_dictionary(args.source)
     chosen = resolve(dictionary, args)
+    if args.images or chosen["site"].startswith("vision."):
+        return _run_images(dictionary, chosen, args)
     backbone = load_backbone(chosen["backbone"])
     corpus = Corpus(
         texts=load_texts(chosen["text"]),
@@ -104,6 +119,36 @@ def _run(args: argparse.Namespace) -> int:
         args.out,
         site=chosen["site"],
         settings=FeatureSettings(top_k=args.top_k, window=args.window),
+        source=str(args.source),
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.quiet,
+    )
+    print(out)
+    return 0
+
+
+def _run_images(dictionary: Any, chosen: dict[str, Any], args: argparse.Namespace) -> int:
+    """The image pass (a CLIP vision dictionary): whole images are the contexts."""
+    from lightning_interp.backbones import load_backbone
+    from lightning_interp.features.build_images import ImageSet, build_image_feature_store
+    from lightning_interp.features.store import FeatureSettings
+
+    if args.text or args.tokens:
+        raise ConfigError("--text and --tokens are for text; use --images and --max-images")
+    images = ImageSet.from_provenance(
+        dictionary.config.provenance,
+        source=args.images,
+        model=chosen["backbone"],
+        max_images=args.max_images,
+        images_per_capture=args.images_per_capture,
+    )
+    out = build_image_feature_store(
+        dictionary,
+        load_backbone(chosen["backbone"], load_tokenizer=False),  # no processor: torch resizes
+        images,
+        args.out,
+        site=chosen["site"],
+        settings=FeatureSettings(top_k=args.top_k),
         source=str(args.source),
         checkpoint_every=args.checkpoint_every,
         progress=not args.quiet,

@@ -7,6 +7,7 @@ browser opens from disk, offline::
     HTML_DIR/index.html          every latent as one summary row (sortable, searchable)
     HTML_DIR/latents/<i>.html    one page per latent
     HTML_DIR/assets/             the stylesheet and the index's script
+    HTML_DIR/images/<i>.png      thumbnails of the images the pages show (image stores)
     HTML_DIR/dashboard.json      what was rendered, from which store
 
 The design follows SAEDashboard's feature-centric pages (top and quantile-sampled contexts
@@ -66,6 +67,11 @@ def _significant(value: float, digits: int = 3) -> str:
 
 
 # ---------------------------------------------------------------------------- page data
+def _shade(act: float, scale: float) -> str:
+    """Activation / latent max, clamped to [0, 1], as the CSS variable's text."""
+    return f"{min(max(act / scale, 0.0), 1.0) if scale > 0 else 0.0:.2f}"
+
+
 def _context(
     texts: TokenTexts,
     tokens: list[int],
@@ -85,11 +91,10 @@ def _context(
             continue
         text = texts[token]
         if act > 0 or position == centre:
-            shade = min(max(act / scale, 0.0), 1.0) if scale > 0 else 0.0
             segments.append(
                 {
                     "text": text,
-                    "shade": f"{shade:.2f}",
+                    "shade": _shade(act, scale),
                     "act": f"{act:.4g}",
                     "centre": position == centre,
                 }
@@ -101,15 +106,47 @@ def _context(
     return {"value": value, "segments": segments}
 
 
-def _patches(tokens: list[int], acts: list[float], value: float, scale: float) -> dict[str, Any]:
-    """An image context: a square grid of patch cells shaded by activation."""
-    side = math.isqrt(len(tokens) - 1) + 1 if tokens else 1  # ceil(sqrt(patches))
+def _patches(
+    store: DashboardStore,
+    tokens: list[int],
+    acts: list[float],
+    centre: int,
+    value: float,
+    scale: float,
+    image: int | None,
+) -> dict[str, Any]:
+    """An image example: its thumbnail, the firing patches shaded over it, the class token.
+
+    Tokens are positions (``build_images``): the class token first when the store has one,
+    then the patches row by row. Only firing patches (and the centre) become cells, placed
+    by row and column, so a sparse latent's page stays small.
+    """
+    spec = store.meta.get("image") or {}
+    first = int(bool(spec.get("class_token")))
+    present = [(token, act) for token, act in zip(tokens, acts, strict=True) if token >= 0]
+    # A store without a grid (older layouts): the smallest square that holds the tokens.
+    side = int(spec["grid"][1]) if spec else math.isqrt(max(len(present) - 1, 0)) + 1
     cells = [
-        {"patch": token, "act": act, "shade": f"{min(max(act / scale, 0), 1) if scale else 0:.2f}"}
-        for token, act in zip(tokens, acts, strict=True)
-        if token >= 0
+        {
+            "name": store.tokens[token],
+            "row": (token - first) // side + 1,
+            "col": (token - first) % side + 1,
+            "shade": _shade(act, scale),
+            "act": act,
+            "centre": token == centre,
+        }
+        for token, act in present
+        if token >= first and (act > 0 or token == centre)
     ]
-    return {"value": value, "side": side, "cells": cells}
+    cls = next(({"act": a, "shade": _shade(a, scale)} for t, a in present if t == 0), None)
+    return {
+        "value": value,
+        "side": side,
+        "cells": cells,
+        "cls": cls if first and spec.get("tokens") != "patches" else None,  # else never counted
+        "image": image,
+        "thumb": image is not None and image in store.thumbnails,
+    }
 
 
 def _examples(
@@ -131,9 +168,10 @@ def _examples(
         if sources[k] < 0 or all(token < 0 for token in window):
             examples.append(None)
         elif store.modality == "image":
-            example = _patches(window, window_acts, values[k], scale)
-            example["image"] = images[k] if images is not None else None
-            examples.append(example)
+            image = images[k] if images is not None else None
+            examples.append(
+                _patches(store, window, window_acts, centres[k], values[k], scale, image)
+            )
         else:
             examples.append(
                 _context(store.tokens, window, window_acts, centres[k], values[k], scale)
@@ -239,9 +277,13 @@ def _page(
 
 
 def _index_tokens(store: DashboardStore, chunk: dict[str, torch.Tensor], row: int) -> list[str]:
-    """The distinct tokens at the centre of the latent's top contexts, strongest first."""
+    """The distinct tokens at the centre of the latent's top contexts, strongest first.
+
+    For an image store: its top images (``image <index>``, what the search then matches).
+    """
     if store.modality == "image":
-        return []
+        images = chunk["top_image"][row].tolist() if "top_image" in chunk else []
+        return [f"image {i}" for i in images if i >= 0][:_INDEX_TOKENS]
     tokens, seen = chunk["top_tokens"][row], []
     for k, centre in enumerate(chunk["top_center"][row].tolist()):
         token = int(tokens[k, centre]) if 0 <= centre < tokens.shape[1] else -1
@@ -275,7 +317,7 @@ def _render_all(store: DashboardStore, folder: Path, shown: int) -> None:
     latent_page = env.get_template("latent.html.j2")
     pages = folder / "latents"
     pages.mkdir()
-    rows = []
+    rows, thumbnails = [], set()
     for start, chunk in _chunks(store, shown):
         for row in range(next(iter(chunk.values())).shape[0]):
             latent = start + row
@@ -283,6 +325,16 @@ def _render_all(store: DashboardStore, folder: Path, shown: int) -> None:
             text = latent_page.render(latent=page, store=store.meta, root="../")
             (pages / f"{latent}.html").write_text(text, encoding="utf-8")
             rows.append(_index_row(page, _index_tokens(store, chunk, row)))
+            shown_examples = page["top"] + [
+                e for g in page["quantile_groups"] for e in g["examples"]
+            ]
+            thumbnails.update(e["image"] for e in shown_examples if e.get("thumb"))
+    if thumbnails:  # the pages link ../images/<index>.png: the thumbnails they show
+        (folder / "images").mkdir()
+        for image in sorted(thumbnails):
+            shutil.copyfile(
+                store.folder / "images" / f"{image}.png", folder / "images" / f"{image}.png"
+            )
     index = env.get_template("index.html.j2").render(
         root="",
         store=store.meta,

@@ -54,6 +54,7 @@ class DashboardStore:
         tokens: The vocabulary as display strings, computed once (pages show each token
             many times).
         explanations: ``explanations.json`` (``{}`` when absent).
+        thumbnails: Images with a thumbnail in ``images/<index>.png`` (image stores).
     """
 
     folder: Path
@@ -61,6 +62,7 @@ class DashboardStore:
     stats: dict[str, torch.Tensor]
     vocab: dict[int, str]
     explanations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    thumbnails: frozenset[int] = frozenset()
     tokens: TokenTexts = field(init=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +177,9 @@ def _check_contexts(path: Path, meta: dict[str, Any]) -> None:
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise _unreadable(path, err) from err
     for prefix, count in examples.items():
+        image = prefix + "image"  # image stores: the image of each example
+        if image in shapes and shapes[image] != (width, count):
+            raise _shape_error(path, image, shapes[image], (width, count))
         for name in _CONTEXT:
             key = prefix + name
             want = (width, count, window) if name in ("tokens", "activations") else (width, count)
@@ -241,4 +246,7 @@ def read_store(folder: Path) -> DashboardStore:
         stats=stats,
         vocab=_read_vocab(folder / "vocab.json"),
         explanations=_read_explanations(folder / "explanations.json"),
+        thumbnails=frozenset(
+            int(p.stem) for p in (folder / "images").glob("*.png") if p.stem.isdigit()
+        ),
     )

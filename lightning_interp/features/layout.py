@@ -10,8 +10,10 @@ checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from torch import Tensor
 
 from lightning_interp._io import atomic_write, folder_replaced_atomically, read_json
 from lightning_interp.errors import (
+    ConfigError,
     FeatureStoreNotFoundError,
     InvalidFeatureStoreError,
     OutputExistsError,
@@ -45,8 +48,17 @@ def write_store(
     stats: dict[str, Tensor],
     contexts: dict[str, Tensor],
     vocab: dict[str, str],
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a whole store at ``out`` atomically (temporary sibling folder, then rename).
+
+    Args:
+        out: The store folder to create.
+        meta: ``store.json``.
+        stats: ``stats.safetensors``.
+        contexts: ``contexts.safetensors``.
+        vocab: ``vocab.json``.
+        extra: Writes more files into the temporary folder (an image store's thumbnails).
 
     Raises:
         OutputExistsError: ``out`` exists already.
@@ -58,7 +70,46 @@ def write_store(
         save_file({k: v.contiguous() for k, v in stats.items()}, tmp / "stats.safetensors")
         save_file({k: v.contiguous() for k, v in contexts.items()}, tmp / "contexts.safetensors")
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
     return out
+
+
+def json_ready(values: Any) -> Any:
+    """``values`` as JSON gives them back (tuples become lists)."""
+    return json.loads(json.dumps(values))
+
+
+def store_meta(dictionary: Any, settings: Any, site: str, source: str) -> dict[str, Any]:
+    """The ``store.json`` fields every store shares: format, the dictionary, the settings.
+
+    Args:
+        dictionary: The dictionary of the pass.
+        settings: The :class:`~lightning_interp.features.store.FeatureSettings` recorded.
+        site: The canonical site read.
+        source: How the store names the dictionary.
+    """
+    s = settings
+    provenance = dataclasses.asdict(dictionary.config.provenance)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "dictionary": {
+            "source": source,
+            "architecture": dictionary.config.architecture,
+            "d_latent": dictionary.d_latent,
+            "site": site,
+            "backbone": provenance.get("backbone"),
+            "provenance": json_ready(provenance),
+        },
+        "window": s.window,
+        "top_k": s.top_k,
+        "quantile_bins": s.quantile_bins,
+        "per_quantile": s.per_quantile,
+        "correlated": s.correlated,
+        "histogram": {"bins": s.histogram_bins, "log10_min": s.log10_min, "log10_max": s.log10_max},
+        "settings": s.to_dict(),
+    }
 
 
 def read_store(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -106,3 +157,21 @@ def load_progress(partial: Path) -> tuple[dict[str, Any], dict[str, Tensor]] | N
         return None
     progress = read_json(partial / "progress.json")
     return progress, load_file(partial / progress["state"])
+
+
+def resume_progress(partial: Path, fingerprint: dict[str, Any], acc: Any) -> dict[str, Any] | None:
+    """Restore ``acc`` from the checkpoint in ``partial``; its progress, or ``None`` if none.
+
+    Raises:
+        ConfigError: the checkpoint was made with another ``fingerprint`` (settings).
+    """
+    saved = load_progress(partial)
+    if saved is None:
+        return None
+    if saved[0]["fingerprint"] != json_ready(fingerprint):
+        raise ConfigError(
+            f"{partial} holds a build with other settings; delete it, or resume with the "
+            f"settings it was started with"
+        )
+    acc.load(saved[1])
+    return saved[0]
