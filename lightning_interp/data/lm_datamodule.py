@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from lightning_interp.data.normalize import (
 from lightning_interp.data.renamed import moved_names, warn_ignored
 from lightning_interp.data.source import BackboneSites, root_device, source_provenance
 from lightning_interp.data.stream import ActivationStream
-from lightning_interp.data.tokens import pack_texts
+from lightning_interp.data.tokens import iter_batches, pack_texts, render_chat
 from lightning_interp.errors import ConfigError
 
 # Former names, importable from here for one release (with a DeprecationWarning).
@@ -38,6 +39,7 @@ __getattr__ = moved_names(
 OFFLINE_TEXTS = {
     "offline:wikipedia": lambda: list(offline.wikipedia_articles()),
     "offline:news": offline.news_articles,
+    "offline:chat": offline.chat_conversations,
 }
 
 
@@ -59,12 +61,12 @@ class HubTexts:
             yield record["text"]
 
 
-def load_texts(source: str) -> list[str] | HubTexts:
-    """Documents of a text source.
+def load_texts(source: str) -> list[Any] | HubTexts:
+    """Documents of a text source (conversations, lists of messages, for ``offline:chat``).
 
     Args:
-        source: ``offline:wikipedia``, ``offline:news``, a ``.txt`` file (one document per
-            line), a folder of ``.txt`` files (one document per file), or
+        source: ``offline:wikipedia``, ``offline:news``, ``offline:chat``, a ``.txt`` file
+            (one document per line), a folder of ``.txt`` files (one document per file), or
             ``hf:<dataset>[:<split>]``, the ``text`` column of a Hub dataset (needs the
             ``datasets`` package). A sliced split (``hf:NeelNanda/pile-10k:train[:500]``)
             is loaded as a list; a whole split is streamed (:class:`HubTexts`).
@@ -93,6 +95,11 @@ def load_texts(source: str) -> list[str] | HubTexts:
     )
 
 
+def _holds_conversations(documents: Any) -> bool:
+    """Whether documents are a list of conversations (lists of messages), not of strings."""
+    return isinstance(documents, list) and bool(documents) and not isinstance(documents[0], str)
+
+
 class LanguageModelDataModule(BackboneSites, L.LightningDataModule):
     """Activations of a frozen language model over text, for training dictionaries.
 
@@ -102,6 +109,15 @@ class LanguageModelDataModule(BackboneSites, L.LightningDataModule):
 
     The last ``val_fraction`` of the documents is held out: validation batches and the
     token contexts used for downstream (spliced CE) metrics come from it only.
+
+    Three ways to turn text into sequences: packing (the default, SAELens's block
+    training), ``chat`` (one conversation per padded context), and ``sequential_chat``,
+    FAST (Li et al. 2025; :mod:`~lightning_interp.data.tokens`): each conversation through
+    the chat template as a sequence of its own, whole and in order, truncated at
+    ``context_size``, its special tokens kept as training rows. A source of conversations
+    (``offline:chat``) in packing mode is rendered through the chat template and packed:
+    the paper's block-training baseline BT(F) (no separator: the template ends each
+    conversation with its own end marker).
 
     Attached to a Trainer, ``setup`` puts the backbone on ``trainer.strategy.root_device``
     (each DDP rank's own GPU), so the forward runs there, under ``autocast_dtype`` when
@@ -133,6 +149,9 @@ class LanguageModelDataModule(BackboneSites, L.LightningDataModule):
         contexts_per_capture: Contexts per backbone forward.
         downstream_contexts: Held-out contexts used for spliced-CE metrics.
         chat: One conversation per context through the chat template.
+        sequential_chat: FAST, as above (implies ``chat``).
+        exclude_special_tokens: Leave rows at special tokens (BOS, EOS, chat markers) out
+            of training; default: yes, except with ``sequential_chat`` (FAST keeps them).
         autocast_dtype: Run the backbone under autocast (``bfloat16`` on GPUs).
         model_dtype: Load the backbone's weights in this dtype.
         seed: Seed of the shuffling.
@@ -165,6 +184,8 @@ class LanguageModelDataModule(BackboneSites, L.LightningDataModule):
         contexts_per_capture: int = 32,
         downstream_contexts: int = 16,
         chat: bool = False,
+        sequential_chat: bool = False,
+        exclude_special_tokens: bool | None = None,
         autocast_dtype: str | None = None,
         model_dtype: str | None = None,
         seed: int = 0,
@@ -184,7 +205,7 @@ class LanguageModelDataModule(BackboneSites, L.LightningDataModule):
         self.backbone: Backbone | None = None
         self.train_stream: ActivationStream | None = None
         self.val_stream: ActivationStream | None = None
-        self.val_texts: list[str] = []
+        self.val_texts: list[Any] = []
 
     def setup(self, stage: str | None = None) -> None:
         """Load the backbone onto the trainer's device and build the streams (once)."""
@@ -210,6 +231,12 @@ class LanguageModelDataModule(BackboneSites, L.LightningDataModule):
                 f"text {h.text!r} is streamed, so no share of it can be held out; set "
                 f"val_text to a small separate source, e.g. '{h.text}:validation[:500]'"
             )
+        separator = "eos"
+        if not (h.chat or h.sequential_chat) and _holds_conversations(self.val_texts):
+            tokenizer = self.backbone.tokenizer
+            train_texts = list(render_chat(train_texts, tokenizer))
+            self.val_texts = list(render_chat(self.val_texts, tokenizer))
+            separator = None
         common = dict(
             sites=h.sites,
             batch_size=h.batch_size,
@@ -217,6 +244,9 @@ class LanguageModelDataModule(BackboneSites, L.LightningDataModule):
             contexts_per_capture=h.contexts_per_capture,
             buffer_tokens=h.buffer_tokens,
             chat=h.chat,
+            sequential_chat=h.sequential_chat,
+            separator=separator,
+            exclude_special_tokens=h.exclude_special_tokens,
             autocast_dtype=h.autocast_dtype,
             seed=h.seed,
             device=h.stream_device,
@@ -238,6 +268,8 @@ class LanguageModelDataModule(BackboneSites, L.LightningDataModule):
         """
         h = self.hparams
         recorded = source_provenance(h.model, h.text, context_size=h.context_size)
+        if h.sequential_chat:  # context_size is then a truncation length, not a block size
+            recorded["extra"]["sequences"] = "FAST: one chat-templated conversation each"
         if h.normalize != "none":
             recorded["extra"]["activation_normalization"] = {
                 "target": describe_target(h.normalize_target),
@@ -291,8 +323,22 @@ class LanguageModelDataModule(BackboneSites, L.LightningDataModule):
         return DataLoader(self.val_stream, batch_size=None)
 
     def downstream_inputs(self) -> list[dict[str, torch.Tensor]]:
-        """Held-out token contexts for spliced-CE metrics, in batches of at most 8."""
+        """Held-out token contexts for spliced-CE metrics, in batches of at most 8.
+
+        In the chat modes, the first held-out conversations as training sees them, with
+        their attention masks.
+        """
         h = self.hparams
+        if h.chat or h.sequential_chat:
+            batches = iter_batches(
+                itertools.islice(self.val_texts, h.downstream_contexts),
+                self.backbone.tokenizer,
+                h.context_size,
+                8,
+                chat=h.chat,
+                sequential_chat=h.sequential_chat,
+            )
+            return [{"input_ids": ids, "attention_mask": mask} for _, ids, mask in batches]
         contexts = []
         for context in pack_texts(self.val_texts, self.backbone.tokenizer, h.context_size):
             contexts.append(context)

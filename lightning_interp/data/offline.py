@@ -3,7 +3,7 @@
 Nothing here downloads anything: each function finds files inside an installed package
 (without importing it) and says how to install it when it is missing. Configs name these
 sources ``offline:smollm2``, ``offline:minilm`` (models) and ``offline:wikipedia``,
-``offline:news``, ``offline:polarity``, ``offline:digits`` (data);
+``offline:news``, ``offline:polarity``, ``offline:digits``, ``offline:chat`` (data);
 :func:`canonical_model_id` and :func:`canonical_dataset_id` say what they really are, for
 provenance and model cards.
 """
@@ -30,6 +30,7 @@ __all__ = [
     "SMOLLM2_GGUF",
     "canonical_dataset_id",
     "canonical_model_id",
+    "chat_conversations",
     "labelled_sentences",
     "minilm_folder",
     "news_articles",
@@ -60,6 +61,10 @@ OFFLINE_DATASETS = {
     "offline:digits": (
         "scikit-learn's load_digits: 1,797 8x8 images of handwritten digits (a copy of the "
         "test set of the UCI Optical Recognition of Handwritten Digits data)"
+    ),
+    "offline:chat": (
+        "ChatterBot English dialog corpus (chatterbot-corpus 1.3.3, BSD-3-Clause): 898 distinct "
+        "short user/assistant conversations on 21 topics, in a fixed shuffled order"
     ),
 }
 
@@ -114,6 +119,32 @@ def labelled_sentences() -> list[tuple[str, int]]:
         if sentence:
             rows.append((sentence.strip(), int(label == "__label__pos")))
     return rows
+
+
+def chat_conversations() -> list[list[dict[str, str]]]:
+    """898 English conversations of ``chatterbot-corpus``, as chat-template messages.
+
+    Each corpus entry alternates speakers, so turns become ``user``, ``assistant``,
+    ``user``, ... Exact duplicates (the tech-support file repeats many) are dropped, and
+    the order is shuffled with a fixed seed so that a held-out tail samples every topic,
+    not only the last file's.
+    """
+    import random
+
+    import yaml
+
+    folder = package_folder("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    seen: dict[tuple[str, ...], None] = {}
+    for path in sorted(folder.glob("*.yml")):
+        for entry in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
+            if isinstance(entry, list) and entry:  # one malformed trivia entry is a bare string
+                seen.setdefault(tuple(str(turn) for turn in entry))
+    conversations = [
+        [{"role": ("user", "assistant")[i % 2], "content": turn} for i, turn in enumerate(turns)]
+        for turns in seen
+    ]
+    random.Random(0).shuffle(conversations)
+    return conversations
 
 
 def _strip_wiki_markup(page: str) -> str:

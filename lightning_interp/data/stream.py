@@ -55,12 +55,7 @@ from lightning_interp.data import sharding
 from lightning_interp.data.cache_format import check_scales
 from lightning_interp.data.renamed import warn_ignored
 from lightning_interp.data.stream_iterator import STATE_VERSION, Batch, _StreamIterator
-from lightning_interp.data.tokens import (
-    Separator,
-    TextPosition,
-    batch_contexts,
-    iter_contexts,
-)
+from lightning_interp.data.tokens import Separator, TextPosition, iter_batches
 from lightning_interp.errors import ConfigError
 
 # Settings a saved state must agree with (besides sites and dtype).
@@ -94,11 +89,16 @@ class ActivationStream(IterableDataset):
             whole batches per rank, the same number on every rank). ``None``: until the
             text runs out.
         chat: Apply the chat template, one conversation per context.
+        sequential_chat: FAST (Li et al. 2025; see :mod:`~lightning_interp.data.tokens`):
+            each conversation through the chat template as one sequence of its own,
+            whole and in order, truncated at ``context_size`` and padded only to the
+            longest of its capture batch; implies ``chat``.
         column: Key of the text (or conversation) when items are records.
         prepend_bos: Start every packed context with BOS.
         separator: Token between packed documents (``"eos"``, ``"bos"``, an id, None).
         exclude_special_tokens: Drop rows at special tokens (BOS, EOS, chat markers).
-            Padding is always dropped.
+            Padding is always dropped. ``None``: drop them, except with
+            ``sequential_chat``, where FAST trains on the template's special tokens too.
         seed: Seed of the shuffling.
         dtype: Dtype of the returned activations (default: the model's).
         device: Where the buffer lives and batches are returned (default: the backbone's
@@ -122,10 +122,11 @@ class ActivationStream(IterableDataset):
         buffer_tokens: int = 2**17,
         total_tokens: int | None = None,
         chat: bool = False,
+        sequential_chat: bool = False,
         column: str | None = None,
         prepend_bos: bool = True,
         separator: Separator = "eos",
-        exclude_special_tokens: bool = True,
+        exclude_special_tokens: bool | None = None,
         seed: int = 0,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -166,7 +167,10 @@ class ActivationStream(IterableDataset):
         self.contexts_per_capture, self.buffer_tokens = contexts_per_capture, buffer_tokens
         self.total_tokens, self.seed = total_tokens, seed
         self.chat, self.column = chat, column
+        self.sequential_chat = sequential_chat
         self.prepend_bos, self.separator = prepend_bos, separator
+        if exclude_special_tokens is None:
+            exclude_special_tokens = not sequential_chat
         self.exclude_special_tokens = exclude_special_tokens
         self.dtype = None if dtype is None else dtype_from_name(dtype)
         self.device = None if device is None else torch.device(device)
@@ -275,6 +279,8 @@ class ActivationStream(IterableDataset):
 
     def _fingerprint(self) -> dict[str, Any]:
         settings = {name: getattr(self, name) for name in _SETTINGS}
+        if self.sequential_chat:  # only when on: states saved before the option still resume
+            settings["sequential_chat"] = True
         return {**settings, "sites": list(self.sites), "dtype": str(self.dtype)}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -306,16 +312,18 @@ class ActivationStream(IterableDataset):
         documents = self.texts() if callable(self.texts) else self.texts
         if self.column is not None:
             documents = (item[self.column] for item in documents)
-        contexts = iter_contexts(
+        batches = iter_batches(
             documents,
             self.tokenizer,
             self.context_size,
+            self.contexts_per_capture,
             chat=self.chat,
+            sequential_chat=self.sequential_chat,
             prepend_bos=self.prepend_bos,
             separator=self.separator,
             start=start,
         )
-        for offset, batch in enumerate(batch_contexts(contexts, self.contexts_per_capture)):
+        for offset, batch in enumerate(batches):
             yield index + offset, *batch
 
     @property

@@ -9,6 +9,17 @@ dropped.
 Chat mode keeps each conversation in its own context (never packed with another one):
 SAEs for instruct models train better on whole, templated conversations.
 
+Sequential chat mode is FAST, the *Finetuning-aligned Sequential Training* of Li et al.,
+"Training Superior Sparse Autoencoders for Instruct Models" (arXiv:2506.07691, sec. 3.1
+and 4.1; from the paper's text, not its released code, which was not consulted): each
+conversation goes through the model's chat template and is one sequence of its own, whole
+and in order, with no context size but a truncation length (8,192 in the paper;
+``context_size`` here). Sequences are not padded to that length, only to the longest one
+of a capture batch (:func:`batch_contexts`), and the padding is masked out. Which token
+positions train is the stream's choice (FAST keeps the template's special tokens:
+:class:`~lightning_interp.data.stream.ActivationStream`). The block-training baseline on
+the same conversations (the paper's BT(F)) is :func:`render_chat` followed by packing.
+
 Both come in a plain form (:func:`pack_texts`, :func:`chat_contexts`) and a positioned
 form (:func:`iter_packed`, :func:`iter_chat`) that also says where each context starts in
 the text and can start at such a position. Resumable streams use the latter to skip to a
@@ -176,14 +187,36 @@ def _pad_id(tokenizer: Any) -> int:
     raise ConfigError("chat contexts are right-padded: the tokenizer needs a pad or EOS token")
 
 
-def _chat_ids(tokenizer: Any, conversation: Sequence[Mapping[str, Any]]) -> list[int]:
-    ids = tokenizer.apply_chat_template(conversation, tokenize=True)
+def _messages(conversation: str | Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+    # A plain document is one user turn, so text sources work in the chat modes too.
+    if isinstance(conversation, str):
+        return [{"role": "user", "content": conversation}]
+    return conversation
+
+
+def _chat_ids(tokenizer: Any, conversation: str | Sequence[Mapping[str, Any]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(_messages(conversation), tokenize=True)
     # transformers 5 returns a BatchEncoding, 4.x a plain list.
     if isinstance(ids, Mapping):
         ids = ids["input_ids"]
     if isinstance(ids, Tensor):
         ids = ids.tolist()
     return list(ids)
+
+
+def _templated(
+    conversations: Iterable[Any], tokenizer: Any, max_tokens: int, start: TextPosition
+) -> Iterator[tuple[int, list[int]]]:
+    """``(conversation index, templated ids truncated to max_tokens)``, empty ones skipped."""
+    if max_tokens < 1:
+        raise ConfigError(f"context_size must be positive, got {max_tokens}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("chat mode needs a tokenizer with a chat_template")
+    remaining = itertools.islice(iter(conversations), start.document, None)
+    for index, conversation in enumerate(remaining, start.document):
+        ids = _chat_ids(tokenizer, conversation)[:max_tokens]
+        if ids:
+            yield index, ids
 
 
 def iter_chat(
@@ -196,7 +229,8 @@ def iter_chat(
     """Chat contexts with their position ``(conversation index, 0)``.
 
     Args:
-        conversations: Lists of ``{"role": ..., "content": ...}`` messages.
+        conversations: Lists of ``{"role": ..., "content": ...}`` messages (a plain string
+            is one user message).
         tokenizer: A Hugging Face tokenizer with a chat template.
         context_size: Tokens per context; longer conversations are truncated.
         start: Position to start from (earlier conversations are skipped untemplated).
@@ -204,21 +238,48 @@ def iter_chat(
     Yields:
         ``(position, input_ids, attention_mask)``, both tensors ``[context_size]``.
     """
-    if context_size < 1:
-        raise ConfigError(f"context_size must be positive, got {context_size}")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("chat mode needs a tokenizer with a chat_template")
     pad = _pad_id(tokenizer)
-    remaining = itertools.islice(iter(conversations), start.document, None)
-    for index, conversation in enumerate(remaining, start.document):
-        ids = _chat_ids(tokenizer, conversation)[:context_size]
-        if not ids:
-            continue
+    for index, ids in _templated(conversations, tokenizer, context_size, start):
         input_ids = torch.full((context_size,), pad, dtype=torch.long)
         input_ids[: len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask = torch.zeros(context_size, dtype=torch.long)
         attention_mask[: len(ids)] = 1
         yield TextPosition(index, 0), input_ids, attention_mask
+
+
+def iter_conversations(
+    conversations: Iterable[Any],
+    tokenizer: Any,
+    max_tokens: int,
+    *,
+    start: TextPosition = START,
+) -> Iterator[tuple[TextPosition, Tensor, Tensor]]:
+    """FAST sequences: each templated conversation whole, in order, unpadded.
+
+    Takes what :func:`iter_chat` takes, with ``max_tokens``, the truncation length (the
+    paper's 8,192), in place of ``context_size``: shorter conversations keep their length.
+
+    Yields:
+        ``(position, input_ids, attention_mask)``: ``position`` is ``(conversation index,
+        0)``, ``input_ids`` the templated conversation (special tokens included) and the
+        mask all ones, both ``[min(length, max_tokens)]``.
+    """
+    for index, ids in _templated(conversations, tokenizer, max_tokens, start):
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        yield TextPosition(index, 0), input_ids, torch.ones_like(input_ids)
+
+
+def render_chat(conversations: Iterable[Any], tokenizer: Any) -> Iterator[str]:
+    """Each conversation as the text of its chat template, special tokens written out.
+
+    Packing these (:func:`iter_packed`) is the block-training baseline on chat data, the
+    paper's BT(F): the same templated conversations as FAST, concatenated into blocks.
+    The tokenizer reads the written-out special tokens back as their ids.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("rendering chat needs a tokenizer with a chat_template")
+    for conversation in conversations:
+        yield tokenizer.apply_chat_template(_messages(conversation), tokenize=False)
 
 
 def chat_contexts(
@@ -247,15 +308,21 @@ def iter_contexts(
     context_size: int,
     *,
     chat: bool = False,
+    sequential_chat: bool = False,
     prepend_bos: bool = True,
     separator: Separator = "eos",
     start: TextPosition = START,
 ) -> Iterator[tuple[TextPosition, Tensor, Tensor]]:
     """Packed documents or chat conversations, as ``(position, input_ids, attention_mask)``.
 
-    One interface for both modes (:func:`iter_packed`, whose contexts have no padding, and
-    :func:`iter_chat`); ``prepend_bos`` and ``separator`` apply to packing only.
+    One interface for the three modes (:func:`iter_packed`, whose contexts have no padding;
+    :func:`iter_chat`; and with ``sequential_chat``, whatever ``chat`` says,
+    :func:`iter_conversations`, whose sequences have their own lengths);
+    ``prepend_bos`` and ``separator`` apply to packing only.
     """
+    if sequential_chat:
+        yield from iter_conversations(texts, tokenizer, context_size, start=start)
+        return
     if chat:
         yield from iter_chat(texts, tokenizer, context_size, start=start)
         return
@@ -266,13 +333,43 @@ def iter_contexts(
 
 
 def batch_contexts(
-    contexts: Iterable[tuple[TextPosition, Tensor, Tensor]], size: int
+    contexts: Iterable[tuple[TextPosition, Tensor, Tensor]], size: int, pad_id: int = 0
 ) -> Iterator[tuple[TextPosition, Tensor, Tensor]]:
     """Group ``(position, ids, mask)`` contexts by ``size`` (the last group may be smaller).
+
+    Contexts of unequal lengths (FAST sequences) are right-padded with ``pad_id`` to the
+    longest of their group, mask 0: a causal model's outputs at the real tokens do not
+    depend on padding after them.
 
     Yields:
         ``(position of the first context, input_ids [n, context], attention_mask [n, context])``.
     """
     contexts = iter(contexts)
     while group := list(itertools.islice(contexts, size)):
-        yield group[0][0], torch.stack([g[1] for g in group]), torch.stack([g[2] for g in group])
+        longest = max(len(g[1]) for g in group)
+        if all(len(g[1]) == longest for g in group):
+            yield (
+                group[0][0],
+                torch.stack([g[1] for g in group]),
+                torch.stack([g[2] for g in group]),
+            )
+            continue
+        input_ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(group), longest), dtype=torch.long)
+        for row, (_, ids, mask) in enumerate(group):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = mask
+        yield group[0][0], input_ids, attention_mask
+
+
+def iter_batches(
+    texts: Iterable[Any], tokenizer: Any, context_size: int, size: int, **options: Any
+) -> Iterator[tuple[TextPosition, Tensor, Tensor]]:
+    """:func:`iter_contexts` (``options`` are its keywords) grouped ``size`` at a time.
+
+    Grouped by :func:`batch_contexts`; FAST sequences are padded with the tokenizer's pad
+    token (EOS without one).
+    """
+    contexts = iter_contexts(texts, tokenizer, context_size, **options)
+    pad = _pad_id(tokenizer) if options.get("sequential_chat") else 0
+    yield from batch_contexts(contexts, size, pad_id=pad)
