@@ -102,7 +102,25 @@ def _zoo_parser() -> argparse.ArgumentParser:
         prog="lightning-interp zoo", description="Browse the catalogue of public releases."
     )
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("list", help="one line per release")
+    listing = sub.add_parser(
+        "list",
+        help="one line per release (filters combine)",
+        description="One line per release: its number of matching dictionaries, format, "
+        "backbone, architecture and title. Filters combine; patterns may be globs.",
+    )
+    listing.add_argument(
+        "--backbone", help="Hub id or model name, e.g. gpt2, google/gemma-2-2b, 'gemma-2-*'"
+    )
+    listing.add_argument(
+        "--site",
+        help="site read (or, for a transcoder, written): layers.8.resid_post, a kind such as "
+        "resid_post or attn_z, or a glob; lists only the matching dictionaries' count",
+    )
+    listing.add_argument("--architecture", help="standard, topk, jumprelu, gated, ...")
+    listing.add_argument("--kind", choices=("sae", "transcoder", "skip_transcoder"))
+    listing.add_argument(
+        "--format", help="a format name, or 'loadable' for releases lightning-interp can read"
+    )
     show = sub.add_parser("show", help="a release's dictionaries and published metrics")
     show.add_argument("id", help="release id (or zoo:<release>)")
     return parser
@@ -225,28 +243,58 @@ def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:g}"
 
 
+def _zoo_list(args: argparse.Namespace) -> int:
+    from lightning_interp.zoo.catalogue import filter_catalogue
+
+    filters = ("backbone", "site", "architecture", "kind", "format")
+    matches = filter_catalogue(**{name: getattr(args, name) for name in filters})
+    print(
+        f"{'release':<46} {'dicts':>5}  {'format':<12} {'backbone':<30} {'architecture':<21} title"
+    )
+    for match in matches:
+        entry = match.entry
+        fmt = entry.format if entry.loadable else f"{entry.format}*"
+        arch = (entry.architecture or "–") + ("" if entry.kind == "sae" else f" {entry.kind}")
+        print(
+            f"{entry.release:<46} {len(match.sites):>5}  {fmt:<12} {entry.backbone:<30} "
+            f"{arch:<21} {entry.title}"
+        )
+    sites = sum(len(m.sites) for m in matches)
+    print(f"{len(matches)} releases, {sites} dictionaries (* format not loadable yet)")
+    return 0
+
+
 @_command("zoo")
 def zoo(args: argparse.Namespace) -> int:
-    """``lightning-interp zoo list`` and ``lightning-interp zoo show RELEASE``."""
-    from lightning_interp.zoo.catalogue import get_release, list_releases
+    """``lightning-interp zoo list [--backbone B --site S --architecture A ...]``, ``zoo show``."""
+    from lightning_interp.zoo.catalogue import FOREIGN_FORMATS, get_release
 
     if args.action == "list":
-        for entry in list_releases():
-            count = f"{len(entry.sites):>3} dictionaries"
-            print(f"{entry.release:<32} {count}  {entry.format:<12} {entry.title}")
-        return 0
+        return _zoo_list(args)
     entry = get_release(args.id.removeprefix("zoo:").split("/")[0])
     print(f"{entry.release}: {entry.title}")
     print(f"  repo {entry.repo}@{entry.revision}  format {entry.format}  backbone {entry.backbone}")
-    if entry.license:
-        print(f"  license {entry.license}")
+    if not entry.loadable:
+        print(f"  not loadable yet: {FOREIGN_FORMATS[entry.format]}")
+    details = [f"architecture {entry.architecture}"] if entry.architecture else []
+    details += [f"kind {entry.kind}"] + ([f"license {entry.license}"] if entry.license else [])
+    print("  " + "  ".join(details))
     for label, url in entry.links.items():
         print(f"  {label}: {url}")
-    print(f"\n  {'id':<36} {'site':<24} {'L0':>7} {'FVU':>7}  path")
+    for source in entry.sources:
+        print(f"  source: {source}")
+    print(f"\n  {'id':<36} {'site':<24} {'width':>8} {'L0':>7} {'FVU':>7}  neuronpedia / path")
     for site in entry.sites:
+        where = site.site or "–"
+        if site.site_out:
+            where += f" -> {site.site_out}"
+        star = " *" if site.canonical else ""
         print(
-            f"  {site.id:<36} {site.site or '–':<24} {_number(site.l0):>7} "
-            f"{_number(site.fvu):>7}  {site.path}"
+            f"  {site.id + star:<36} {where:<24} {_number(site.width):>8} {_number(site.l0):>7} "
+            f"{_number(site.fvu):>7}  {site.neuronpedia or '–'}  {site.path}"
         )
-    print(f"\nload one with: load_dictionary('zoo:{entry.release}/{entry.sites[0].id}')")
+    if any(site.canonical for site in entry.sites):
+        print("\n  * canonical: a bare site name resolves to it")
+    if entry.loadable:
+        print(f"\nload one with: load_dictionary('zoo:{entry.release}/{entry.sites[0].id}')")
     return 0
