@@ -65,8 +65,10 @@ EXTRA_COMMANDS: dict[str, str] = {
     "convert": "lightning_interp.zoo.commands:convert",
     "zoo": "lightning_interp.zoo.commands:zoo",
     "features": "lightning_interp.features.commands:features",
+    "evaluate": "lightning_interp.evals.commands:evaluate",
     "dashboard": "lightning_interp.features.dashboard:command",
     "neuronpedia": "lightning_interp.features.neuronpedia:command",
+    "explain": "lightning_interp.autointerp.commands:explain",
 }
 
 # Warnings about choices made on purpose, which say nothing about the run: the activation

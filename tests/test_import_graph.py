@@ -43,6 +43,13 @@ ALLOWED = {
     # catalogue id) through the zoo's one loader, as the CLI's other commands do.
     "features": {"dictionaries", "backbones", "data", "metrics", "zoo"},
     "circuits": {"dictionaries", "backbones", "data", "metrics"},
+    # Auto-interpretation reads feature stores, loads its LM and sentence encoder through the
+    # backbones' offline loader, and reuses the metrics' rank AUROC.
+    "autointerp": {"features", "backbones", "metrics"},
+    # The evaluation suite reuses the metrics (FVU, L0, CE/KL by splicing), reads text and
+    # backbones as training does, loads any dictionary source through the zoo and takes
+    # backbone/site/text from provenance as `features` does (features.commands.resolve).
+    "evals": {"metrics", "backbones", "data", "features", "zoo"},
     "zoo": {"dictionaries", "concepts"},
     # Amended: callbacks are the plug-in twin of modules/ and reuse its training core
     # (DictionaryLearner, the non-finite guards) rather than copy it; a plug-in also loads

@@ -148,6 +148,7 @@ def build_card(
     repo_id: str,
     card_data: dict[str, Any] | None = None,
     training_config: str | None = None,
+    eval_results: list | None = None,
 ):
     """Build the model card (a ``huggingface_hub.ModelCard``) for ``entries``.
 
@@ -157,6 +158,8 @@ def build_card(
         card_data: Metadata overriding or extending the generated fields (e.g.
             ``{"license": "apache-2.0", "datasets": ["Skylion007/openwebtext"]}``).
         training_config: The run's training config (LightningCLI ``config.yaml``) to show.
+        eval_results: More ``model-index`` results, appended to those of ``metrics.json``
+            (``lightning_interp.evals.eval_results`` makes them from an evaluate JSON).
 
     Returns:
         The card; ``str(card)`` is the README text.
@@ -174,7 +177,7 @@ def build_card(
         "base_model": common_hub_ids(entries, "backbone"),
         "datasets": common_hub_ids(entries, "dataset"),
         "model_name": repo_id,
-        "eval_results": _eval_results(entries) or None,
+        "eval_results": (_eval_results(entries) + list(eval_results or [])) or None,
     }
     fields.update(card_data or {})
     data = ModelCardData(**fields)
