@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{PROG} {version()}")
         sys.exit(0)
     if first in EXTRA_COMMANDS:
+        quiet_third_party_output()  # `features`, `explain`... load models too
         sys.exit(run_extra_command(first, args[1:]))
     if first is None or (not first.startswith("-") and first not in TRAINING_COMMANDS):
         sys.exit(_unknown_command(first))
