@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from lightning_interp import create_dictionary, list_architectures
 from lightning_interp.data import SparseSuperposition, SyntheticActivations
-from lightning_interp.dictionaries.registry import get_architecture_example
+from lightning_interp.dictionaries.registry import get_architecture_example, get_dictionary_class
 from lightning_interp.modules import DictionaryModule
 
 
@@ -42,6 +42,13 @@ def sparse_architectures() -> list[str]:
         name
         for name in list_architectures()
         if hasattr(small_dictionary(name, d_in=8, d_latent=16), "sparse_training")
+    ]
+
+
+def transcoding_architectures() -> list[str]:
+    """Architectures that accept ``d_out`` and ``skip_connection`` (not autoencoder-only ones)."""
+    return [
+        name for name in list_architectures() if get_dictionary_class(name).supports_transcoding
     ]
 
 

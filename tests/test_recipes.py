@@ -155,8 +155,13 @@ def test_recipe_trains_and_exports(name, tiny_world, tmp_path):
         spec = model_args["dictionary"] if member is None else model_args["dictionaries"][member]
         metrics = json.loads((folder / "metrics.json").read_text())
         dictionary = load_dictionary(folder / "dictionary")
-        assert type(dictionary).__name__ in (spec["class_path"].rsplit(".", 1)[1], "JumpReLUSAE")
-        assert dictionary.d_in == TINY_WIDTH and dictionary.d_latent == 128
+        # Saved in inference form: BatchTopK-style models as JumpReLU, a variational TopK as
+        # the TopK SAE of its posterior means.
+        inference_forms = (spec["class_path"].rsplit(".", 1)[1], "JumpReLUSAE", "TopKSAE")
+        assert type(dictionary).__name__ in inference_forms
+        # The width of the site read (an MLP hidden site is wider than the residual stream).
+        width = cli.datamodule.site_widths[dictionary.config.provenance.site]
+        assert dictionary.d_in == width and dictionary.d_latent == 128
         assert dictionary.config.provenance.site is not None
         assert metrics["tokens_trained"] == 8 * 64 or "clip" in name
         # Eight tiny steps prove the wiring, not the quality (tests/dictionaries does that).

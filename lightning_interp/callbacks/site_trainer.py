@@ -303,7 +303,8 @@ class SiteTrainer:
         with torch.enable_grad(), torch.autocast(rows.device.type, enabled=False):
             loss, logged = self.learner.training_loss(rows, None, reduce=reduce)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:  # a closed-form learner (semi-NMF) has already stepped
+                loss.backward()
         if world_size > 1:
             self._average_gradients(reduce)
         self.learner.before_optimizer_step()

@@ -42,6 +42,12 @@ class Dictionary(nn.Module):
     architecture: ClassVar[str] = ""
     # Gated SAEs replace b_enc with their own gate and magnitude biases.
     has_encoder_bias: ClassVar[bool] = True
+    # Capabilities training loops and generic tests ask for. A learner fitted by its own
+    # closed-form updates (semi-NMF) implements fit_step(x, reduce=...), which the learner
+    # calls instead of backward and an optimizer step; an autoencoder-only method refuses
+    # d_out and skip_connection.
+    fits_in_closed_form: ClassVar[bool] = False
+    supports_transcoding: ClassVar[bool] = True
 
     def __init__(self, config: DictionaryConfig) -> None:
         super().__init__()

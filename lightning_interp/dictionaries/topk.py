@@ -252,7 +252,8 @@ class BatchTopKSAE(_TopKFamily):
         """A JumpReLU SAE with this dictionary's weights and its threshold on every latent."""
         from lightning_interp.dictionaries.jumprelu import JumpReLUConfig, JumpReLUSAE
 
-        if self.threshold < 0:
+        # A tensor comparison: Feature Choice (choice.py) keeps one threshold per latent.
+        if bool((self.threshold < 0).any()):
             raise ConfigError(
                 "this BatchTopK dictionary has no threshold estimate yet (it has not "
                 "trained); train it first or save with inference_form=False"
@@ -270,11 +271,13 @@ class BatchTopKSAE(_TopKFamily):
                 apply_b_dec_to_input=cfg.apply_b_dec_to_input,
                 skip_connection=cfg.skip_connection,
                 b_dec_init=cfg.b_dec_init,
-                initial_threshold=max(float(self.threshold), 1e-12),
+                initial_threshold=max(float(self.threshold.min()), 1e-12),
                 provenance=provenance,
             )
         ).to(device=self.device, dtype=self.dtype)
-        weights = {k: v for k, v in self.export_tensors().items() if k != "threshold"}
-        weights["threshold"] = torch.full((cfg.d_latent,), float(self.threshold))
+        # Training-only state (the threshold estimate; choice.py's densities) has no slot.
+        wanted = jump.export_tensors().keys() - {"threshold"}
+        weights = {k: v for k, v in self.export_tensors().items() if k in wanted}
+        weights["threshold"] = self.threshold.float().expand(cfg.d_latent).clone()
         jump.import_tensors(weights)
         return jump

@@ -2,6 +2,14 @@
 
 from lightning_interp.modules.concept_module import ConceptBottleneckModule
 from lightning_interp.modules.dictionary_module import DictionaryModule, split_batch
+from lightning_interp.modules.end_to_end import EndToEndDictionaryModule, TokenDataModule
 from lightning_interp.modules.multi_module import MultiDictionaryModule
 
-__all__ = ["ConceptBottleneckModule", "DictionaryModule", "MultiDictionaryModule", "split_batch"]
+__all__ = [
+    "ConceptBottleneckModule",
+    "DictionaryModule",
+    "EndToEndDictionaryModule",
+    "MultiDictionaryModule",
+    "split_batch",
+    "TokenDataModule",
+]

@@ -189,7 +189,8 @@ class DictionaryModule(DictionaryTrainingModule):
         self._log_training("train", logged, self.learner)
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         self._log_throughput(inputs.shape[0])
-        return loss
+        # A closed-form learner (semi-NMF) has already stepped: nothing to back-propagate.
+        return loss if loss.requires_grad else self.skipped_step()
 
     def _read(self, batch: Any) -> tuple[Tensor, Tensor | None]:
         provenance = self.dictionary.config.provenance

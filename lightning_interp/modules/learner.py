@@ -109,7 +109,12 @@ class DictionaryLearner(nn.Module):
         self.dictionary.check_input(inputs)
         if not bool(self.b_dec_initialized):
             self._initialize_b_dec(inputs if targets is None else targets, reduce)
-        out = self.dictionary.forward_train(inputs)
+        if self.dictionary.fits_in_closed_form:
+            # Semi-NMF updates its own weights from the batch: the loss has no gradient,
+            # and the loops skip backward and the optimizer for it.
+            out = self.dictionary.fit_step(inputs, reduce=reduce)
+        else:
+            out = self.dictionary.forward_train(inputs)
         dead = self.dead_mask()
         losses = self.dictionary.loss(
             inputs, out, target=targets, sparsity_scale=sparsity_scale, dead_mask=dead

@@ -174,7 +174,8 @@ class MultiDictionaryModule(DictionaryTrainingModule):
         total = torch.stack([loss for loss, _, _ in results.values()]).sum()
         self.log("loss", total.detach(), prog_bar=True, logger=False)
         self._log_throughput(max(inputs.shape[0] for inputs, _ in selected.values()))
-        return total
+        # Closed-form learners (semi-NMF) have already stepped and add no gradient.
+        return total if total.requires_grad else self.skipped_step()
 
     def _evaluate(self, batch: Any, prefix: str, batch_idx: int) -> None:
         selected, parts = self._selected(batch)

@@ -18,7 +18,13 @@ from lightning_interp import (
     UnknownArchitectureError,
     load_dictionary,
 )
-from lightning_interp.dictionaries import GatedSAE, JumpReLUSAE, TopKSAE, list_architectures
+from lightning_interp.dictionaries import (
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLUSAE,
+    TopKSAE,
+    list_architectures,
+)
 from tests.helpers import small_dictionary
 from tests.zoo.helpers import KILL_POINTS
 
@@ -33,7 +39,7 @@ def trained_like(architecture, **kwargs):
     with torch.no_grad():
         for p in dictionary.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    if architecture == "batchtopk":
+    if isinstance(dictionary, BatchTopKSAE):  # and its subclasses: estimate the threshold
         dictionary.train().forward_train(torch.randn(64, 8))
         dictionary.eval()
     return dictionary

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lightning_interp import create_dictionary, list_architectures, load_dictionary
+from lightning_interp import create_dictionary, load_dictionary
 from lightning_interp.dictionaries import Provenance
-from tests.helpers import example_kwargs
+from tests.helpers import example_kwargs, transcoding_architectures
 
 D_IN, D_OUT, F = 8, 6, 32
 
@@ -29,7 +29,7 @@ def test_off_by_default_and_zero_at_init():
     assert skip.W_skip.shape == (D_IN, D_IN) and not skip.W_skip.any()
 
 
-@pytest.mark.parametrize("architecture", list_architectures())
+@pytest.mark.parametrize("architecture", transcoding_architectures())
 @pytest.mark.parametrize("sparse", [True, False])
 def test_reconstruction_adds_the_skip(architecture, sparse):
     dictionary = skip_dictionary(architecture)
@@ -52,7 +52,7 @@ def test_skip_is_trained():
     assert dictionary.W_skip.grad is not None and dictionary.W_skip.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("architecture", list_architectures())
+@pytest.mark.parametrize("architecture", transcoding_architectures())
 def test_native_round_trip_keeps_the_skip(tmp_path, architecture):
     dictionary = skip_dictionary(architecture)
     # One training forward pass gives state estimated in training (BatchTopK's threshold)

@@ -13,6 +13,11 @@ reading is a matter of mapping the config:
   by ``tests/zoo/test_peer_crosscheck.py``).
 - TopK with ``rescale_acts_by_decoder_norm`` is folded on read (``W_enc``, ``b_enc`` times
   the decoder norms, ``W_dec`` rows divided by them): the same codes and reconstruction.
+- ``matching_pursuit`` (tied: ``W_dec`` and ``b_dec`` only) maps to our ``mp``:
+  ``max_iterations`` (default ``d_in``) is ``k``, and ``residual_threshold`` and
+  ``stop_on_duplicate_support`` keep SAELens's defaults (1e-2, true). SAELens takes the
+  decoder rows to be unit-norm and adds ``b_dec`` only with ``apply_b_dec_to_input``; other
+  rows are refused both ways, and an unused ``b_dec`` reads as zero.
 - Pre-6.0 flat configs (``hook_point``, ``activation_fn_str``, ``activation_fn_kwargs.k``,
   boolean ``normalize_activations``, a ``scaling_factor`` tensor) are upgraded first, as
   SAELens's ``handle_pre_6_0_config`` does.
@@ -67,6 +72,7 @@ _ARCHITECTURES = {
     "skip_transcoder": "standard",
     "jumprelu_transcoder": "jumprelu",
     "jumprelu_skip_transcoder": "jumprelu",
+    "matching_pursuit": "mp",
 }
 _TRANSCODERS = {"transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"}
 _SKIP_TRANSCODERS = {"skip_transcoder", "jumprelu_skip_transcoder"}
@@ -156,6 +162,17 @@ def _fold_decoder_norm(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
+def _check_unit_rows(w_dec: Tensor, where: str) -> None:
+    """SAELens's matching pursuit uses ``<r, W_dec[i]>`` as is: only unit rows mean MP."""
+    norms = w_dec.detach().float().norm(dim=-1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-2, rtol=0):
+        raise UnsupportedFormatError(
+            f"{where}: SAELens's matching pursuit needs unit-norm decoder rows, these range "
+            f"{float(norms.min()):.4g}..{float(norms.max()):.4g} (a folded activation scale?); "
+            f"use format='native'"
+        )
+
+
 def _scaling_factor(folder: Path, cfg: ConfigFields) -> float | None:
     if "norm_scaling_factor" in cfg:
         return cfg.number("norm_scaling_factor", positive=True)
@@ -201,6 +218,10 @@ class SAELensFormat(FormatAdapter):
             fields = self._fields(cfg, architecture, tensors)
             if architecture == "topk" and cfg.boolean("rescale_acts_by_decoder_norm", False):
                 tensors = _fold_decoder_norm(tensors)
+            if architecture == "matching_pursuit":
+                _check_unit_rows(tensors["W_dec"], str(weights_path))
+                if not fields["apply_b_dec_to_input"]:  # SAELens then never adds b_dec
+                    tensors = {**tensors, "b_dec": torch.zeros_like(tensors["b_dec"])}
         dictionary = build_dictionary(
             _ARCHITECTURES[architecture],
             fields,
@@ -253,6 +274,11 @@ class SAELensFormat(FormatAdapter):
             fields["k"] = cfg.integer("k")
             if cfg.boolean("rescale_acts_by_decoder_norm", False):
                 extra["folded_decoder_norm"] = True  # done by read(), on the tensors
+        if architecture == "matching_pursuit":
+            steps = cfg.integer("max_iterations", None) or fields["d_in"]
+            fields["k"] = min(steps, fields["d_latent"])
+            fields["residual_threshold"] = cfg.number("residual_threshold", 1e-2)
+            fields["stop_on_duplicate_support"] = cfg.boolean("stop_on_duplicate_support", True)
         fields["provenance"] = provenance(
             trained_as=f"{self.name}:{architecture}",
             backbone=metadata.string("model_name", None),
@@ -337,6 +363,12 @@ class SAELensFormat(FormatAdapter):
         }
         if architecture == "topk":
             cfg.update(k=config.k, rescale_acts_by_decoder_norm=False)
+        if architecture == "matching_pursuit":
+            cfg.update(
+                residual_threshold=config.residual_threshold,
+                max_iterations=config.k,
+                stop_on_duplicate_support=config.stop_on_duplicate_support,
+            )
         if transcoder:
             cfg["d_out"] = config.output_width
         cfg["architecture"] = architecture
@@ -349,6 +381,15 @@ class SAELensFormat(FormatAdapter):
         if not transcoder:
             if ours in ("standard", "topk", "jumprelu", "gated"):
                 return ours
+            if ours == "mp" and dictionary.tied:
+                _check_unit_rows(dictionary.W_dec, f"this {ours} dictionary")
+                if not config.apply_b_dec_to_input and bool(dictionary.b_dec.any()):
+                    raise UnsupportedFormatError(
+                        "SAELens's matching pursuit adds b_dec only with apply_b_dec_to_input, "
+                        "but this one has apply_b_dec_to_input=False and a non-zero b_dec; "
+                        "save it with format='native'"
+                    )
+                return "matching_pursuit"
         elif config.apply_b_dec_to_input:
             raise UnsupportedFormatError(
                 f"SAELens transcoders never subtract b_dec from the input, but this {ours} "
