@@ -15,8 +15,7 @@ from lightning_interp.dictionaries.output import DictionaryOutput, squared_error
 from lightning_interp.dictionaries.sparse_codes import SparseCodes
 from lightning_interp.errors import ConfigError, CorruptFileError, ShapeMismatchError
 
-# DictionaryOutput and the losses live in output.py; they are re-exported from here, where
-# they have always been imported from.
+# Re-exported from output.py: callers have always imported them from here.
 __all__ = ["Dictionary", "DictionaryOutput", "squared_error"]
 
 
@@ -42,10 +41,8 @@ class Dictionary(nn.Module):
     architecture: ClassVar[str] = ""
     # Gated SAEs replace b_enc with their own gate and magnitude biases.
     has_encoder_bias: ClassVar[bool] = True
-    # Capabilities training loops and generic tests ask for. A learner fitted by its own
-    # closed-form updates (semi-NMF) implements fit_step(x, reduce=...), which the learner
-    # calls instead of backward and an optimizer step; an autoencoder-only method refuses
-    # d_out and skip_connection.
+    # Capabilities loops and generic tests ask for: a closed-form learner (semi-NMF) has
+    # fit_step(x, reduce=...) instead of backward + optimizer; some refuse d_out/skips.
     fits_in_closed_form: ClassVar[bool] = False
     supports_transcoding: ClassVar[bool] = True
 
@@ -164,8 +161,7 @@ class Dictionary(nn.Module):
     def encode_sparse(self, x: Tensor, *, chunk_rows: int = 4096) -> SparseCodes:
         """Codes of ``x`` (``[..., d_in]``, leading dims flattened) as :class:`SparseCodes`.
 
-        Rows are encoded ``chunk_rows`` at a time: memory holds one chunk's pre-activations
-        plus the active entries of all rows, never ``[N, d_latent]`` codes.
+        ``chunk_rows`` rows at a time: memory never holds ``[N, d_latent]`` dense codes.
 
         Example:
             >>> from lightning_interp import create_dictionary
@@ -193,10 +189,7 @@ class Dictionary(nn.Module):
         return codes @ self.W_dec + self.b_dec
 
     def with_skip(self, x: Tensor, reconstruction: Tensor) -> Tensor:
-        """``reconstruction + x @ W_skip.T`` with a skip connection, else ``reconstruction``.
-
-        The skip reads the raw input (not centred on ``b_dec``), as SAELens and sparsify do.
-        """
+        """``reconstruction + x @ W_skip.T`` (raw ``x``, as SAELens and sparsify) if skipping."""
         if not self.config.skip_connection:
             return reconstruction
         x = self._prepare_input(x)
