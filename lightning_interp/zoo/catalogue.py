@@ -397,7 +397,7 @@ def filter_catalogue(
     Example:
         >>> from lightning_interp.zoo.catalogue import filter_catalogue
         >>> [m.entry.release for m in filter_catalogue(backbone="gpt2", site="layers.8.resid_pre")]
-        ['gpt2-small-res-jb']
+        ['gpt2-small-res-jb', 'gpt2-small-res-jb-feature-splitting']
     """
     matches = []
     for entry in list_releases():

@@ -127,8 +127,12 @@ def test_export_takes_raw_activations_and_spliced_ce_reads_them(tiny_folders, tm
     assert float(logged["val/delta_lm_loss"]) == pytest.approx(
         float(expected["delta_lm_loss"]), rel=1e-4, abs=1e-5
     )
+    # The same spliced-CE tolerance, carried through (zero - spliced) / (zero - clean): on a
+    # tiny random model zero-ablation barely moves the CE, so the ratio magnifies rounding.
+    gap = abs(float(expected["ce_zero_ablation"] - expected["ce_clean"]))
+    carried = 1e-4 * abs(float(expected["ce_spliced"])) / max(gap, 1e-12)
     assert float(logged["val/ce_loss_recovered"]) == pytest.approx(
-        float(expected["ce_loss_recovered"]), rel=1e-4, abs=1e-5
+        float(expected["ce_loss_recovered"]), abs=carried + 1e-5
     )
 
 

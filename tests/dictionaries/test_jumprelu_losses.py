@@ -51,7 +51,7 @@ def test_step_is_the_default_and_the_l0_through_the_estimator():
     assert sae.config.sparsity_loss_mode == "step"
     terms, pre = losses_on(sae, sparsity_scale=0.5)
     assert float(terms["l0"]) == 2.0  # (1 + 2 + 3) / 3, exact counts
-    assert float(terms["l0_loss"]) == 0.5 * 0.5 * 2.0
+    assert float(terms["l0_loss"].detach()) == 0.5 * 0.5 * 2.0
     assert set(terms) == {"l0", "l0_loss"}  # no pre-activation loss unless configured
     terms["l0_loss"].backward()
     # d/dt = -(1/eps) * (entries in the kernel) / N, times the coefficient and the warm-up.
@@ -129,7 +129,7 @@ def test_pre_act_loss_is_added_to_the_total():
     x = torch.randn(8, 4, dtype=torch.float64)
     out = sae.forward_train(x)
     losses = sae.loss(x, out, dead_mask=torch.ones(3, dtype=torch.bool))
-    assert float(losses["pre_act_loss"]) > 0
+    assert float(losses["pre_act_loss"].detach()) > 0
     torch.testing.assert_close(losses["loss"], losses["mse_loss"] + losses["pre_act_loss"])
 
 
