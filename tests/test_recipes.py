@@ -39,6 +39,7 @@ FAMILY_OF_MODEL = {
     "google/gemma-2-2b": "gemma2",
     "meta-llama/Llama-3.2-1B": "llama",
     "openai/clip-vit-base-patch32": "clip",
+    "HuggingFaceTB/SmolVLM-256M-Instruct": "idefics3",
 }
 TINY_WIDTH = 32  # hidden size of every tiny model
 TINY_LAYERS = 4
@@ -105,6 +106,8 @@ def tiny_recipe(name: str, tiny_world, run_dir: Path) -> dict:
         data.update(
             batch_size=64, buffer_tokens=512, images_per_capture=16, images="offline:digits"
         )
+    elif family == "idefics3":  # a multimodal LLM: images with a caption of tiny-vocab words
+        data.update(batch_size=64, buffer_tokens=512, images_per_capture=16, caption="w1 w2")
     else:
         data.update(
             text=str(text),

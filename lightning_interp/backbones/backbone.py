@@ -139,7 +139,10 @@ class Backbone:
         config = self.model.config
         config = getattr(config, f"{tower}_config", None) or config if tower else config
         config = getattr(config, "text_config", None) or config
-        for name in ("hidden_size", "n_embd", "d_model"):
+        names = ("hidden_size", "n_embd", "d_model")
+        if tower == "vision":  # Qwen2-VL: embed_dim is the blocks' width, hidden_size the merger's
+            names = ("embed_dim", *names)
+        for name in names:
             if getattr(config, name, None):
                 return int(getattr(config, name))
         raise ConfigError(f"cannot tell the hidden size of {type(self.model).__name__}")

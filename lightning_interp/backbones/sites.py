@@ -14,6 +14,9 @@ input or output of one module. Canonical names are the same for every family:
                            ``layers.0.resid_pre``)
 
 Vision-language models with two towers (CLIP) prefix names with ``text.`` or ``vision.``.
+Multimodal LLMs (LLaVA, Qwen2-VL, Idefics3, PaliGemma, Gemma-3) name their language model's
+blocks ``layers.{i}...``, their vision tower's ``vision.layers.{i}...``, and the projector
+output ``projector`` (see :mod:`~lightning_interp.backbones.multimodal`).
 A raw module path (``transformer.h.8.mlp``, optionally ``:input`` or ``:output``) and
 globs (``layers.*.resid_post``, in natural layer order) work too.
 
@@ -31,6 +34,12 @@ from typing import Literal
 
 from torch import nn
 
+from lightning_interp.backbones.multimodal import (
+    LANGUAGE_PATHS,
+    PROJECTOR,
+    VISION_PATHS,
+    projector_path,
+)
 from lightning_interp.errors import ConfigError
 
 Direction = Literal["input", "output"]
@@ -108,14 +117,24 @@ LAYOUTS = (
         ("intermediate", "input"),
         ("output.dense", "output"),
     ),
+    # Qwen2-VL's vision blocks (norm1, attn.qkv / attn.proj, norm2, mlp).
+    BlockLayout(
+        "qwen2_vl_vision",
+        ("attn", "output"),
+        ("attn.proj", "input"),
+        ("mlp", "input"),
+        ("mlp", "output"),
+    ),
 )
 
-# (tower prefix, path of the ModuleList of blocks), probed in order.
+# (tower prefix, path of the ModuleList of blocks), probed in order. A multimodal LLM's vision
+# tower comes before its language model, since the first unprefixed stack ends the search.
 TOWER_PATHS = (
+    *(("vision", path) for path in VISION_PATHS),
+    *(("", path) for path in LANGUAGE_PATHS),
     ("", "transformer.h"),
     ("", "h"),
     ("", "gpt_neox.layers"),
-    ("", "model.language_model.layers"),
     ("", "model.layers"),
     ("", "bert.encoder.layer"),
     ("", "roberta.encoder.layer"),
@@ -159,6 +178,7 @@ def _detect_layout(block: nn.Module) -> BlockLayout | None:
 def find_towers(model: nn.Module) -> list[Tower]:
     """Locate the block stacks of a transformers model (one, or two for CLIP)."""
     towers: list[Tower] = []
+    multimodal_llm = projector_path(model) is not None
     for prefix, path in TOWER_PATHS:
         blocks = get_module(model, path)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
@@ -168,7 +188,9 @@ def find_towers(model: nn.Module) -> list[Tower]:
         layout = _detect_layout(blocks[0])
         if layout is None:
             continue
-        root = path.split(".encoder.")[0] if prefix else ""
+        # A CLIP tower runs alone; a multimodal LLM's vision tower runs inside the whole
+        # model's forward (before the LM, so an early exit there skips the LM).
+        root = path.split(".encoder.")[0] if prefix and not multimodal_llm else ""
         towers.append(Tower(prefix, path, len(blocks), layout, root))
         if not prefix:
             break  # a single-stack model: no second tower to look for
@@ -202,6 +224,9 @@ class SiteMap:
         self.sites: dict[str, Site] = {}
         for tower in self.towers:
             self._add_tower(tower)
+        projector = projector_path(model)
+        if projector is not None:
+            self.sites[PROJECTOR] = Site(PROJECTOR, projector, "output")
 
     def _add_tower(self, tower: Tower) -> None:
         layout = tower.layout
@@ -234,8 +259,12 @@ class SiteMap:
 
     @property
     def family(self) -> str:
-        """Family of the (first) tower's blocks: gpt2, gpt_neox, llama, bert or clip."""
-        return self.towers[0].layout.family
+        """Family of the main tower's blocks: gpt2, gpt_neox, llama, bert or clip.
+
+        The unprefixed tower's (a multimodal LLM's language model), else the first.
+        """
+        main = next((t for t in self.towers if not t.prefix), self.towers[0])
+        return main.layout.family
 
     def canonical_names(self) -> list[str]:
         """Every canonical site name, in natural order."""
@@ -286,6 +315,7 @@ class SiteMap:
         return (
             f"unknown site {name!r} for this {self.family} model ({layers} blocks).{hint} "
             f"Valid sites are '[text.|vision.]layers.{{i}}.{{{'|'.join(SITE_KINDS)}}}' and "
-            f"'embeddings', e.g. {valid[:3]}, a glob like 'layers.*.resid_post', or a raw "
+            f"'embeddings' (and 'projector' in multimodal LLMs), e.g. {valid[:3]}, a glob "
+            f"like 'layers.*.resid_post', or a raw "
             f"module path such as '{self.towers[0].blocks_path}.0:output'"
         )

@@ -19,6 +19,7 @@ from lightning_interp.data.embedding_datamodule import EmbeddingDataModule
 from lightning_interp.data.image_datamodule import VisionModelDataModule
 from lightning_interp.data.images import ImageActivations
 from lightning_interp.data.lm_datamodule import LanguageModelDataModule
+from lightning_interp.data.multimodal_datamodule import ImageTextActivations, ImageTextDataModule
 from lightning_interp.data.source import ActivationSource, activation_source
 from lightning_interp.data.stream import ActivationStream
 from lightning_interp.data.synthetic import (
@@ -37,6 +38,8 @@ __all__ = [
     "CachedActivations",
     "EmbeddingDataModule",
     "ImageActivations",
+    "ImageTextActivations",
+    "ImageTextDataModule",
     "LanguageModelDataModule",
     "ShufflingBuffer",
     "SparseSuperposition",

@@ -63,6 +63,9 @@ def clip_text():
     return T.CLIPTextModel(_clip_config().text_config)
 
 
+from tests.backbones.tiny_vlms import idefics3  # noqa: E402,F401  (a recipe's stand-in)
+
+
 def build(name: str):
     torch.manual_seed(0)
     return globals()[name]().eval()
