@@ -38,7 +38,8 @@ ALLOWED = {
     # Amended: the CLI installs callbacks (LogProgress) by default. Nothing imports the CLI,
     # so it may import anything; DESIGN's list was an example, not a limit.
     "cli": {"modules", "features", "circuits", "zoo", "callbacks"},
-    "modules": {"dictionaries", "concepts", "metrics", "data"},
+    # Amended: modules/clt_module.py trains the cross-layer transcoder of circuits/.
+    "modules": {"dictionaries", "concepts", "metrics", "data", "circuits"},
     # Amended: the feature tools read a dictionary from any source (a folder, the Hub, a
     # catalogue id) through the zoo's one loader, as the CLI's other commands do.
     "features": {"dictionaries", "backbones", "data", "metrics", "zoo"},
@@ -48,9 +49,11 @@ ALLOWED = {
     "autointerp": {"features", "backbones", "metrics"},
     # The evaluation suite reuses the metrics (FVU, L0, CE/KL by splicing), reads text and
     # backbones as training does, loads any dictionary source through the zoo and takes
-    # backbone/site/text from provenance as `features` does (features.commands.resolve).
-    "evals": {"metrics", "backbones", "data", "features", "zoo"},
-    "zoo": {"dictionaries", "concepts"},
+    # backbone/site/text from provenance as `features` does (features.commands.resolve);
+    # its autointerp eval runs the explain pipeline (autointerp) on a feature store.
+    "evals": {"metrics", "backbones", "data", "features", "zoo", "autointerp"},
+    # Amended: zoo/formats/clt_layouts.py reads other libraries' CLT folders into circuits/.
+    "zoo": {"dictionaries", "concepts", "circuits"},
     # Amended: callbacks are the plug-in twin of modules/ and reuse its training core
     # (DictionaryLearner, the non-finite guards) rather than copy it; a plug-in also loads
     # dictionaries from the zoo (SpliceDictionary("org/repo")). modules/ never imports
@@ -60,7 +63,8 @@ ALLOWED = {
     "data": {"backbones"},
     # Leaves, usable without Lightning or the Hub.
     "dictionaries": set(),
-    "concepts": set(),
+    # Amended: the SAE-named concept bottleneck (Discover-then-Name) holds a dictionary.
+    "concepts": {"dictionaries"},
     # Amended: downstream metrics (CE loss recovered) must run the frozen backbone with a
     # dictionary spliced in; every other metric is a leaf.
     "metrics": {"backbones"},

@@ -10,11 +10,13 @@ from lightning_interp.concepts.bank import ConceptBank
 from lightning_interp.concepts.base import ConceptHead, HeadOutput
 from lightning_interp.concepts.build import load_phrases
 from lightning_interp.concepts.cav import CAV, fit_cav, learn_cav
+from lightning_interp.concepts.cem import CEMConfig, ConceptEmbeddingModel
 from lightning_interp.concepts.config import HeadConfig
 from lightning_interp.concepts.description import (
     DescriptionClassifier,
     DescriptionClassifierConfig,
 )
+from lightning_interp.concepts.discover_name import SAENamedCBM, SAENamedCBMConfig
 from lightning_interp.concepts.explain import (
     EditReport,
     evaluate_removal,
@@ -25,6 +27,8 @@ from lightning_interp.concepts.explain import (
 from lightning_interp.concepts.filters import FilterReport, filter_concepts
 from lightning_interp.concepts.label_free import LabelFreeCBM, LabelFreeCBMConfig, cos_cubed
 from lightning_interp.concepts.posthoc import PosthocCBM, PosthocCBMConfig
+from lightning_interp.concepts.prototype import ProtoPNet, ProtoPNetConfig
+from lightning_interp.concepts.rbf_prototype import RobustRBF, RobustRBFConfig
 from lightning_interp.concepts.registry import create_head, head_class, list_heads, register_head
 from lightning_interp.concepts.slots import ConceptSlotAttention, ConceptSlotAttentionConfig
 from lightning_interp.concepts.solver import SparseFit, elastic_net_objective, fit_sparse_linear
@@ -38,7 +42,9 @@ from lightning_interp.concepts.transformer import ConceptTransformer, ConceptTra
 
 __all__ = [
     "CAV",
+    "CEMConfig",
     "ConceptBank",
+    "ConceptEmbeddingModel",
     "ConceptHead",
     "ConceptSlotAttention",
     "ConceptSlotAttentionConfig",
@@ -54,6 +60,12 @@ __all__ = [
     "LabelFreeCBMConfig",
     "PosthocCBM",
     "PosthocCBMConfig",
+    "SAENamedCBM",
+    "SAENamedCBMConfig",
+    "ProtoPNet",
+    "ProtoPNetConfig",
+    "RobustRBF",
+    "RobustRBFConfig",
     "SparseFit",
     "SupervisedCBM",
     "SupervisedCBMConfig",

@@ -46,6 +46,15 @@ class SupervisedCBMConfig(HeadConfig):
     concept_epochs: int = 1
 
 
+def check_concept_labels(head: ConceptHead, concepts: Tensor, rows: int) -> None:
+    """Raise :class:`ShapeMismatchError` unless ``concepts`` is ``[rows, head.num_concepts]``."""
+    if concepts.shape != (rows, head.num_concepts):
+        raise ShapeMismatchError(
+            f"concept labels must be [{rows}, {head.num_concepts}] (one column per "
+            f"concept of {head.concept_names[:3]}...), got {tuple(concepts.shape)}"
+        )
+
+
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Module:
     if hidden <= 0:
         return nn.Linear(d_in, d_out)
@@ -101,11 +110,12 @@ class SupervisedCBM(ConceptHead):
         return hard + probs - probs.detach()  # value: hard; gradient: that of probs
 
     def _check_concepts(self, concepts: Tensor, rows: int) -> None:
-        if concepts.shape != (rows, self.num_concepts):
-            raise ShapeMismatchError(
-                f"concept labels must be [{rows}, {self.num_concepts}] (one column per "
-                f"concept of {self.concept_names[:3]}...), got {tuple(concepts.shape)}"
-            )
+        check_concept_labels(self, concepts, rows)
+
+    def predict_concepts(self, x: Tensor) -> Tensor:
+        """Concept logits ``[b, concepts]``: what :meth:`_classify` reads."""
+        self.check_input(x)
+        return self.concept_predictor(x)
 
     def forward(
         self,
@@ -123,9 +133,7 @@ class SupervisedCBM(ConceptHead):
             true_concepts: Ground-truth concepts ``[b, concepts]`` in {0, 1}.
             intervene: Boolean ``[b, concepts]`` or ``[concepts]``: where to use the truth.
         """
-        self.check_input(x)
-        concept_logits = self.concept_predictor(x)
-        return self._classify(concept_logits, true_concepts, intervene)
+        return self._classify(self.predict_concepts(x), true_concepts, intervene)
 
     def _classify(
         self, concept_logits: Tensor, true_concepts: Tensor | None, intervene: Tensor | None
@@ -198,7 +206,7 @@ def intervention_order(
 
 @torch.no_grad()
 def intervention_logits(
-    head: SupervisedCBM,
+    head: ConceptHead,
     x: Tensor,
     true_concepts: Tensor,
     policy: str = "uncertainty",
@@ -207,10 +215,15 @@ def intervention_logits(
 ) -> Tensor:
     """Class logits after intervening on the first ``k`` concepts of each example's order.
 
+    ``head`` is a :class:`SupervisedCBM` or any head with the same interface
+    (``predict_concepts``, ``_classify``, ``forward(..., true_concepts=, intervene=)``),
+    such as the concept embedding model.
+
     Returns:
         ``[len(steps), b, classes]``; ``steps`` defaults to ``0, 1, ..., concepts``.
     """
-    out = head(x)
+    predicted = head.predict_concepts(x)
+    out = head._classify(predicted, None, None)
     order = intervention_order(torch.sigmoid(out.concept_logits), policy, generator)
     steps = list(range(head.num_concepts + 1)) if steps is None else list(steps)
     ranks = order.argsort(dim=-1)  # rank of each concept in the example's order
@@ -218,5 +231,5 @@ def intervention_logits(
     # The concept predictor runs once; each step only swaps in true values and relabels.
     for k in steps:
         chosen = ranks < k
-        results.append(head._classify(out.concept_logits, true_concepts, chosen).logits)
+        results.append(head._classify(predicted, true_concepts, chosen).logits)
     return torch.stack(results)

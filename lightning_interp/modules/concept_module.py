@@ -12,6 +12,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
+from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_interp.concepts import (
@@ -173,6 +174,10 @@ class ConceptBottleneckModule(L.LightningModule):
     def _learned_concepts_head(self, datamodule: Any, class_names: list[str]) -> ConceptHead:
         """A head whose concepts are learned: names from ``concepts`` (or ``concept_i``)."""
         names = load_phrases(self.hparams.concepts or [])
+        # Prototype heads name their prototypes per class when no names are given.
+        default_names = getattr(head_class(self.hparams.head_name), "default_concept_names", None)
+        if not names and default_names is not None:
+            names = default_names(class_names, **(self.hparams.head_kwargs or {}))
         labelled = getattr(datamodule, "concept_count", None)
         if not names and labelled:
             names = [f"concept_{i}" for i in range(labelled)]
@@ -280,8 +285,29 @@ class ConceptBottleneckModule(L.LightningModule):
         if self.head.full_data_fit == "before":
             self._fit_full_data()
 
+    def on_train_epoch_start(self) -> None:
+        """Steps a staged head takes between epochs (ProtoPNet's push onto training patches)."""
+        self._between_epochs(final=False)
+
+    def _between_epochs(self, final: bool) -> None:
+        step = getattr(self.head, "between_epochs", None)
+        if step is not None:
+            self.fit_report.update(step(self.current_epoch, self._ordered_rows, final=final))
+
+    def _ordered_rows(self) -> Any:
+        """The training rows once, in dataset order, as ``(x, y, mask)`` (on every rank)."""
+        loader = self.trainer.train_dataloader
+        loader = loader[0] if isinstance(loader, Sequence) else loader
+        ordered = DataLoader(
+            loader.dataset, batch_size=loader.batch_size or 256, collate_fn=loader.collate_fn
+        )
+        for batch in ordered:
+            b = split_concept_batch(batch)
+            yield b.x.to(self.device), b.y.to(self.device), b.mask
+
     def on_train_end(self) -> None:
         """Closed-form fits on all training rows (the label-free CBM's sparse layer)."""
+        self._between_epochs(final=True)
         if self.head.full_data_fit == "after":
             self._fit_full_data()
         if self.hparams.save_dir and self.trainer.is_global_zero:
