@@ -1,4 +1,4 @@
-"""Multimodal LLMs (LLaVA, Qwen2-VL, Idefics3/SmolVLM, PaliGemma, Gemma-3).
+"""Multimodal LLMs (LLaVA, -Next, -OneVision, Qwen2-VL, Idefics3/SmolVLM, PaliGemma, Gemma-3).
 
 Where their parts live, their inputs built in torch, and which positions hold image tokens.
 
@@ -21,14 +21,18 @@ deepest site is in the vision tower (or the projector) stops there: the LM never
 transformers' image processors for these models need torchvision; :func:`vlm_inputs` builds
 the model inputs in torch alone, laid out the way each family's processor lays them out (image
 tokens counted from the config, Qwen2-VL's patch flattening as in
-``transformers/models/qwen2_vl/image_processing_qwen2_vl.py``). Deviation on purpose: the image
-tokens come first and the caption follows, with no chat template and no image tiling (one
-tile at the vision tower's resolution; LLaVA-Next's any-resolution tiling is not built).
+``transformers/models/qwen2_vl/image_processing_qwen2_vl.py``, LLaVA-Next's and
+LLaVA-OneVision's any-resolution tiling as in ``transformers/models/llava_next/`` and
+``llava_onevision/`` [image_processing, processing, modeling]).
+Deviation on purpose: the image tokens come first and the caption follows, with no chat
+template; images are resized in torch (bicubic, antialiased), not by PIL or torchvision.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -50,7 +54,20 @@ VISION_BLOCK_PATHS = (
 )
 LANGUAGE_BLOCK_PATHS = ("language_model.layers", "text_model.layers")
 PROJECTOR_PATHS = ("multi_modal_projector", "connector", "visual.merger")
-FAMILIES = ("llava", "paligemma", "gemma3", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "paligemma",
+    "gemma3",
+    "idefics3",
+    "smolvlm",
+    "qwen2_vl",
+    "qwen2_5_vl",
+)
+
+
+ANYRES = ("llava_next", "llava_onevision")  # any-resolution tiling
 
 
 def _with_prefix(paths: tuple[str, ...]) -> tuple[str, ...]:
@@ -138,21 +155,165 @@ def _family(config: Any) -> str:
 
 
 def image_resolution(config: Any, size: int | None = None) -> int:
-    """Side of the square image the vision tower is fed (default: the config's)."""
-    vision = config.vision_config
+    """Side of the square image (LLaVA-Next: of each tile) the vision tower is fed."""
+    family, vision = _family(config), config.vision_config
+    default = getattr(vision, "image_size", None) or 224
     if size is None:
-        size = getattr(vision, "image_size", None) or 224
-    if _family(config) in ("qwen2_vl", "qwen2_5_vl"):
+        size = default
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         unit = vision.patch_size * vision.spatial_merge_size
         size = max(unit, size // unit * unit)  # Qwen2-VL needs whole merge windows
+    if family in ANYRES and size != default:
+        # The model cuts its features by the config's image_size, whatever the pixels.
+        raise ConfigError(
+            f"LLaVA-Next tiles are the vision tower's image_size ({default}), got size={size}; "
+            f"leave size unset (the image's own size picks the tiling)"
+        )
     return size
 
 
-def image_token_count(config: Any, size: int | None = None) -> int:
-    """Image tokens per image in the language model's sequence, as the processor counts."""
+@dataclass(frozen=True)
+class AnyResLayout:
+    """Where LLaVA-Next's (and OneVision's) any-resolution preprocessing puts an image.
+
+    The image is resized (aspect ratio kept) into the best-fitting ``canvas`` of the
+    config's ``image_grid_pinpoints``, padded to it, and cut into ``tile x tile`` tiles row
+    by row; a base tile (the whole image resized to ``tile x tile``) comes first. The model
+    lays the grid tiles' patches out as one ``canvas / patch`` grid, drops the rows or
+    columns of patches that are only padding (``kept``), and ends each kept row with an
+    ``image_newline`` token. LLaVA-OneVision then shrinks a kept grid of more than
+    ``anyres_max_N`` tiles' worth of patches (by 1.1 times the ratio) by bilinear
+    interpolation to ``rows_cols``.
+
+    Attributes:
+        image_hw: The image's own ``(height, width)`` (the model's ``image_sizes``).
+        tile: Tile side in pixels (the vision tower's ``image_size``).
+        patch: Patch side in pixels.
+        canvas: ``(height, width)`` of the chosen pinpoint resolution.
+        resized: ``(height, width)`` of the image inside the canvas.
+        offset: ``(top, left)`` padding before the image in the canvas.
+        kept: ``(top, left, rows, cols)`` of the kept patch grid, in canvas patch units.
+        rows_cols: ``(rows, cols)`` of grid tokens: ``kept``'s unless OneVision shrinks it.
+    """
+
+    image_hw: tuple[int, int]
+    tile: int
+    patch: int
+    canvas: tuple[int, int]
+    resized: tuple[int, int]
+    offset: tuple[int, int]
+    kept: tuple[int, int, int, int]
+    rows_cols: tuple[int, int]
+
+    @property
+    def grid(self) -> int:
+        """Patches per tile side."""
+        return self.tile // self.patch
+
+    @property
+    def n_tiles(self) -> tuple[int, int]:
+        """Grid tiles per column and per row of the canvas."""
+        return self.canvas[0] // self.tile, self.canvas[1] // self.tile
+
+    @property
+    def n_tokens(self) -> int:
+        """Image tokens: the base tile's patches, then each grid row and its newline."""
+        return self.grid**2 + self.rows_cols[0] * (self.rows_cols[1] + 1)
+
+
+def _best_resolution(image_hw: tuple[int, int], pinpoints: Sequence[Sequence[int]]):
+    """The pinpoint keeping most of the image's pixels, then wasting fewest (first wins ties).
+
+    The rule of ``transformers.image_processing_utils.select_best_resolution``.
+    """
+    h, w = image_hw
+    best, best_key = None, None
+    for ph, pw in pinpoints:
+        scale = min(pw / w, ph / h)
+        effective = min(int(w * scale) * int(h * scale), w * h)
+        key = (effective, -(ph * pw - effective))
+        if best_key is None or key > best_key:
+            best, best_key = (int(ph), int(pw)), key
+    return best
+
+
+def anyres_layout(config: Any, image_hw: Sequence[int]) -> AnyResLayout:
+    """LLaVA-Next's (or OneVision's) tiling of an image of size ``image_hw = (height, width)``.
+
+    Raises:
+        ConfigError: a tile's features are not its ``g x g`` patches (a CLIP tower's class
+            token kept by ``"full"``, or a SigLIP tower's first patch dropped by
+            ``"default"``), or a pinpoint is not whole tiles.
+    """
+    vision, pinpoints = config.vision_config, config.image_grid_pinpoints
+    has_cls = "clip" in getattr(vision, "model_type", "")  # SigLIP towers have none
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if has_cls != (strategy == "default"):
+        want = "default" if has_cls else "full"
+        raise ConfigError(
+            f"any-resolution tiles need one feature per patch: with this vision tower set "
+            f"vision_feature_select_strategy={want!r} (got {strategy!r})"
+        )
+    tile, patch = vision.image_size, vision.patch_size
+    if any(side % tile for point in pinpoints for side in point):
+        raise ConfigError(
+            f"image_grid_pinpoints {pinpoints} must be multiples of the tile side {tile}; "
+            f"fix the config's pinpoints"
+        )
+    h, w = (int(side) for side in image_hw)
+    ch, cw = _best_resolution((h, w), pinpoints)
+    # Fit inside the canvas (the processor's get_patch_output_size), then centre.
+    if cw / w < ch / h:
+        rh, rw = min(math.ceil(h * cw / w), ch), cw
+    else:
+        rh, rw = ch, min(math.ceil(w * ch / h), cw)
+    # The model's unpad_image: rows (or columns) of patches that are only padding go.
+    grid = tile // patch
+    rows, cols = ch // patch, cw // patch
+    top = left = 0
+    if w / h > cols / rows:
+        top = (rows - int(round(h * (cols / w), 7))) // 2
+    else:
+        left = (cols - int(round(w * (rows / h), 7))) // 2
+    rows, cols = rows - 2 * top, cols - 2 * left
+    rows_cols = (rows, cols)
+    limit = getattr(config, "vision_aspect_ratio", None)  # OneVision's "anyres_max_9"
+    if limit is not None:
+        ratio = math.sqrt(rows * cols / (int(limit.removeprefix("anyres_max_")) * grid**2))
+        if ratio > 1.1:
+            rows_cols = (int(rows // ratio), int(cols // ratio))
+    return AnyResLayout(
+        image_hw=(h, w),
+        tile=tile,
+        patch=patch,
+        canvas=(ch, cw),
+        resized=(rh, rw),
+        offset=((ch - rh) // 2, (cw - rw) // 2),
+        kept=(top, left, rows, cols),
+        rows_cols=rows_cols,
+    )
+
+
+def image_token_count(
+    config: Any, size: int | None = None, image_hw: Sequence[int] | None = None
+) -> int:
+    """Image tokens per image in the language model's sequence, as the processor counts.
+
+    Args:
+        config: The multimodal model's config.
+        size: Image side fed to the vision tower (default: its config's).
+        image_hw: The image's own ``(height, width)``: LLaVA-Next's count depends on it.
+
+    Raises:
+        ConfigError: LLaVA-Next without ``image_hw``.
+    """
     family, vision = _family(config), config.vision_config
     size = image_resolution(config, size)
     patches = (size // vision.patch_size) ** 2
+    if family in ANYRES:
+        if image_hw is None:
+            raise ConfigError("LLaVA-Next's image tokens depend on the image: pass image_hw=(h, w)")
+        return anyres_layout(config, image_hw).n_tokens
     if family == "llava":
         full = getattr(config, "vision_feature_select_strategy", "default") == "full"
         return patches + int(full)  # "full" keeps the class token
@@ -163,6 +324,25 @@ def image_token_count(config: Any, size: int | None = None) -> int:
     if family in ("qwen2_vl", "qwen2_5_vl"):
         return patches // vision.spatial_merge_size**2
     return patches  # paligemma
+
+
+def _resize(images: Tensor, hw: Sequence[int]) -> Tensor:
+    return F.interpolate(
+        images, size=tuple(hw), mode="bicubic", align_corners=False, antialias=True
+    ).clamp(0.0, 1.0)
+
+
+def _anyres_tiles(images: Tensor, layout: AnyResLayout) -> Tensor:
+    """``[N, 1 + tiles, C, tile, tile]``: the base tile, then the canvas cut row by row."""
+    n, c = images.shape[:2]
+    (rh, rw), (top, left), t = layout.resized, layout.offset, layout.tile
+    # Padding is black before normalisation, as the processor pads the raw image with 0.
+    canvas = images.new_zeros(n, c, *layout.canvas)
+    canvas[:, :, top : top + rh, left : left + rw] = _resize(images, (rh, rw))
+    rows, cols = layout.n_tiles
+    tiles = canvas.reshape(n, c, rows, t, cols, t).permute(0, 2, 4, 1, 3, 5)
+    base = _resize(images, (t, t))[:, None]
+    return torch.cat([base, tiles.reshape(n, rows * cols, c, t, t)], dim=1)
 
 
 def _qwen_patches(pixels: Tensor, vision: Any) -> tuple[Tensor, Tensor]:
@@ -194,7 +374,8 @@ def vlm_inputs(
 
     Args:
         config: The multimodal model's config.
-        images: ``[N, C, H, W]`` in ``[0, 1]`` (grey images become RGB).
+        images: ``[N, C, H, W]`` in ``[0, 1]`` (grey images become RGB); LLaVA-Next tiles
+            them by their own size ``(H, W)``.
         texts: Token ids of each image's caption (already tokenized, specials included).
         mean: Per-channel normalisation mean (the model's image processor's).
         std: Per-channel normalisation std.
@@ -204,7 +385,8 @@ def vlm_inputs(
     Returns:
         ``input_ids``, ``attention_mask``, ``pixel_values`` and what the family also needs
         (``image_grid_thw`` and ``mm_token_type_ids`` for Qwen2-VL, ``token_type_ids`` for
-        PaliGemma and Gemma-3).
+        PaliGemma and Gemma-3, ``image_sizes`` for LLaVA-Next, whose ``pixel_values`` are
+        ``[N, 1 + tiles, C, tile, tile]``: see :func:`anyres_layout`).
     """
     family = _family(config)
     if len(texts) != len(images):
@@ -212,11 +394,14 @@ def vlm_inputs(
     size = image_resolution(config, size)
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    pixels = F.interpolate(
-        images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True
-    ).clamp(0.0, 1.0)
-    pixels = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    image = [image_token_id(config)] * image_token_count(config, size)
+    image_hw = images.shape[-2:]
+    if family in ANYRES:  # every image of a batch has one size, so one tiling
+        pixels = _anyres_tiles(images.float(), anyres_layout(config, image_hw))
+    else:
+        pixels = _resize(images.float(), (size, size))
+    shape = (3, 1, 1)
+    pixels = (pixels - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+    image = [image_token_id(config)] * image_token_count(config, size, image_hw)
     wrap = {
         "gemma3": ("boi_token_index", "eoi_token_index"),
         "qwen2_vl": ("vision_start_token_id", "vision_end_token_id"),
@@ -236,6 +421,9 @@ def vlm_inputs(
         inputs["pixel_values"], inputs["image_grid_thw"] = _qwen_patches(
             pixels, config.vision_config
         )
+    elif family in ANYRES:
+        inputs["pixel_values"] = pixels
+        inputs["image_sizes"] = torch.tensor([list(image_hw)] * len(images))
     elif family in ("idefics3", "smolvlm"):
         inputs["pixel_values"] = pixels[:, None]  # [batch, images per text, C, H, W]
     else:

@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_interp.backbones import Backbone
-from lightning_interp.backbones.multimodal import TokenTypes, token_type_mask, vlm_inputs
+from lightning_interp.backbones.multimodal import (
+    PROJECTOR,
+    TokenTypes,
+    image_token_id,
+    token_type_mask,
+    vlm_inputs,
+)
 from lightning_interp.data.image_datamodule import (
     VisionModelDataModule,
     image_normalisation,
@@ -67,6 +74,23 @@ class ImageTextActivations(ImageActivations):
         self.image_size = image_size
 
     def _capture(self, indices: Tensor) -> Tensor:
+        return self.capture_with_positions(indices)[0]
+
+    def capture_with_positions(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows of images ``indices`` (in order, unshuffled) and where each came from.
+
+        Args:
+            indices: Indices into ``images``.
+
+        Returns:
+            ``rows [R, d]`` as training reads them, and ``positions [R, 2]`` (long): the
+            image's index into ``images``, and the row's image-token ordinal within that
+            image (``-1`` for a text token). The ordinal indexes
+            :func:`~lightning_interp.backbones.image_patches.image_token_boxes`, the pixel
+            box the token summarises. At a ``projector`` site the ordinal is the row's
+            place in the projector output (LLaVA-Next's: tile patches, not image tokens);
+            vision-tower rows are patches (with a class token for CLIP towers) and get ``-1``.
+        """
         config = self.backbone.model.config
         inputs = vlm_inputs(
             config,
@@ -82,13 +106,24 @@ class ImageTextActivations(ImageActivations):
         ids = inputs["input_ids"]
         if acts.shape[:2] == ids.shape:  # a language-model site: one row per position
             mask = token_type_mask(ids, config, self.token_types, inputs["attention_mask"])
-            return acts[mask.to(acts.device)]
+            image = ids == image_token_id(config)
+            ordinal = torch.where(image, image.long().cumsum(1) - 1, -1)
+            positions = torch.stack([indices[:, None].expand_as(ids), ordinal], dim=-1)
+            return acts[mask.to(acts.device)], positions[mask]
         if self.token_types == "text":
             raise ConfigError(
                 f"{self.site!r} is not a language-model site (its rows are image patches or "
                 f"image tokens): use token_types 'image' or 'all', or a 'layers.{{i}}' site"
             )
-        return acts.reshape(-1, acts.shape[-1])
+        rows = acts.reshape(-1, acts.shape[-1])
+        per_image = len(rows) // len(indices)
+        ordinal = (
+            torch.arange(per_image) if self.site == PROJECTOR else torch.full((per_image,), -1)
+        )
+        positions = torch.stack(
+            [indices.repeat_interleave(per_image), ordinal.repeat(len(indices))], dim=-1
+        )
+        return rows, positions
 
 
 def _normalisation(model: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -111,7 +146,9 @@ def _normalisation(model: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 class ImageTextDataModule(VisionModelDataModule):
     """Activations of a frozen multimodal LLM over images paired with a caption.
 
-    LLaVA, Qwen2-VL, Idefics3/SmolVLM, PaliGemma and Gemma-3. Every image is paired with
+    LLaVA(-Next, -OneVision), Qwen2-VL, Idefics3/SmolVLM, PaliGemma and Gemma-3 (LLaVA-Next
+    tiles each image by its own size, see
+    :func:`~lightning_interp.backbones.multimodal.anyres_layout`). Every image is paired with
     the same caption (after the image tokens). Language-model sites (``layers.{i}...``)
     keep the positions ``token_types`` names; vision-tower sites (``vision.layers.{i}...``)
     and ``projector`` keep every image row. The last ``val_fraction`` of the images is held

@@ -7,7 +7,7 @@ from lightning_interp.backbones import SITE_KINDS, Backbone
 from lightning_interp.backbones.multimodal import image_token_count, token_type_mask
 from lightning_interp.errors import ConfigError
 from tests.backbones.test_backbone import by_hand, count_block_calls
-from tests.backbones.tiny_vlms import CAPTIONS, FAMILIES, IMAGE_TOKEN, build, inputs
+from tests.backbones.tiny_vlms import CAPTIONS, FAMILIES, IMAGE_HW, IMAGE_TOKEN, build, inputs
 
 NAMES = sorted(FAMILIES)
 
@@ -94,16 +94,20 @@ def test_token_type_masks(family):
     text = token_type_mask(ids, model.config, "text", attention)
     every = token_type_mask(ids, model.config, "all", attention)
     torch.testing.assert_close(image, ids == IMAGE_TOKEN)
-    n_image = image_token_count(model.config, FAMILIES[name][-1])
+    n_image = image_token_count(model.config, FAMILIES[name][-1], image_hw=IMAGE_HW)
     assert image.sum(1).tolist() == [n_image, n_image]
     assert not (image & text).any() and torch.equal(image | text, every)
     # Text counts: the captions (and the tokens bracketing the image), padding excluded.
     brackets = int(name in ("gemma3", "qwen2_vl", "qwen2_5_vl")) * 2
     assert text.sum(1).tolist() == [len(c) + brackets for c in CAPTIONS]
     assert every.sum() < ids.numel()  # the shorter caption's row is padded
-    # Each image token's row is one projector output row.
+    # Each image token's row is one projector output row (any-resolution LLaVAs: one per tile
+    # patch; padding-only patches are dropped and a newline token ends each row).
     acts = backbone.capture(batch, "projector")["projector"]
-    assert acts.reshape(-1, acts.shape[-1]).shape[0] == image.sum()
+    if not name.startswith("llava_"):
+        assert acts.reshape(-1, acts.shape[-1]).shape[0] == image.sum()
+    else:
+        assert acts.shape[:2] == (2 * 3, 16)  # [images * (base + 2 tiles), 4 x 4 patches]
 
 
 @pytest.mark.parametrize("name", ["llava", "idefics3", "qwen2_vl"])
@@ -176,6 +180,34 @@ def test_data_module_rows_are_the_chosen_token_types(saved, name):
     assert data.site_widths == {"layers.1.resid_post": 32}
 
 
+@pytest.mark.parametrize("name", ["llava_next", "qwen2_vl"])
+def test_data_module_rows_know_their_image_and_image_token(saved, name):
+    from lightning_interp.backbones.image_patches import image_token_boxes
+
+    data = datamodule(saved, name, "layers.1.resid_post", token_types="all")
+    stream, config, size = data.train_set, data.backbone.model.config, FAMILIES[name][-1]
+    group = torch.tensor([4, 0, 2])
+    rows, positions = stream.capture_with_positions(group)
+    torch.testing.assert_close(rows, stream._capture(group))
+    image_hw = tuple(stream.images.shape[-2:])
+    n_image = image_token_count(config, size, image_hw=image_hw)
+    per_image = n_image + len(stream.caption_ids) + (2 if name == "qwen2_vl" else 0)
+    assert positions[:, 0].tolist() == group.repeat_interleave(per_image).tolist()
+    is_image = positions[:, 1] >= 0
+    assert positions[is_image, 1].tolist() == list(range(n_image)) * 3
+    assert len(image_token_boxes(config, size, image_hw)) == n_image  # a box per ordinal
+    # Keeping image tokens only keeps exactly the rows with an ordinal, in order.
+    stream.token_types = "image"
+    image_rows, image_positions = stream.capture_with_positions(group)
+    stream.token_types = "all"
+    torch.testing.assert_close(image_rows, rows[is_image])
+    assert torch.equal(image_positions, positions[is_image])
+    projector = datamodule(saved, name, "projector").train_set
+    _, projector_positions = projector.capture_with_positions(group)
+    if name == "qwen2_vl":  # one projector row per image token, in the same order
+        assert torch.equal(projector_positions, positions[is_image])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_dictionary_trains_on_image_tokens_through_the_cli(saved, name, tmp_path, monkeypatch):
     import json
@@ -189,7 +221,7 @@ def test_a_dictionary_trains_on_image_tokens_through_the_cli(saved, name, tmp_pa
     recipe = tiny_recipe("smolvlm_image_tokens.yaml", ({"idefics3": saved / name}, None), tmp_path)
     size = FAMILIES[name][-1]
     # Two steps of 16 rows; one capture fills the 64-row buffer (few forwards: they dominate).
-    per_capture = 64 // image_token_count(build(name).config, size)
+    per_capture = 64 // image_token_count(build(name).config, size, image_hw=(8, 8))  # digits
     recipe["data"]["init_args"].update(
         image_size=size, images_per_capture=per_capture, batch_size=16, buffer_tokens=64
     )

@@ -1,4 +1,7 @@
-"""Tiny random multimodal LLMs (LLaVA, Qwen2-VL, Idefics3, PaliGemma, Gemma-3), built offline."""
+"""Tiny random multimodal LLMs (LLaVA, -Next, -OneVision, Qwen2-VL, Idefics3, PaliGemma, Gemma-3).
+
+Built offline from configs; no download.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +35,35 @@ def llava():
     return _vlm("Llava", text, vision, image_token_index=IMAGE_TOKEN, vision_feature_layer=-2)
 
 
+# Tiles of 32 pixels; the tests' 8 x 8 images land on the 32 x 64 canvas (two grid tiles),
+# whose left and right quarters are padding the model drops.
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def llava_next():
+    text, vision = T.Qwen2Config(**TEXT), T.CLIPVisionConfig(**VISION)
+    return _vlm(
+        "LlavaNext",
+        text,
+        vision,
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        image_grid_pinpoints=PINPOINTS,
+    )
+
+
+def llava_onevision():  # a SigLIP tower (no class token): every feature is kept ("full")
+    text, vision = T.Qwen2Config(**TEXT), T.SiglipVisionConfig(**VISION)
+    return _vlm(
+        "LlavaOnevision",
+        text,
+        vision,
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        image_grid_pinpoints=PINPOINTS,
+    )
+
+
 def paligemma():
     text, vision = T.GemmaConfig(**TEXT), T.SiglipVisionConfig(**VISION)
     return _vlm("PaliGemma", text, vision, image_token_index=IMAGE_TOKEN, projection_dim=32)
@@ -40,7 +72,7 @@ def paligemma():
 def gemma3():
     text = T.Gemma3TextConfig(**TEXT, sliding_window=8)
     brackets = dict(boi_token_index=61, eoi_token_index=62)
-    return _vlm(
+    model = _vlm(
         "Gemma3",
         text,
         T.SiglipVisionConfig(**VISION),
@@ -48,6 +80,9 @@ def gemma3():
         mm_tokens_per_image=4,
         **brackets,
     )
+    # transformers initialises the projection at zero: every image row would be 0.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.2)
+    return model
 
 
 def idefics3():
@@ -102,6 +137,20 @@ FAMILIES = {
         "model.language_model.layers",
         None,
     ),
+    "llava_next": (
+        "model.vision_tower.encoder.layers",
+        CLIP_LIKE,
+        "model.multi_modal_projector",
+        "model.language_model.layers",
+        None,
+    ),
+    "llava_onevision": (
+        "model.vision_tower.encoder.layers",
+        CLIP_LIKE,
+        "model.multi_modal_projector",
+        "model.language_model.layers",
+        None,
+    ),
     "paligemma": (
         "model.vision_tower.encoder.layers",
         CLIP_LIKE,
@@ -145,14 +194,15 @@ FAMILIES = {
         16,
     ),
 }
-CAPTIONS = [[1, 7, 8, 9], [1, 10, 11]]  # different lengths: the second row is padded
+CAPTIONS = [[1, 7, 8, 9], [1, 10, 11]]
+IMAGE_HW = (8, 8)  # different lengths: the second row is padded
 
 
 def inputs(name: str, model) -> dict[str, torch.Tensor]:
     """Two (image, caption) pairs built the way the data module builds them."""
     from lightning_interp.backbones.multimodal import vlm_inputs
 
-    images = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(2, 1, *IMAGE_HW, generator=torch.Generator().manual_seed(0))
     size = FAMILIES[name][-1]
     return vlm_inputs(
         model.config,
