@@ -10,8 +10,9 @@ activating tokens is skipped (delphi draws from cached activations where the lat
 Every latent is also scored with a **shuffled** explanation: another selected latent's
 text (a seeded derangement), on the same contexts. Results go to ``autointerp.json`` in the
 store after each batch of explanations and each scored latent (written atomically), so a
-rerun skips what is done; ``explanations.json`` (``{"<latent>": {"text", "score"}}``,
-score = mean AUROC of the real explanation over the scorers) is what the dashboard shows.
+rerun skips what is done; ``explanations.json`` (``{"<latent>": {"text", "score",
+"scores"}}``, score = mean AUROC of the real explanation over the scorers, scores = each
+scorer's AUROC and accuracy, real and shuffled) is what the dashboard shows.
 """
 
 from __future__ import annotations
@@ -194,10 +195,25 @@ def run_autointerp(
 
 
 def _write_explanations(folder: Path, results: dict) -> None:
-    """``explanations.json`` for the dashboard: text and the mean AUROC over scorers."""
+    """``explanations.json`` for the dashboard: text, mean AUROC, each scorer's numbers."""
     notes = {}
     for latent, text in results["explanations"].items():
-        real = results["scores"].get(latent, {}).get("real", {})
+        entry = results["scores"].get(latent, {})
+        real, shuffled = entry.get("real", {}), entry.get("shuffled", {})
         aurocs = [s["auroc"] for s in real.values() if s.get("auroc") is not None]
-        notes[latent] = {"text": text, "score": sum(aurocs) / len(aurocs) if aurocs else None}
+        scores = {
+            scorer: {
+                "auroc": real[scorer]["auroc"],
+                "accuracy": real[scorer]["accuracy"],
+                "shuffled_auroc": shuffled.get(scorer, {}).get("auroc"),
+                "shuffled_accuracy": shuffled.get(scorer, {}).get("accuracy"),
+            }
+            for scorer in SCORERS
+            if scorer in real
+        }
+        notes[latent] = {
+            "text": text,
+            "score": sum(aurocs) / len(aurocs) if aurocs else None,
+            "scores": scores,
+        }
     _write(folder / EXPLANATIONS, notes)

@@ -1,12 +1,12 @@
-"""Evaluation suite: ``lightning-interp evaluate SOURCE --evals core,sparse_probing,absorption``.
+"""Evaluation suite: ``lightning-interp evaluate SOURCE --evals core,sparse_probing,...``.
 
 Each eval is one module registered with :func:`register_eval` (SAEBench's core, sparse
-probing and first-letter absorption evals, see each module); importing this package
-registers them all. Results are JSON (:mod:`lightning_interp.evals.commands`) and become a
-model card's ``model-index`` through :func:`eval_results`.
+probing, first-letter absorption and auto-interpretation evals, see each module); importing
+this package registers them all. Results are JSON (:mod:`lightning_interp.evals.commands`)
+and become a model card's ``model-index`` through :func:`eval_results`.
 """
 
-from lightning_interp.evals import absorption, core, sparse_probing
+from lightning_interp.evals import absorption, autointerp, core, sparse_probing
 from lightning_interp.evals.model_index import eval_results
 from lightning_interp.evals.registry import (
     EvalContext,
@@ -19,6 +19,7 @@ from lightning_interp.evals.registry import (
 __all__ = [
     "EvalContext",
     "absorption",
+    "autointerp",
     "available_evals",
     "core",
     "eval_results",

@@ -1,4 +1,4 @@
-"""``lightning-interp evaluate SOURCE --evals core,sparse_probing,absorption --out FILE``.
+"""``lightning-interp evaluate SOURCE --evals core,sparse_probing,absorption,autointerp``.
 
 SOURCE is anything :func:`~lightning_interp.zoo.load.load_dictionary` takes; backbone,
 site, text and context size default to the dictionary's provenance (the same resolution
@@ -19,6 +19,16 @@ from typing import Any
 from lightning_interp._commands import run_command
 from lightning_interp.errors import ConfigError
 
+#: Flags passed to the evals as ``EvalContext.options`` (the autointerp eval reads them).
+AUTOINTERP_OPTIONS = (
+    "explainer",
+    "explainer_endpoint",
+    "embedding_model",
+    "autointerp_latents",
+    "autointerp_tokens",
+    "autointerp_store",
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     from lightning_interp.evals.registry import available_evals
@@ -26,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-interp evaluate",
         description="Evaluate a dictionary with SAEBench-style evals (core, sparse probing, "
-        "first-letter absorption); results as JSON.",
+        "first-letter absorption, auto-interpretation); results as JSON.",
     )
     parser.add_argument("source", help="dictionary: folder, org/name or zoo:<release>/<id>")
     parser.add_argument(
@@ -45,6 +55,30 @@ def _parser() -> argparse.ArgumentParser:
         "--context-size", type=int, help="tokens per context (default: the dictionary's, else 128)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of splits and subsamples")
+    ai = parser.add_argument_group("autointerp eval")
+    ai.add_argument(
+        "--explainer",
+        default="offline:smollm2",
+        help="explaining and scoring LM: Hub id, folder, offline:smollm2 (default), or the "
+        "model name sent to --explainer-endpoint",
+    )
+    ai.add_argument("--explainer-endpoint", help="base URL of an OpenAI-compatible chat server")
+    ai.add_argument(
+        "--embedding-model", default="offline:minilm", help="sentence encoder ('none': skip)"
+    )
+    ai.add_argument(
+        "--autointerp-latents", type=int, default=8, help="latents sampled (default: 8)"
+    )
+    ai.add_argument(
+        "--autointerp-tokens",
+        type=int,
+        default=8192,
+        help="tokens of the feature store the latents are read from (default: 8192)",
+    )
+    ai.add_argument(
+        "--autointerp-store",
+        help="keep that feature store (with explanations) in this folder, for the dashboard",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(images=None)  # features.commands.resolve reads it
     return parser
@@ -84,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     from lightning_interp.zoo.load import load_dictionary
 
     names = parse_eval_names(args.evals)  # before loading anything
-    for flag in ("tokens", "context_size"):
+    for flag in ("tokens", "context_size", "autointerp_latents", "autointerp_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
@@ -102,6 +136,7 @@ def _run(args: argparse.Namespace) -> int:
         context_size=chosen["context_size"],
         tokens=args.tokens,
         seed=args.seed,
+        options={name: getattr(args, name) for name in (*AUTOINTERP_OPTIONS, "quiet")},
     )
     payload: dict[str, Any] = {
         "source": str(args.source),

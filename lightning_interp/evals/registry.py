@@ -9,7 +9,7 @@ line in the package ``__init__``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_interp.errors import ConfigError
@@ -31,6 +31,8 @@ class EvalContext:
         context_size: Tokens per context.
         tokens: Token window of the core eval (kept tokens read).
         seed: Seed of every random choice (splits, subsamples, probe initialisation).
+        options: Eval-specific settings from the command line (e.g. the autointerp eval's
+            ``explainer``); each eval checks the names it reads.
     """
 
     dictionary: Any
@@ -40,6 +42,7 @@ class EvalContext:
     context_size: int = 128
     tokens: int = 4096
     seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def register_eval(name: str) -> Callable[[EvalFunction], EvalFunction]:

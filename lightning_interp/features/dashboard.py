@@ -238,6 +238,8 @@ def _summary(store: DashboardStore, latent: int) -> dict[str, Any]:
         "max": float(stats["max_activation"][latent]),
         "explanation": explanation.get("text"),
         "score": explanation.get("score"),
+        # Per scorer: AUROC and accuracy of the real and of a shuffled explanation.
+        "scores": explanation.get("scores") or {},
     }
 
 

@@ -201,6 +201,18 @@ def _read_vocab(path: Path) -> dict[int, str]:
         ) from err
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, type(None))) and not isinstance(value, bool)
+
+
+def _valid_scores(scores: Any) -> bool:
+    """``{scorer: {"auroc": float, ...}}``: each scorer's numbers (``None`` allowed)."""
+    return isinstance(scores, dict) and all(
+        isinstance(values, dict) and all(_is_number(v) for v in values.values())
+        for values in scores.values()
+    )
+
+
 def _read_explanations(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
@@ -208,12 +220,14 @@ def _read_explanations(path: Path) -> dict[str, dict[str, Any]]:
     valid = isinstance(raw, dict) and all(
         isinstance(v, dict)
         and isinstance(v.get("text", ""), str)
-        and isinstance(v.get("score", 0.0), (int, float, type(None)))
+        and _is_number(v.get("score"))
+        and _valid_scores(v.get("scores", {}))
         for v in raw.values()
     )
     if not valid:
         raise InvalidFeatureStoreError(
-            f'{path} must map latent ids to {{"text": str, "score": float}}; fix or remove it'
+            f'{path} must map latent ids to {{"text": str, "score": float, "scores": '
+            f'{{scorer: {{"auroc": float, ...}}}}}}; rerun `lightning-interp explain` or remove it'
         )
     return raw
 

@@ -2,7 +2,10 @@
 
 A card is a pure function of the entries it describes (repo folder, ``config.json`` and
 ``metrics.json`` contents) and the repo id, so ``lightning-interp card DIR`` prints exactly
-the README that publishing the same folder writes.
+the README that publishing the same folder writes. An entry's ``evaluation`` (a
+``lightning-interp evaluate`` JSON) adds its headline numbers to the ``model-index`` and an
+*Evaluation* section (a table, and the auto-interpretation summary when it has one;
+:mod:`~lightning_interp.zoo.card_evals`).
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ class CardEntry:
         path: Folder inside the repo (``""`` for the root).
         config: The parsed ``config.json``.
         metrics: The parsed ``metrics.json`` beside the dictionary, if any.
+        evaluation: The parsed ``evaluation.json`` (a ``lightning-interp evaluate`` JSON),
+            if any.
     """
 
     path: str
     config: dict[str, Any]
     metrics: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
 
     @property
     def site(self) -> str:
@@ -133,6 +139,17 @@ def _limitations(entries: list[CardEntry]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _evaluation_section(entries: list[CardEntry]) -> str:
+    from lightning_interp.zoo.card_evals import evaluation_section
+
+    evaluated = [e for e in entries if e.evaluation]
+    if not evaluated:
+        return ""
+    label = len(entries) > 1
+    parts = [evaluation_section(e.evaluation, e.path or "." if label else "") for e in evaluated]
+    return "## Evaluation\n\n" + "".join(parts)
+
+
 def _training_section(training_config: str | None) -> str:
     if not training_config:
         return ""
@@ -159,12 +176,15 @@ def build_card(
             ``{"license": "apache-2.0", "datasets": ["Skylion007/openwebtext"]}``).
         training_config: The run's training config (LightningCLI ``config.yaml``) to show.
         eval_results: More ``model-index`` results, appended to those of ``metrics.json``
-            (``lightning_interp.evals.eval_results`` makes them from an evaluate JSON).
+            and of each entry's ``evaluation`` (``lightning_interp.evals.eval_results``
+            makes them from an evaluate JSON).
 
     Returns:
         The card; ``str(card)`` is the README text.
     """
     from huggingface_hub import ModelCard, ModelCardData
+
+    from lightning_interp.zoo.card_evals import eval_results as evaluation_results
 
     entries = sorted(entries, key=lambda e: e.path)
     architectures = sorted({str(e.config.get("architecture")) for e in entries})
@@ -177,7 +197,12 @@ def build_card(
         "base_model": common_hub_ids(entries, "backbone"),
         "datasets": common_hub_ids(entries, "dataset"),
         "model_name": repo_id,
-        "eval_results": (_eval_results(entries) + list(eval_results or [])) or None,
+        "eval_results": (
+            _eval_results(entries)
+            + [r for e in entries if e.evaluation for r in evaluation_results(e.evaluation)]
+            + list(eval_results or [])
+        )
+        or None,
     }
     fields.update(card_data or {})
     data = ModelCardData(**fields)
@@ -198,6 +223,7 @@ def build_card(
         "fraction: latents that did not fire in the last *dead window* training tokens (as "
         "Gao et al. 2024 count them); CE loss recovered: share of "
         "the language-model loss gap closed when the reconstruction is spliced in.\n\n"
+        f"{_evaluation_section(entries)}"
         f"## Usage\n\n{_usage(entries, repo_id)}\n"
         f"From the command line: `lightning-interp pull {repo_id} DIR{site_flag}`.\n\n"
         "## Training configuration\n\n<details>\n"

@@ -35,6 +35,22 @@ def _card_data(args: argparse.Namespace) -> dict[str, str]:
     return {"license": args.license} if args.license else {}
 
 
+def _add_evaluation(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--evaluation",
+        help="a `lightning-interp evaluate --out` JSON to show in the card (and publish as "
+        "evaluation.json); an evaluation.json beside the dictionary is used without this",
+    )
+
+
+def _evaluation_kwargs(args: argparse.Namespace, head: bool) -> dict[str, str]:
+    from lightning_interp.errors import ConfigError
+
+    if args.evaluation and head:
+        raise ConfigError("--evaluation is for dictionaries; a concept head's card has no evals")
+    return {"evaluation": args.evaluation} if args.evaluation else {}
+
+
 # ---------------------------------------------------------------------------- parsers
 def _publish_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -51,6 +67,7 @@ def _publish_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", help="Hub token (default: the logged-in one)")
     parser.add_argument("--license", help="license id for the card, e.g. apache-2.0")
     parser.add_argument("--message", help="commit message")
+    _add_evaluation(parser)
     return parser
 
 
@@ -79,6 +96,7 @@ def _card_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repo-id", default="<org>/<repo>", help="repo the card is for")
     parser.add_argument("--license", help="license id for the card")
     parser.add_argument("--output", "-o", help="write the card to this file")
+    _add_evaluation(parser)
     return parser
 
 
@@ -144,7 +162,8 @@ def publish(args: argparse.Namespace) -> int:
     from lightning_interp.zoo.publish import publish_run
 
     # Heads and native dictionaries share file names: the config's format tells them apart.
-    publish_folder = publish_head_folder if is_head_folder(args.dir) else publish_run
+    head = is_head_folder(args.dir)
+    publish_folder = publish_head_folder if head else publish_run
     result = publish_folder(
         args.dir,
         args.repo_id,
@@ -153,6 +172,7 @@ def publish(args: argparse.Namespace) -> int:
         token=args.token,
         card_data=_card_data(args),
         commit_message=args.message,
+        **_evaluation_kwargs(args, head),
     )
     print(f"published {args.dir} to {result.repo_id} @ {result.commit}")
     print(result.url)
@@ -206,14 +226,16 @@ def pull(args: argparse.Namespace) -> int:
 
 @_command("card")
 def card(args: argparse.Namespace) -> int:
-    """``lightning-interp card DIR [--repo-id ORG/NAME] [--output README.md]``."""
+    """``lightning-interp card DIR [--repo-id ORG/NAME] [--evaluation FILE] [--output FILE]``."""
     from lightning_interp._io import atomic_write
     from lightning_interp.concepts.base import is_head_folder
     from lightning_interp.zoo.heads import render_head_card
     from lightning_interp.zoo.publish import render_card
 
-    render = render_head_card if is_head_folder(args.dir) else render_card
-    text = render(args.dir, repo_id=args.repo_id, card_data=_card_data(args))
+    head = is_head_folder(args.dir)
+    render = render_head_card if head else render_card
+    kwargs = {"card_data": _card_data(args), **_evaluation_kwargs(args, head)}
+    text = render(args.dir, repo_id=args.repo_id, **kwargs)
     if args.output:
         output = Path(args.output)
         atomic_write(output, lambda p: p.write_text(text, encoding="utf-8"))

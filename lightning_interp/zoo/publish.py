@@ -4,7 +4,10 @@ Repo folders come from sites (a dictionary's ``provenance.site``, a ``push_to_hu
 argument, the keys of a ``{site: dictionary}`` map) or from a run's folder layout. Both are
 untrusted text (a pulled config can say ``"site": "../../x"``), so a site must be a plain
 folder name (:func:`~lightning_interp._io.check_folder_name`, per ``/``-separated level) and
-every staged path is joined with :func:`~lightning_interp._io.safe_join`. After the commit,
+every staged path is joined with :func:`~lightning_interp._io.safe_join`. An
+``evaluation.json`` (a ``lightning-interp evaluate`` JSON) in a dictionary folder or beside
+it in the run folder, or one passed as ``evaluation=``, is uploaded beside the weights and
+summarised in the card. After the commit,
 the repo is listed at the new commit: a publication that lacks any staged file raises
 :class:`~lightning_interp.errors.HubError` instead of reporting success.
 """
@@ -36,6 +39,12 @@ from lightning_interp.dictionaries.serialization import (
 )
 from lightning_interp.errors import ConfigError, DictionaryNotFoundError, HubError, UnsafePathError
 from lightning_interp.zoo.card import CardEntry, build_card
+from lightning_interp.zoo.card_evals import (
+    EVALUATION_NAME,
+    optional_evaluation,
+    read_evaluation,
+    with_evaluation,
+)
 
 METRICS_NAME = "metrics.json"
 RUN_CONFIG_NAME = "config.yaml"  # LightningCLI's saved config, beside a run's outputs
@@ -50,11 +59,13 @@ class PublishItem:
         path: Folder inside the repo (``""`` for the root).
         dictionary: The dictionary (saved in its inference form).
         metrics: Evaluation results (``fvu``, ``l0``, ...), written as ``metrics.json``.
+        evaluation: A ``lightning-interp evaluate`` JSON, written as ``evaluation.json``.
     """
 
     path: str
     dictionary: Dictionary
     metrics: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,10 +118,11 @@ def site_folder(site: str, origin: str) -> str:
 
 
 def items_from_folder(root: str | os.PathLike[str]) -> list[PublishItem]:
-    """The dictionaries under a local folder, each with its repo folder and metrics.
+    """The dictionaries under a local folder, each with its repo folder, metrics, evaluation.
 
     ``root`` may be a dictionary folder, a training run (``<run>/dictionary/`` beside
-    ``<run>/metrics.json``) or a multi-dictionary run (``<run>/<name>/dictionary/``).
+    ``<run>/metrics.json``) or a multi-dictionary run (``<run>/<name>/dictionary/``); an
+    ``evaluation.json`` is looked for where ``metrics.json`` is.
     Each dictionary goes to a repo folder named by its site (``provenance.site``); without
     sites, or when two share one, by its path in the run (``<name>``).
     """
@@ -121,23 +133,26 @@ def items_from_folder(root: str | os.PathLike[str]) -> list[PublishItem]:
             f"{root} holds no dictionary folder ({CONFIG_NAME} + {WEIGHTS_NAME}); pass a folder "
             f"written by Dictionary.save_pretrained or a training run's output folder"
         )
-    loaded = []
+    loaded, readers = [], ((read_metrics, METRICS_NAME), (optional_evaluation, EVALUATION_NAME))
     for folder in found:
-        metrics = read_metrics(folder / METRICS_NAME)
-        if metrics is None and (folder != root or folder.name == "dictionary"):
-            metrics = read_metrics(folder.parent / METRICS_NAME)  # <run>/metrics.json
+        beside = folder != root or folder.name == "dictionary"  # <run>/metrics.json too
+        metrics, evaluation = (
+            reader(folder / name) or (reader(folder.parent / name) if beside else None)
+            for reader, name in readers
+        )
         rel = folder.relative_to(root).as_posix()
         rel = "" if rel in (".", "dictionary") else rel.removesuffix("/dictionary")
-        loaded.append((rel, load_folder(folder), metrics))
-    sites = [d.config.provenance.site for _, d, _ in loaded]
+        loaded.append((rel, load_folder(folder), metrics, evaluation))
+    sites = [d.config.provenance.site for _, d, _, _ in loaded]
     by_site = all(sites) and len(set(sites)) == len(sites)
     return [
         PublishItem(
             site_folder(site, f"provenance.site in {root / rel / CONFIG_NAME}") if by_site else rel,
             dictionary,
             metrics,
+            evaluation,
         )
-        for (rel, dictionary, metrics), site in zip(loaded, sites, strict=True)
+        for (rel, dictionary, metrics, evaluation), site in zip(loaded, sites, strict=True)
     ]
 
 
@@ -172,9 +187,16 @@ def _training_config(source: Any) -> str | None:
     return None
 
 
-def render_card(source: Any, *, repo_id: str, card_data: dict[str, Any] | None = None) -> str:
-    """README text publishing ``source`` to a new repo ``repo_id`` would write."""
+def render_card(
+    source: Any,
+    *,
+    repo_id: str,
+    card_data: dict[str, Any] | None = None,
+    evaluation: str | os.PathLike[str] | None = None,
+) -> str:
+    """README text publishing ``source`` (with ``evaluation``) to a new repo would write."""
     items = _items(source)
+    items = with_evaluation(items, evaluation) if evaluation else items
     with tempfile.TemporaryDirectory() as tmp:
         entries = _stage(items, Path(tmp))
     training_config = _training_config(source)
@@ -210,9 +232,12 @@ def _remote_state(
             continue
         if f"{prefix}{WEIGHTS_NAME}" not in files:
             continue
-        has_metrics = f"{prefix}{METRICS_NAME}" in files
-        metrics = read_metrics(fetch(f"{prefix}{METRICS_NAME}")) if has_metrics else None
-        entries.append(CardEntry(folder, json.loads(fetch(name).read_text("utf-8")), metrics))
+        metrics, evaluation = (
+            reader(fetch(f"{prefix}{kind}")) if f"{prefix}{kind}" in files else None
+            for reader, kind in ((read_metrics, METRICS_NAME), (read_evaluation, EVALUATION_NAME))
+        )
+        config = json.loads(fetch(name).read_text("utf-8"))
+        entries.append(CardEntry(folder, config, metrics, evaluation))
     training_config = (
         fetch(TRAINING_CONFIG_NAME).read_text(encoding="utf-8")
         if TRAINING_CONFIG_NAME in files
@@ -252,7 +277,10 @@ def _stage(items: list[PublishItem], folder: Path) -> list[CardEntry]:
         write_folder(item.dictionary, target, format="native")
         if item.metrics is not None:
             write_metrics(target, item.metrics)
-        entries.append(CardEntry(item.path, read_config(target), item.metrics))
+        if item.evaluation is not None:
+            text = json.dumps(item.evaluation, indent=2) + "\n"
+            (target / EVALUATION_NAME).write_text(text, encoding="utf-8")
+        entries.append(CardEntry(item.path, read_config(target), item.metrics, item.evaluation))
     return entries
 
 
@@ -317,6 +345,7 @@ def _expected_files(items: list[PublishItem], *, with_training_config: bool) -> 
     expected = ["README.md"] + ([TRAINING_CONFIG_NAME] if with_training_config else [])
     for item in items:
         names = [CONFIG_NAME, WEIGHTS_NAME] + ([METRICS_NAME] if item.metrics is not None else [])
+        names += [EVALUATION_NAME] if item.evaluation is not None else []
         expected += [f"{item.path}/{name}" if item.path else name for name in names]
     return expected
 
@@ -399,6 +428,8 @@ def push_to_hub(
 def publish_run(
     source: str | os.PathLike[str] | Mapping[str, Dictionary] | Sequence[Dictionary],
     repo_id: str,
+    *,
+    evaluation: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> PublishResult:
     """Publish a training run (or several dictionaries) as one repo, one folder per site.
@@ -408,9 +439,14 @@ def publish_run(
             per dictionary), a dictionary folder, ``{site: dictionary}``, or dictionaries
             whose ``provenance.site`` differ.
         repo_id: Target repo (created if missing).
+        evaluation: A ``lightning-interp evaluate`` JSON to publish beside the dictionary
+            it evaluated (see :func:`with_evaluation`); an ``evaluation.json`` already in
+            a dictionary's folder (or its run folder) is published without this.
         **kwargs: ``private``, ``revision``, ``token``, ``card_data``, ``commit_message``.
 
     Returns:
         The repo id, commit sha and commit URL.
     """
-    return publish(_items(source), repo_id, training_config=_training_config(source), **kwargs)
+    items = _items(source)
+    items = with_evaluation(items, evaluation) if evaluation else items
+    return publish(items, repo_id, training_config=_training_config(source), **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import tokenizers
@@ -34,10 +35,8 @@ def token_id(word: int) -> int:
     return 6 + word
 
 
-def planted_store(folder: Path, d_latent: int = 12) -> Path:
-    """Build the planted store at ``folder``; latents ``len(PLANTED)..`` never fire."""
-    torch.manual_seed(0)
-    backbone = Backbone(llama(), make_tokenizer())
+def planted_dictionary(backbone: Backbone, d_latent: int = 12):
+    """A TopK (k = 1) dictionary on ``embeddings`` whose latent ``j`` fires on ``PLANTED[j]``."""
     embeddings = backbone.model.get_input_embeddings().weight.detach()
     sae = create_dictionary("topk", d_in=32, d_latent=d_latent, k=1)
     with torch.no_grad():
@@ -52,6 +51,19 @@ def planted_store(folder: Path, d_latent: int = 12) -> Path:
             # The bias puts the threshold half-way between the token and its closest rival.
             sae.W_enc[:, j] = direction
             sae.b_enc[j] = -(on_token + float(others.max())) / 2
+    return sae
+
+
+def planted_backbone() -> Backbone:
+    """The tiny random Llama (seeded) with the word-level tokenizer."""
+    torch.manual_seed(0)
+    return Backbone(llama(), make_tokenizer())
+
+
+def planted_store(folder: Path, d_latent: int = 12) -> Path:
+    """Build the planted store at ``folder``; latents ``len(PLANTED)..`` never fire."""
+    backbone = planted_backbone()
+    sae = planted_dictionary(backbone, d_latent)
     corpus = Corpus(random_texts(60, low=10, high=30), context_size=16, contexts_per_capture=8)
     build_feature_store(
         sae, backbone, corpus, folder, site="embeddings",
@@ -94,6 +106,44 @@ class KeywordReader:
                 out.append(float(all(s.strip() == word for s in spans)))
             else:
                 out.append(float(word in example.split()))
+        return out
+
+
+WORD = re.compile(r"w\d+")
+
+
+class PlantedExplainer:
+    """An ideal explainer and scorer for single-token latents on the word-level vocabulary.
+
+    It explains a latent by the word marked (or listed) most often (``The token "w3".``) and answers
+    Yes when the quoted word is in the example (detection) or when every ``<<...>>`` span
+    is that word (fuzzing). Words are read with a regex, not ``split()``, so contexts
+    decoded without spaces ("w1w3w7", a store built without :func:`planted_store`'s vocabulary
+    fix) read right too.
+    """
+
+    name = "planted-explainer"
+
+    def generate(self, chats, max_new_tokens):
+        out = []
+        for chat in chats:
+            content = chat[-1]["content"]  # "WORDS: [...]" or contexts with <<marks>>
+            marked = re.findall(r"<<(.*?)>>", content)
+            words = WORD.findall(" ".join(marked) if marked else content.split("\n")[0])
+            out.append(explanation(int(Counter(words).most_common(1)[0][0][1:])))
+        return out
+
+    def yes_probability(self, chats):
+        out = []
+        for chat in chats:
+            text = chat[-1]["content"]
+            word = re.search(r'"(w\d+)"', text).group(1)
+            example = text.split("Example: ", 1)[1]
+            spans = re.findall(r"<<(.*?)>>", example)
+            if spans:
+                out.append(float(all(WORD.findall(s) == [word] for s in spans)))
+            else:
+                out.append(float(word in WORD.findall(example)))
         return out
 
 

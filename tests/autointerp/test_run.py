@@ -72,7 +72,12 @@ def test_run_writes_results_and_explanations_and_resumes(folder, local):
     assert results["summary"] == saved["summary"]
     notes = json.loads((folder / "explanations.json").read_text())
     assert set(notes) == set(saved["explanations"])
-    assert all(set(n) == {"text", "score"} and isinstance(n["text"], str) for n in notes.values())
+    assert all(set(n) == {"text", "score", "scores"} for n in notes.values())
+    for latent, note in notes.items():  # each scorer's numbers, real and shuffled, as scored
+        real, shuffled = saved["scores"][latent]["real"], saved["scores"][latent]["shuffled"]
+        assert set(note["scores"]) == {"detection", "fuzz"}
+        assert note["scores"]["fuzz"]["auroc"] == real["fuzz"]["auroc"]
+        assert note["scores"]["detection"]["shuffled_accuracy"] == shuffled["detection"]["accuracy"]
     # The dashboard reads them.
     assert read_dashboard_store(folder).explanations == notes
 
