@@ -69,6 +69,8 @@ EXTRA_COMMANDS: dict[str, str] = {
     "dashboard": "lightning_interp.features.dashboard:command",
     "neuronpedia": "lightning_interp.features.neuronpedia:command",
     "explain": "lightning_interp.autointerp.commands:explain",
+    "attribute": "lightning_interp.circuits.commands:attribute",
+    "intervene": "lightning_interp.circuits.intervene_command:intervene",
 }
 
 # Warnings about choices made on purpose, which say nothing about the run: the activation

@@ -117,3 +117,7 @@ class FeatureStoreNotFoundError(LightningInterpError, FileNotFoundError):
 
 class InvalidFeatureStoreError(CorruptFileError):
     """A feature store's files are unreadable, of another format/version, or inconsistent."""
+
+
+class InvalidGraphError(LightningInterpError, ValueError):
+    """An attribution graph is inconsistent: adjacency shape, node order, or a cycle."""
