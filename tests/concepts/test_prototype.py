@@ -1,5 +1,8 @@
 """ProtoPNet over patch tokens: a planted part problem, the push, the stages, explanations.
 
+The planted problem's outcome depends on the start (see docs/prototypes.md): claims about
+learning the parts are made over several starting seeds, never one.
+
 The generic head tests (test_head_registry.py, test_heads.py) run on "protopnet" too.
 """
 
@@ -9,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_interp.concepts import ConceptHead, ProtoPNet
+from lightning_interp.concepts import ConceptHead, ProtoPNet, prototype_init
 from lightning_interp.concepts.prototype_explain import (
     PartRegion,
     consistency_score,
@@ -59,24 +62,116 @@ def small_head(per_class: int = 1, **options) -> ProtoPNet:
     return ProtoPNet(16, names, CLASSES, prototype_dim=16, **options)
 
 
+def train_planted(seed: int, n: int = 800, epochs: tuple[int, int] = (12, 2), **options):
+    """Train through the concept module from ``torch.manual_seed(seed)``; held-out 1/4."""
+    x, y, where = planted_parts(n)
+    cut = n * 3 // 4
+    train, test = (x[:cut], y[:cut], where[:cut]), (x[cut:], y[cut:], where[cut:])
+    torch.manual_seed(seed)
+    head = small_head(prototype_epochs=epochs[0], last_layer_epochs=epochs[1], **options)
+    module = ConceptBottleneckModule(head, optimizer=partial(torch.optim.Adam, lr=1e-2))
+    L.Trainer(max_epochs=sum(epochs), **QUIET).fit(module, loader(train[:2], 50))
+    return head.eval(), module, train, test
+
+
+def accuracy_and_in_block(head: ProtoPNet, train, test) -> tuple[float, float]:
+    """Held-out accuracy and the fraction of prototypes pushed into the planted block."""
+    with torch.no_grad():
+        accuracy = float((head(test[0]).logits.argmax(-1) == test[1]).float().mean())
+    block = in_block(head.push_patch, train[2][head.push_sample])
+    return accuracy, float(block.float().mean())
+
+
 @pytest.fixture(scope="module")
 def trained():
     """A ProtoPNet trained through the concept module: 12 prototype epochs, push, 2 more."""
+    return train_planted(0)
+
+
+def test_the_class_patch_start_learns_the_parts_from_every_seed():
+    # docs/prototypes.md: from 10 seeds (and a 3 + 1 epoch schedule as here), accuracy and
+    # the fraction in the block were 1.00 on every seed; from the reference's uniform
+    # start, as low as 0.50 and 0.25. One prototype of margin on the minimum.
+    results = []
+    for seed in range(4):
+        head, _, train, test = train_planted(seed, 400, (3, 1))
+        results.append(accuracy_and_in_block(head, train, test))
+    accuracy, block = torch.tensor(results).T
+    assert float(accuracy.min()) > 0.9  # chance 0.25
+    assert float(block.min()) >= 0.75 and float(block.mean()) >= 0.9  # chance 4 of 16
+
+
+def test_the_uniform_start_still_trains_and_pushes_onto_own_class_patches():
+    # The reference's start: no data start is taken, training lowers the held-out loss
+    # (from 1.36-1.43 to 0.28-1.13 over 10 seeds: no accuracy claim, it depends on the
+    # seed) and the push still puts every prototype on a patch of its class.
     torch.manual_seed(0)
-    x, y, where = planted_parts(800)
-    train, test = (x[:600], y[:600], where[:600]), (x[600:], y[600:], where[600:])
-    head = small_head(prototype_epochs=12, last_layer_epochs=2)
-    module = ConceptBottleneckModule(head, optimizer=partial(torch.optim.Adam, lr=1e-2))
-    L.Trainer(max_epochs=14, **QUIET).fit(module, loader(train[:2], 50))
-    return head.eval(), module, train, test
+    fresh = small_head(prototype_init="uniform")  # the trained head's start (same seed)
+    head, module, (xs, ys, _), (xt, yt, _) = train_planted(0, 400, (3, 1), prototype_init="uniform")
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(fresh(xt).logits, yt)
+        after = torch.nn.functional.cross_entropy(head(xt).logits, yt)
+    assert float(after) < float(before)
+    assert not bool(head.prototypes_initialised) and "initialised" not in module.fit_report
+    assert module.fit_report["pushed"] == head.num_concepts
+    assert bool((ys[head.push_sample] == head.prototype_class).all())
+    with torch.no_grad():
+        patches = head.features(xs[head.push_sample, head.push_patch])
+    torch.testing.assert_close(patches, head.prototypes, rtol=0, atol=1e-6)
+
+
+def picked_tokens(head: ProtoPNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training row and token whose add-on output each prototype is (asserted)."""
+    with torch.no_grad():
+        flat = head.features(x).flatten(0, 1)
+        # Differences, not the |a|^2 - 2ab + |b|^2 expansion: exact zeros stay near zero.
+        distance = torch.cdist(head.prototypes, flat, compute_mode="donot_use_mm_for_euclid_dist")
+    best, index = distance.min(-1)
+    assert float(best.max()) < 1e-4  # each prototype IS a training token's add-on output
+    return index // x.shape[1], index % x.shape[1]
+
+
+def test_the_class_patch_start_picks_distinctive_patches_not_shared_ones(monkeypatch):
+    """Tokens 0-7: random, with a 2-token class part at a random place; 8-11: a pattern
+    every class shows, less noisy than the parts (the nearest to every input of the class:
+    closeness alone would pick it); 12-15: random."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 200, 16
+    x, y = torch.randn(n, 16, d, generator=g), torch.arange(n) % len(CLASSES)
+    patterns = torch.linalg.qr(torch.randn(d, 5, generator=g))[0].T * 4
+    part = torch.randint(7, (n,), generator=g)  # the part: tokens part, part + 1
+    for offset in (0, 1):
+        x[torch.arange(n), part + offset] = patterns[y] + 0.3 * torch.randn(n, d, generator=g)
+    x[:, 8:12] = patterns[4] + 0.1 * torch.randn(n, 4, d, generator=g)
+    batches = [(x[i : i + 64], y[i : i + 64], None) for i in range(0, n, 64)]
+    for per_class in (1, 2):
+        torch.manual_seed(0)
+        head = small_head(per_class=per_class)
+        before = head.prototypes.detach().clone()
+        report = head.init_from_patches(lambda: iter(batches))
+        assert report["initialised"] == head.num_concepts and bool(head.prototypes_initialised)
+        assert not torch.equal(head.prototypes, before)
+        row, token = picked_tokens(head, x)
+        assert bool((y[row] == head.prototype_class).all())  # of its own class
+        assert not bool(((token >= 8) & (token < 12)).any())  # never the shared pattern
+        if per_class == 1:  # the best-scoring candidate: a token of the class's part
+            assert bool(((token == part[row]) | (token == part[row] + 1)).all())
+        else:  # k-means++ spreads the second pick onto another token
+            assert len(set((row * 16 + token).tolist())) == head.num_concepts
+    # Scoring the candidates in chunks (as for many classes and tokens) picks the same.
+    monkeypatch.setattr(prototype_init, "CHUNK_ELEMENTS", 64 * 16 * 3)
+    torch.manual_seed(0)
+    chunked = small_head(per_class=2)
+    chunked.init_from_patches(lambda: iter(batches))
+    torch.testing.assert_close(chunked.prototypes, head.prototypes)
 
 
 def test_planted_parts_are_learned_and_prototypes_pushed_onto_them(trained):
     head, module, (x, y, where), (xt, yt, wt) = trained
-    with torch.no_grad():
-        accuracy = float((head(xt).logits.argmax(-1) == yt).float().mean())
-    assert accuracy > 0.9  # chance 0.25; 0.99 measured
+    accuracy, _ = accuracy_and_in_block(head, (x, y, where), (xt, yt, wt))
+    assert accuracy > 0.9  # chance 0.25; 1.00 from each of 10 seeds
     assert module.fit_report["pushed"] == head.num_concepts
+    assert module.fit_report["initialised"] == head.num_concepts
     # Each prototype now IS the add-on output of one training token of its own class (up to
     # the matmul's rounding for another batch shape).
     rows, tokens = head.push_sample, head.push_patch
@@ -84,9 +179,12 @@ def test_planted_parts_are_learned_and_prototypes_pushed_onto_them(trained):
     with torch.no_grad():
         patches = head.features(x[rows, tokens])
     torch.testing.assert_close(patches, head.prototypes, rtol=0, atol=1e-6)
-    # ... on the planted pattern (chance: 4 of 16 tokens; all 4 prototypes measured).
+    # ... on the planted pattern (chance: 4 of 16 tokens; all 4 from each of 10 seeds).
     on_pattern = float(in_block(tokens, where[rows]).float().mean())
     assert on_pattern >= 0.75
+    # The start was taken once: a trained (or loaded) head is not restarted.
+    assert bool(head.prototypes_initialised)
+    assert head.init_from_patches(lambda: [(x, y, None)]) == {}
     # The part-prototype measures on held-out rows. The part is the block's top-left
     # token; a region of radius 1 around the peak holds it wherever in the block it is.
     parts = wt[:, None]
@@ -177,6 +275,8 @@ def test_similarity_is_the_reference_log_activation_and_names_fit_the_classes():
         ProtoPNet(16, ["p0", "p1", "p2"], CLASSES)
     with pytest.raises(ConfigError, match="same number of prototypes"):
         ProtoPNet(16, ProtoPNet.default_concept_names(CLASSES, 2), CLASSES, prototypes_per_class=3)
+    with pytest.raises(ConfigError, match="prototype_init"):
+        small_head(prototype_init="random")
 
 
 def test_part_correspondence_uses_the_grid_region():
