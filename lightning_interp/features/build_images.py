@@ -33,8 +33,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import struct
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,17 +50,16 @@ from lightning_interp.data.image_datamodule import (
 from lightning_interp.data.images import TokenChoice
 from lightning_interp.errors import ConfigError, OutputExistsError
 from lightning_interp.features.build import TokenProgress
-from lightning_interp.features.layout import (
-    partial_folder,
-    resume_progress,
-    save_progress,
-    store_meta,
-    write_store,
+from lightning_interp.features.layout import partial_folder, store_meta
+from lightning_interp.features.sequences import (  # noqa: F401 (png_bytes, whole_images: as before)
+    IMAGES_FOLDER,
+    finish_store,
+    png_bytes,
+    whole_images,
+    whole_sequence_pass,
 )
-from lightning_interp.features.store import FeatureAccumulator, FeatureSettings
-from lightning_interp.features.summary import correlation_kind, quantiles_kind, summarize
+from lightning_interp.features.store import FeatureSettings
 
-IMAGES_FOLDER = "images"
 CLASS_TOKEN = "CLS"
 
 
@@ -176,14 +173,6 @@ class ImageSet:
         """Image ``index`` as the model sees it (square), ``[side, side, 3]`` uint8."""
         square = preprocess(self.images[index][None].float(), self.thumbnail, (0,) * 3, (1,) * 3)
         return square[0].mul(255).round().to(torch.uint8).permute(1, 2, 0)
-
-
-class _CentredWindow(FeatureSettings):
-    """Settings whose windows are centred: ``2L - 1`` slots hold every position of an image."""
-
-    @property
-    def center(self) -> int:
-        return (self.window - 1) // 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,49 +290,25 @@ def build_image_feature_store(
     dtype = dictionary.W_dec.dtype
     probe = backbone.capture({"pixel_values": images.pixels(0, 1, size)}, site, dtype=dtype)
     layout = patch_layout(site, probe[site].shape[1])
+    fingerprint = {"images": images.fingerprint(), "site": site, "source": source}
+
+    def encode(start: int, stop: int) -> Any:
+        pixels = images.pixels(start, stop, size)
+        acts = backbone.capture({"pixel_values": pixels}, site, dtype=dtype)[site]
+        return dictionary.encode_sparse(acts[:, keep].reshape(-1, acts.shape[-1]))
+
     keep = layout.kept(images.tokens)
-    recorded = dataclasses.replace(settings, window=layout.length)
-    acc_settings = _CentredWindow(**{**settings.to_dict(), "window": 2 * layout.length - 1})
-    fingerprint = {
-        "settings": recorded.to_dict(),
-        "images": images.fingerprint(),
-        "site": site,
-        "d_latent": dictionary.d_latent,
-        "source": source,
-    }
-    acc = FeatureAccumulator(dictionary.d_latent, acc_settings)
-    partial = partial_folder(out)
-    state = {"images": 0, "batches": 0, "tokens": 0}
-    saved = resume_progress(partial, fingerprint, acc)
-    if saved is not None:
-        state = {k: saved[k] for k in state}
-    per_image = int(keep.sum())
-    meter = (
-        progress
-        if isinstance(progress, TokenProgress)
-        else TokenProgress(images.count, enabled=progress, unit="images")
+    acc, state, recorded = whole_sequence_pass(
+        dictionary,
+        settings,
+        keep,
+        images,
+        encode,
+        out,
+        fingerprint=fingerprint,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
     )
-    ids = torch.arange(layout.length)
-    for start in range(state["images"], images.count, images.images_per_capture):
-        stop = min(start + images.images_per_capture, images.count)
-        acts = backbone.capture(
-            {"pixel_values": images.pixels(start, stop, size)}, site, dtype=dtype
-        )[site]
-        kept = keep.expand(stop - start, -1)
-        # Rows in (image, position) order, as the accumulator's row_index numbers them.
-        row_index = torch.where(kept, kept.reshape(-1).cumsum(0).view_as(kept) - 1, -1)
-        with torch.no_grad():
-            codes = dictionary.encode_sparse(acts[:, keep].reshape(-1, acts.shape[-1]))
-        acc.update(codes, ids.expand(stop - start, -1), row_index, start)
-        state = {
-            "images": stop,
-            "batches": state["batches"] + 1,
-            "tokens": state["tokens"] + (stop - start) * per_image,
-        }
-        meter.update(state["images"])
-        if checkpoint_every and state["batches"] % checkpoint_every == 0:
-            save_progress(partial, acc.state(), {"fingerprint": fingerprint, **state})
-    meter.update(state["images"], done=True)
     meta = {
         **store_meta(dictionary, recorded, site, source),
         "logit_lens": 0,
@@ -356,97 +321,6 @@ def build_image_feature_store(
             "thumbnail": images.thumbnail,
         },
     }
-    _finish(out, meta, acc, state, images, layout)
-    shutil.rmtree(partial, ignore_errors=True)
+    finish_store(out, meta, acc, state, images, layout.names())
+    shutil.rmtree(partial_folder(out), ignore_errors=True)
     return out
-
-
-def _finish(
-    out: Path,
-    meta: dict[str, Any],
-    acc: FeatureAccumulator,
-    state: dict[str, int],
-    images: ImageSet,
-    layout: PatchLayout,
-) -> None:
-    """Write the store: whole-image examples, and a thumbnail of every image they show."""
-    stats, contexts = summarize(acc, state["tokens"])
-    contexts = whole_images(contexts, layout.length)
-    shown = torch.cat([contexts["top_image"].flatten(), contexts["quantile_image"].flatten()])
-    shown = shown[shown >= 0].unique().tolist()
-    meta = {
-        **meta,
-        "corpus": {
-            "dataset": images.name,
-            "tokens": state["tokens"],
-            "context_size": layout.length,
-            "images": state["images"],
-        },
-        "image": {**meta["image"], "thumbnails": len(shown)},
-        "quantiles": quantiles_kind(acc),
-        "correlation": "jaccard",
-        "correlation_sample": correlation_kind(acc, state["tokens"]),
-    }
-
-    def thumbnails(folder: Path) -> None:
-        (folder / IMAGES_FOLDER).mkdir()
-        for index in shown:
-            png = png_bytes(images.thumbnail_rgb(index))
-            (folder / IMAGES_FOLDER / f"{index}.png").write_bytes(png)
-
-    write_store(out, meta, stats, contexts, layout.names(), extra=thumbnails)
-
-
-def whole_images(contexts: dict[str, Tensor], length: int, chunk: int = 1024) -> dict[str, Tensor]:
-    """Centred ``2L - 1`` windows to whole images: slot ``j`` holds position ``j``.
-
-    Adds ``<prefix>image`` (the example's image, -1 padding) and sets ``<prefix>center`` to
-    the position of the example's maximum. Latents go ``chunk`` at a time, so the int64
-    scatter index never spans the whole ``[F, examples, 2L - 1]`` window tensor.
-    """
-    out = dict(contexts)
-    for prefix in ("top_", "quantile_"):
-        tokens, acts = contexts[f"{prefix}tokens"], contexts[f"{prefix}activations"]
-        placed = torch.zeros(*tokens.shape[:2], length, dtype=acts.dtype)
-        for start in range(0, len(tokens), chunk):
-            ids, values = tokens[start : start + chunk], acts[start : start + chunk]
-            # Each position lies in a window once; the outside slots add zeros.
-            placed[start : start + chunk].scatter_add_(
-                2, ids.clamp(min=0).long(), values.masked_fill(ids < 0, 0)
-            )
-        source = contexts[f"{prefix}source"]
-        present = source >= 0
-        out[f"{prefix}activations"] = placed
-        out[f"{prefix}tokens"] = torch.where(
-            present[..., None], torch.arange(length, dtype=torch.int32), -1
-        ).int()
-        out[f"{prefix}center"] = torch.where(present, source % length, 0).to(torch.int16)
-        out[f"{prefix}image"] = torch.where(present, source // length, -1)
-    return out
-
-
-def png_bytes(rgb: Tensor) -> bytes:
-    """An 8-bit RGB PNG of ``rgb`` (``[H, W, 3]`` uint8), each row with PNG's Sub filter.
-
-    Written by hand (zlib and a CRC), so no imaging library is needed; the Sub filter (each
-    byte minus the one 3 to its left) makes photographs compress about a third better.
-    """
-    height, width, _ = rgb.shape
-    rows = rgb.reshape(height, width * 3).to(torch.int16)
-    filtered = rows.clone()
-    filtered[:, 3:] = (rows[:, 3:] - rows[:, :-3]) % 256
-    lines = torch.cat([torch.ones(height, 1, dtype=torch.int16), filtered], 1)  # filter 1
-    raw = lines.to(torch.uint8).numpy().tobytes()
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )

@@ -4,7 +4,10 @@ Backbone, site, text and context size default to the dictionary's provenance (th
 names kept in ``provenance.extra``: ``backbone_source``, ``dataset_source``), so a
 dictionary trained by a recipe needs no other flag. A vision dictionary (a ``vision.*`` site,
 or ``--images``) reads whole images instead of text
-(:mod:`~lightning_interp.features.build_images`). Library errors are one line on stderr and
+(:mod:`~lightning_interp.features.build_images`); a dictionary trained through
+:class:`~lightning_interp.data.ImageTextDataModule` at a language-model site (its provenance
+records ``caption`` and ``token_types``) reads (image, caption) sequences
+(:mod:`~lightning_interp.features.build_multimodal`). Library errors are one line on stderr and
 exit code 2.
 """
 
@@ -102,8 +105,15 @@ def _run(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"{args.out} exists; remove it or choose another --out")
     dictionary = load_dictionary(args.source)
     chosen = resolve(dictionary, args)
-    if args.images or chosen["site"].startswith("vision."):
-        return _run_images(dictionary, chosen, args)
+    extra = dictionary.config.provenance.extra or {}
+    lm_site = not (chosen["site"].startswith("vision.") or chosen["site"] == "projector")
+    multimodal = "caption" in extra and "token_types" in extra and lm_site  # ImageTextDataModule
+    if multimodal or args.images or chosen["site"].startswith("vision."):
+        if args.text or args.tokens:
+            raise ConfigError("--text and --tokens are for text; use --images and --max-images")
+        run = _run_multimodal if multimodal else _run_images
+        print(run(dictionary, chosen, args))
+        return 0
     backbone = load_backbone(chosen["backbone"])
     corpus = Corpus(
         texts=load_texts(chosen["text"]),
@@ -127,14 +137,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_images(dictionary: Any, chosen: dict[str, Any], args: argparse.Namespace) -> int:
+def _run_images(dictionary: Any, chosen: dict[str, Any], args: argparse.Namespace) -> Path:
     """The image pass (a CLIP vision dictionary): whole images are the contexts."""
     from lightning_interp.backbones import load_backbone
     from lightning_interp.features.build_images import ImageSet, build_image_feature_store
     from lightning_interp.features.store import FeatureSettings
 
-    if args.text or args.tokens:
-        raise ConfigError("--text and --tokens are for text; use --images and --max-images")
     images = ImageSet.from_provenance(
         dictionary.config.provenance,
         source=args.images,
@@ -142,7 +150,7 @@ def _run_images(dictionary: Any, chosen: dict[str, Any], args: argparse.Namespac
         max_images=args.max_images,
         images_per_capture=args.images_per_capture,
     )
-    out = build_image_feature_store(
+    return build_image_feature_store(
         dictionary,
         load_backbone(chosen["backbone"], load_tokenizer=False),  # no processor: torch resizes
         images,
@@ -153,5 +161,39 @@ def _run_images(dictionary: Any, chosen: dict[str, Any], args: argparse.Namespac
         checkpoint_every=args.checkpoint_every,
         progress=not args.quiet,
     )
-    print(out)
-    return 0
+
+
+def _run_multimodal(dictionary: Any, chosen: dict[str, Any], args: argparse.Namespace) -> Path:
+    """The (image, caption) pass: the sequences the data module trained on are the contexts."""
+    import copy
+
+    import torch
+
+    from lightning_interp.data import ImageTextDataModule
+    from lightning_interp.features.build_multimodal import build_multimodal_feature_store
+    from lightning_interp.features.store import FeatureSettings
+
+    extra = dictionary.config.provenance.extra
+    data = ImageTextDataModule(
+        chosen["backbone"],
+        chosen["site"],
+        images=chosen["text"],
+        caption=extra["caption"],
+        token_types=extra["token_types"],
+        image_size=extra.get("image_size"),
+        images_per_capture=args.images_per_capture,
+    )
+    data.setup()
+    stream = copy.copy(data.train_set)  # the training reader, over every image in load order
+    stream.images = torch.cat([data.train_set.images, data.val_set.images])
+    return build_multimodal_feature_store(
+        dictionary,
+        stream,
+        args.out,
+        name=chosen["text"],
+        max_images=args.max_images,
+        settings=FeatureSettings(top_k=args.top_k),
+        source=str(args.source),
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.quiet,
+    )

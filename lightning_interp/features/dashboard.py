@@ -7,7 +7,7 @@ browser opens from disk, offline::
     HTML_DIR/index.html          every latent as one summary row (sortable, searchable)
     HTML_DIR/latents/<i>.html    one page per latent
     HTML_DIR/assets/             the stylesheet and the index's script
-    HTML_DIR/images/<i>.png      thumbnails of the images the pages show (image stores)
+    HTML_DIR/images/<i>.png      thumbnails of the images the pages show (image, multimodal)
     HTML_DIR/dashboard.json      what was rendered, from which store
 
 The design follows SAEDashboard's feature-centric pages (top and quantile-sampled contexts
@@ -35,7 +35,13 @@ import torch
 from lightning_interp._commands import run_command
 from lightning_interp._io import folder_replaced_atomically
 from lightning_interp.errors import OutputExistsError
-from lightning_interp.features.dashboard_store import DashboardStore, TokenTexts, read_store
+from lightning_interp.features.dashboard_examples import (
+    ImageExample,
+    context,
+    multimodal,
+    patches,
+)
+from lightning_interp.features.dashboard_store import DashboardStore, read_store
 
 DASHBOARD_FORMAT = "lightning-interp-dashboard"
 _TEMPLATES = Path(__file__).parent / "templates"
@@ -67,88 +73,6 @@ def _significant(value: float, digits: int = 3) -> str:
 
 
 # ---------------------------------------------------------------------------- page data
-def _shade(act: float, scale: float) -> str:
-    """Activation / latent max, clamped to [0, 1], as the CSS variable's text."""
-    return f"{min(max(act / scale, 0.0), 1.0) if scale > 0 else 0.0:.2f}"
-
-
-def _context(
-    texts: TokenTexts,
-    tokens: list[int],
-    acts: list[float],
-    centre: int,
-    value: float,
-    scale: float,
-) -> dict[str, Any]:
-    """One context as segments: runs of silent tokens merged, each firing token on its own.
-
-    Merging keeps pages small (most tokens of a sparse latent's window are silent); a firing
-    token carries its shade (activation / latent max, clamped to [0, 1]) and its activation.
-    """
-    segments: list[dict[str, Any]] = []
-    for position, (token, act) in enumerate(zip(tokens, acts, strict=True)):
-        if token < 0:
-            continue
-        text = texts[token]
-        if act > 0 or position == centre:
-            segments.append(
-                {
-                    "text": text,
-                    "shade": _shade(act, scale),
-                    "act": f"{act:.4g}",
-                    "centre": position == centre,
-                }
-            )
-        elif segments and segments[-1]["shade"] is None:
-            segments[-1]["text"] += text
-        else:
-            segments.append({"text": text, "shade": None})
-    return {"value": value, "segments": segments}
-
-
-def _patches(
-    store: DashboardStore,
-    tokens: list[int],
-    acts: list[float],
-    centre: int,
-    value: float,
-    scale: float,
-    image: int | None,
-) -> dict[str, Any]:
-    """An image example: its thumbnail, the firing patches shaded over it, the class token.
-
-    Tokens are positions (``build_images``): the class token first when the store has one,
-    then the patches row by row. Only firing patches (and the centre) become cells, placed
-    by row and column, so a sparse latent's page stays small.
-    """
-    spec = store.meta.get("image") or {}
-    first = int(bool(spec.get("class_token")))
-    present = [(token, act) for token, act in zip(tokens, acts, strict=True) if token >= 0]
-    # A store without a grid (older layouts): the smallest square that holds the tokens.
-    side = int(spec["grid"][1]) if spec else math.isqrt(max(len(present) - 1, 0)) + 1
-    cells = [
-        {
-            "name": store.tokens[token],
-            "row": (token - first) // side + 1,
-            "col": (token - first) % side + 1,
-            "shade": _shade(act, scale),
-            "act": act,
-            "centre": token == centre,
-        }
-        for token, act in present
-        if token >= first and (act > 0 or token == centre)
-    ]
-    cls = next(({"act": a, "shade": _shade(a, scale)} for t, a in present if t == 0), None)
-    return {
-        "value": value,
-        "side": side,
-        "cells": cells,
-        "cls": cls if first and spec.get("tokens") != "patches" else None,  # else never counted
-        "image": image,
-        "thumb": image is not None and image in store.thumbnails,
-    }
-
-
 def _examples(
     store: DashboardStore,
     chunk: dict[str, torch.Tensor],
@@ -167,14 +91,14 @@ def _examples(
     for k, (window, window_acts) in enumerate(zip(tokens, acts, strict=True)):
         if sources[k] < 0 or all(token < 0 for token in window):
             examples.append(None)
-        elif store.modality == "image":
+        elif store.modality in ("image", "multimodal"):
             image = images[k] if images is not None else None
-            examples.append(
-                _patches(store, window, window_acts, centres[k], values[k], scale, image)
-            )
+            draw = patches if store.modality == "image" else multimodal
+            example = ImageExample(window, window_acts, centres[k], values[k], image)
+            examples.append(draw(store, example, scale))
         else:
             examples.append(
-                _context(store.tokens, window, window_acts, centres[k], values[k], scale)
+                context(store.tokens, window, window_acts, centres[k], values[k], scale)
             )
     return examples
 
@@ -283,7 +207,7 @@ def _index_tokens(store: DashboardStore, chunk: dict[str, torch.Tensor], row: in
 
     For an image store: its top images (``image <index>``, what the search then matches).
     """
-    if store.modality == "image":
+    if store.modality in ("image", "multimodal"):
         images = chunk["top_image"][row].tolist() if "top_image" in chunk else []
         return [f"image {i}" for i in images if i >= 0][:_INDEX_TOKENS]
     tokens, seen = chunk["top_tokens"][row], []
