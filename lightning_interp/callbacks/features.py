@@ -27,6 +27,10 @@ from lightning_interp.data.source import activation_source
 from lightning_interp.errors import ConfigError
 from lightning_interp.features.build import Corpus, build_feature_store
 from lightning_interp.features.build_images import ImageSet, build_image_feature_store
+from lightning_interp.features.build_multimodal import (
+    build_multimodal_feature_store,
+    training_sequences,
+)
 from lightning_interp.features.dashboard import build_dashboard
 from lightning_interp.features.store import FeatureSettings
 
@@ -62,9 +66,11 @@ class FeatureDashboard(L.Callback):
             the store always holds every latent).
         contexts_per_capture: Contexts per backbone forward.
         images: With a data module serving a vision tower (a ``vision.*`` site, e.g.
-            :class:`~lightning_interp.data.VisionModelDataModule`): the images the pass
-            reads, first ones first (instead of ``tokens``; an example is a whole image,
-            see :mod:`~lightning_interp.features.build_images`).
+            :class:`~lightning_interp.data.VisionModelDataModule`) or a multimodal LLM's
+            (image, caption) sequences (:class:`~lightning_interp.data.ImageTextDataModule`):
+            the images the pass reads, first ones first (instead of ``tokens``; an example
+            is a whole image or sequence, see :mod:`~lightning_interp.features.build_images`
+            and :mod:`~lightning_interp.features.build_multimodal`).
 
     Raises:
         ConfigError: a value is not positive; or, at fit start, the data module holds no
@@ -112,11 +118,33 @@ class FeatureDashboard(L.Callback):
                 "neither. Remove the callback, or build a store later with `lightning-interp "
                 "features`"
             )
+        if _serves_sequences(trainer.datamodule) and (
+            source.sites[0].startswith("vision.") or source.sites[0] == "projector"
+        ):
+            raise ConfigError(
+                f"FeatureDashboard reads (image, caption) sequences at language-model sites "
+                f"only, not {source.sites[0]!r}; remove the callback, or train at a "
+                f"layers.* site"
+            )
         return source
 
-    def _pass(self, source: Any) -> Any:
+    def _pass(self, source: Any, datamodule: Any) -> Any:
         """``build(dictionary, out, site, name)``: the feature pass over this run's data."""
         provenance = source.provenance
+        if _serves_sequences(datamodule):  # a multimodal LLM: (image, caption) sequences
+
+            def run_sequences(dictionary: Any, out: Path, site: str, name: str) -> Path:
+                return build_multimodal_feature_store(
+                    dictionary,
+                    training_sequences(datamodule),
+                    out,
+                    max_images=self.images,
+                    settings=FeatureSettings(top_k=self.top_k),
+                    source=name,
+                    checkpoint_every=0,
+                )
+
+            return run_sequences
         if _serves_images(source):
             data: Any = ImageSet.from_provenance(provenance, max_images=self.images)
             build, settings = build_image_feature_store, FeatureSettings(top_k=self.top_k)
@@ -155,7 +183,7 @@ class FeatureDashboard(L.Callback):
         if not trainer.is_global_zero:
             return
         source = self._source(trainer)
-        build = self._pass(source)
+        build = self._pass(source, trainer.datamodule)
         folders = learner_folders(self.output_dir(trainer), pl_module)
         for name, learner in pl_module.named_learners():
             # A copy in the form the export saves: training goes on untouched.
@@ -170,6 +198,11 @@ class FeatureDashboard(L.Callback):
             index = build_dashboard(store, folder / DASHBOARD_FOLDER, latents=self.latents)
             print(f"features: {store.resolve()}")
             print(f"dashboard: {index.resolve()}")
+
+
+def _serves_sequences(datamodule: Any) -> bool:
+    """Whether the data module reads (image, caption) sequences of a multimodal LLM."""
+    return hasattr(getattr(datamodule, "train_set", None), "capture_with_positions")
 
 
 def _serves_images(source: Any) -> bool:

@@ -25,6 +25,7 @@ frames, one layout per image size) is refused.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,17 @@ def _example_boxes(layout: dict[str, Any]) -> Any:
         return out
 
     return add
+
+
+def training_sequences(data: Any) -> Any:
+    """The training reader of a set-up ImageTextDataModule, over every image in load order.
+
+    Training and validation images together, so a store built at the end of ``fit`` and one
+    built later by ``lightning-interp features`` read the same sequences.
+    """
+    stream = copy.copy(data.train_set)
+    stream.images = torch.cat([data.train_set.images, data.val_set.images])
+    return stream
 
 
 def build_multimodal_feature_store(

@@ -165,12 +165,11 @@ def _run_images(dictionary: Any, chosen: dict[str, Any], args: argparse.Namespac
 
 def _run_multimodal(dictionary: Any, chosen: dict[str, Any], args: argparse.Namespace) -> Path:
     """The (image, caption) pass: the sequences the data module trained on are the contexts."""
-    import copy
-
-    import torch
-
     from lightning_interp.data import ImageTextDataModule
-    from lightning_interp.features.build_multimodal import build_multimodal_feature_store
+    from lightning_interp.features.build_multimodal import (
+        build_multimodal_feature_store,
+        training_sequences,
+    )
     from lightning_interp.features.store import FeatureSettings
 
     extra = dictionary.config.provenance.extra
@@ -184,11 +183,9 @@ def _run_multimodal(dictionary: Any, chosen: dict[str, Any], args: argparse.Name
         images_per_capture=args.images_per_capture,
     )
     data.setup()
-    stream = copy.copy(data.train_set)  # the training reader, over every image in load order
-    stream.images = torch.cat([data.train_set.images, data.val_set.images])
     return build_multimodal_feature_store(
         dictionary,
-        stream,
+        training_sequences(data),
         args.out,
         name=chosen["text"],
         max_images=args.max_images,

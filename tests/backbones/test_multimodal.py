@@ -234,3 +234,52 @@ def test_a_dictionary_trains_on_image_tokens_through_the_cli(saved, name, tmp_pa
     assert provenance.extra["token_types"] == "image"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["tokens_trained"] == 2 * 16 and metrics["l0"] > 0
+
+
+@pytest.mark.parametrize("name", ["idefics3", "llava"])
+def test_feature_dashboard_ends_an_image_token_run_with_a_multimodal_store(
+    saved, name, tmp_path, monkeypatch
+):
+    import sys
+
+    from lightning_interp.features.layout import read_store
+    from tests.test_recipes import run_recipe, tiny_recipe
+
+    monkeypatch.setattr(sys, "argv", ["lightning-interp"])
+    recipe = tiny_recipe("smolvlm_image_tokens.yaml", ({"idefics3": saved / name}, None), tmp_path)
+    size = FAMILIES[name][-1]
+    per_capture = 64 // image_token_count(build(name).config, size, image_hw=(8, 8))
+    recipe["data"]["init_args"].update(
+        image_size=size, images_per_capture=per_capture, batch_size=16, buffer_tokens=64
+    )
+    recipe["trainer"].update(limit_train_batches=2, limit_val_batches=1)
+    recipe["trainer"]["callbacks"].append(
+        {"class_path": "lightning_interp.callbacks.FeatureDashboard", "init_args": {"images": 6}}
+    )
+    run_recipe(recipe, tmp_path / "recipe.yaml")
+    store = read_store(tmp_path / "features")
+    assert store["meta"]["modality"] == "multimodal"
+    assert store["meta"]["multimodal"]["family"] == name
+    assert (tmp_path / "features" / "images" / "5.png").is_file()  # the first 6 images
+    assert not (tmp_path / "features" / "images" / "6.png").exists()
+    assert (tmp_path / "dashboard" / "index.html").is_file()
+
+
+def test_feature_dashboard_refuses_a_vision_site_of_a_multimodal_run_before_training(
+    saved, tmp_path, monkeypatch
+):
+    import sys
+
+    from tests.test_recipes import run_recipe, tiny_recipe
+
+    monkeypatch.setattr(sys, "argv", ["lightning-interp"])
+    recipe = tiny_recipe(
+        "smolvlm_image_tokens.yaml", ({"idefics3": saved / "idefics3"}, None), tmp_path
+    )
+    recipe["data"]["init_args"].update(site="vision.layers.0.resid_post", token_types="all")
+    recipe["trainer"]["callbacks"].append(
+        {"class_path": "lightning_interp.callbacks.FeatureDashboard", "init_args": {"images": 6}}
+    )
+    with pytest.raises(ConfigError, match="language-model sites only"):
+        run_recipe(recipe, tmp_path / "recipe.yaml")
+    assert not (tmp_path / "dictionary").exists()
