@@ -18,7 +18,8 @@ crosslayer-transcoder trainer (github Goreg12345/crosslayer-transcoder, ``model/
 orientation (``W_enc [d_in, d_latent]``, circuit-tracer's is transposed); TopK-style
 activations train through the sparse kernels of
 :mod:`~lightning_interp.dictionaries.sparse_ops` (only the selected features' decoder rows
-are touched); the activation functions and losses are the dictionaries' own (imported).
+are touched) from the width where they beat dense autograd; the activation functions and
+losses are the dictionaries' own (imported).
 
 A CLT is a :class:`~lightning_interp.circuits.transcoder_set.TranscoderSet`; with
 ``cross_layer=False`` it is a set of per-layer transcoders (:meth:`layer_transcoder`).
@@ -52,6 +53,13 @@ from lightning_interp.errors import (
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "clt.safetensors"
+
+# Below these sizes the sparse kernels lose to dense autograd (see uses_sparse_path): measured
+# on one CPU thread, 3 layers, 256-2048 rows, d_in 16-64, the sparse step took 1.2-1.7x the
+# dense one at 8-128 features per layer and 1.0-2.6x at width/k = 8, and won (0.5-0.9x)
+# from 256-512 features with width/k >= 64.
+SPARSE_MIN_WIDTH = 256
+SPARSE_MIN_WIDTH_PER_K = 32
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -99,8 +107,9 @@ class CrossLayerTranscoder(nn.Module):
         elif config.activation == "batchtopk":
             # -1 marks "not yet estimated": encoding falls back to batch selection until then.
             self.register_buffer("thresholds", torch.full((config.n_layers,), -1.0))
-        #: TopK-style training through the sparse kernels (False: plain dense autograd).
-        self.sparse_training = True
+        #: TopK-style training through the sparse kernels: ``None`` (default) where they pay
+        #: off (:meth:`uses_sparse_path`), ``True`` always, ``False`` never (dense autograd).
+        self.sparse_training: bool | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -215,8 +224,8 @@ class CrossLayerTranscoder(nn.Module):
     def forward_train(self, inputs: Sequence[Tensor]) -> CLTOutput:
         """One training forward pass over ``n_layers`` input batches ``[N, d_in]``.
 
-        TopK-style activations use the sparse kernels while gradients are enabled and
-        ``sparse_training`` is on; BatchTopK updates its thresholds in training mode.
+        TopK-style activations use the sparse kernels where :meth:`uses_sparse_path` says
+        so; BatchTopK updates its thresholds in training mode.
         """
         if len(inputs) != self.n_layers:
             raise ShapeMismatchError(
@@ -233,11 +242,29 @@ class CrossLayerTranscoder(nn.Module):
             reconstruction[:, source : source + width] += contribution.view(rows, width, -1)
         return out
 
+    def uses_sparse_path(self, layer: int) -> bool:
+        """Whether a training step encodes and decodes ``layer`` through the sparse kernels.
+
+        Only TopK-style activations with gradients enabled can. With ``sparse_training``
+        left at ``None`` they do from :data:`SPARSE_MIN_WIDTH` features per layer and
+        :data:`SPARSE_MIN_WIDTH_PER_K` features per active one: below that the dense matmuls
+        are cheaper than the sparse kernels' per-call cost (a dozen gathers, sorts and CSR
+        products per layer, some of which open a thread pool region even for 8 features,
+        which on a busy 2-core machine made the sparse step 3-12x slower). Both paths give the
+        same losses and gradients within float tolerance.
+        """
+        cfg = self.config
+        if cfg.activation == "jumprelu" or not torch.is_grad_enabled():
+            return False
+        if self.sparse_training is not None:
+            return bool(self.sparse_training)
+        width = cfg.widths[self._check_layer(layer)]
+        return width >= SPARSE_MIN_WIDTH and width >= SPARSE_MIN_WIDTH_PER_K * cfg.k
+
     def _encode_decode(self, source: int, x: Tensor, out: CLTOutput) -> Tensor:
         w_dec = self.W_dec[source].view(self.W_dec[source].shape[0], -1)
         kind = self.config.activation
-        sparse = kind != "jumprelu" and self.sparse_training and torch.is_grad_enabled()
-        if not sparse:
+        if not self.uses_sparse_path(source):
             pre = self.encode_pre(source, x)
             if kind == "batchtopk" and self.training:
                 codes = batch_topk(pre, self.config.k)

@@ -46,6 +46,10 @@ class CLTOutput:
         self._codes.append(None)
         self._sparse.append((pattern, values))
 
+    def is_sparse(self, layer: int) -> bool:
+        """Whether ``layer`` went through the sparse kernels (its pre-activations: no graph)."""
+        return self._sparse[layer] is not None
+
     def codes(self, layer: int) -> Tensor:
         """Dense codes ``[N, d_latent]`` of ``layer`` (materialised once if sparse)."""
         if self._codes[layer] is None:
@@ -108,11 +112,11 @@ def auxk_loss(
 ) -> Tensor:
     """AuxK (Gao et al. 2024) across layers: dead features predict the residual they reach.
 
-    Each source layer's top ``aux_k`` dead pre-activations per row are decoded, through the
-    sparse kernels, into every layer that source writes; their sum predicts the detached
-    residual ``[N, n_layers, d_out]``, normalised by its variance. Scaled down, as in
-    sparsify and :class:`~lightning_interp.dictionaries.TopKSAE`, when fewer features are
-    dead than AuxK would use.
+    Each source layer's top ``aux_k`` dead pre-activations per row are decoded (through the
+    sparse kernels if the layer's step used them) into every layer that source writes; their
+    sum predicts the detached residual ``[N, n_layers, d_out]``, normalised by its variance.
+    Scaled down, as in sparsify and :class:`~lightning_interp.dictionaries.TopKSAE`, when
+    fewer features are dead than AuxK would use.
     """
     cfg = clt.config
     aux_k = cfg.aux_k if cfg.aux_k is not None else max(cfg.d_in // 2, 1)
@@ -123,13 +127,18 @@ def auxk_loss(
         if dead_ids.numel() == 0:
             continue
         k = min(aux_k, dead_ids.numel())
-        pre = out.pre_activations[source]
-        with torch.no_grad():
-            local = pre.detach().index_select(-1, dead_ids).topk(k, dim=-1).indices
-        pattern = SparsePattern.from_topk(dead_ids[local], pre.shape[-1])
-        values = torch.relu(clt._gather(source, x.reshape(-1, x.shape[-1]), pre, pattern))
-        w_dec = clt.W_dec[source]
-        decoded = sparse_decode(values, w_dec.view(w_dec.shape[0], -1), pattern)
+        pre, w_dec = out.pre_activations[source], clt.W_dec[source]
+        w_flat = w_dec.view(w_dec.shape[0], -1)
+        if out.is_sparse(source):
+            with torch.no_grad():
+                local = pre.detach().index_select(-1, dead_ids).topk(k, dim=-1).indices
+            pattern = SparsePattern.from_topk(dead_ids[local], pre.shape[-1])
+            values = torch.relu(clt._gather(source, x.reshape(-1, x.shape[-1]), pre, pattern))
+            decoded = sparse_decode(values, w_flat, pattern)
+        else:  # the dense path's pre-activations carry autograd: the same sum, densely
+            values, local = pre.index_select(-1, dead_ids).topk(k, dim=-1)
+            codes = torch.zeros_like(pre).scatter(-1, dead_ids[local], torch.relu(values))
+            decoded = codes.to(w_flat.dtype) @ w_flat
         width = cfg.n_targets(source)
         predicted[:, source : source + width] += decoded.view(-1, width, w_dec.shape[-1]).float()
         used += k

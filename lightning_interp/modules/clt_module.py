@@ -25,13 +25,30 @@ from torch import Tensor, nn
 from lightning_interp.circuits.clt import CrossLayerTranscoder
 from lightning_interp.circuits.clt_config import CLTConfig
 from lightning_interp.data.source import activation_source
-from lightning_interp.errors import ConfigError, ShapeMismatchError
+from lightning_interp.errors import CheckpointError, ConfigError, ShapeMismatchError
 from lightning_interp.metrics import FractionOfVarianceUnexplained
-from lightning_interp.modules.checkpoints import install_checkpoint_checks
+from lightning_interp.modules.checkpoints import install_checkpoint_checks, spec_differences
 from lightning_interp.modules.guards import BatchGuard, NonFinitePolicy
 from lightning_interp.modules.training_module import DictionaryTrainingModule
 
 _Base = DictionaryTrainingModule
+
+# Config fields a run fills from its data rather than choosing: the backbone (provenance) at
+# setup, the scales when training starts, so after Lightning has loaded the checkpoint.
+_FILLED_BY_DATA = frozenset({"architecture", "backbone", "input_scales", "output_scales"})
+
+
+def _resume_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A CLT config as :func:`spec_differences` compares dictionary specs.
+
+    Sites and widths are compared resolved, so ``d_latent: 8`` matches ``[8, 8, 8]`` and
+    unset sites match the default ones written out.
+    """
+    resolved = CLTConfig.from_dict(dict(config))
+    inputs, outputs = resolved.sites()
+    values = {k: v for k, v in config.items() if k not in _FILLED_BY_DATA}
+    values.update(d_latent=resolved.widths, input_sites=inputs, output_sites=outputs)
+    return {"class_path": CrossLayerTranscoder.__name__, "init_args": {"config": values}}
 
 
 class CrossLayerTranscoderModule(L.LightningModule):
@@ -271,6 +288,34 @@ class CrossLayerTranscoderModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the skipped-batch count."""
+        """Refuse a checkpoint of another CLT or module; restore the skipped-batch count.
+
+        Runs before Lightning loads the weights, so a different ``k`` or activation (same
+        tensor shapes) is refused as clearly as a different width. Compared as
+        :class:`~lightning_interp.modules.DictionaryModule` compares its dictionaries
+        (:func:`~lightning_interp.modules.checkpoints.spec_differences`), leaving out what
+        the data fills in (backbone, scales).
+
+        Raises:
+            CheckpointError: the checkpoint holds no CLT config, or another one.
+        """
+        source = self._trainer.ckpt_path if self._trainer is not None else None
+        where = f"checkpoint {source}" if source else "the checkpoint"
+        saved = (checkpoint.get("hyper_parameters") or {}).get("clt")
+        if not isinstance(saved, Mapping):
+            held = sorted(checkpoint.get("hyper_parameters") or {})[:6]
+            raise CheckpointError(
+                f"{where} was not written by a CrossLayerTranscoderModule (its "
+                f"hyper-parameters hold {held}, no 'clt'); resume from a CLT run's checkpoint, "
+                f"or start a new run without ckpt_path"
+            )
+        differences = spec_differences(_resume_spec(saved), _resume_spec(self.config.to_dict()))
+        if differences:
+            raise CheckpointError(
+                f"{where} was written by a different CLT than this run's ("
+                + "; ".join(differences)
+                + "); resume with the checkpoint's settings, or start a new run without "
+                "ckpt_path (CrossLayerTranscoderModule.load_from_checkpoint reads its weights)"
+            )
         state = checkpoint.get("lightning_interp") or {}
         self.guard.skipped["train"] = int(state.get("skipped_batches", 0))

@@ -112,22 +112,44 @@ def test_scales_are_folded_into_the_transcoder_set_view():
 
 # ---------------------------------------------------------------- losses and gradients
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_sparse_training_path_matches_dense_autograd(activation):
-    grads = []
-    for sparse in (True, False):
-        clt = make_clt(activation, aux_k=4)
+@pytest.mark.parametrize(
+    ("d_latent", "automatic"),
+    [
+        (16, [False] * 3),  # too narrow for the sparse kernels to pay off: dense
+        ([16, 256, 256], [False, True, True]),  # chosen per layer (256 >= 32 * k)
+    ],
+)
+def test_sparse_training_path_matches_dense_autograd(activation, d_latent, automatic):
+    results = {}
+    for sparse in (True, False, None):  # forced sparse, forced dense, automatic (default)
+        clt = make_clt(activation, d_latent=d_latent, aux_k=4)
         clt.sparse_training = sparse
+        paths = [clt.uses_sparse_path(layer) for layer in range(3)]
+        assert paths == (automatic if sparse is None else [sparse] * 3)
         inputs, targets = batch(clt)
         out = clt.forward_train(inputs)
-        dead = [torch.arange(16) % 3 == 0] * 3  # some dead features: AuxK too
+        assert [out.is_sparse(layer) for layer in range(3)] == paths
+        dead = [torch.arange(w) % 3 == 0 for w in clt.config.widths]  # AuxK too
         terms = clt.loss(inputs, targets, out, dead_masks=dead)
         terms["loss"].backward()
-        grads.append((terms, {n: p.grad.clone() for n, p in clt.named_parameters()}))
-    (sparse_terms, sparse_grads), (dense_terms, dense_grads) = grads
-    for key in ("reconstruction_loss", "auxk_loss", "loss"):
-        torch.testing.assert_close(sparse_terms[key], dense_terms[key], atol=1e-5, rtol=1e-5)
-    for name, grad in dense_grads.items():
-        torch.testing.assert_close(sparse_grads[name], grad, atol=1e-5, rtol=1e-4)
+        results[sparse] = terms, {n: p.grad.clone() for n, p in clt.named_parameters()}
+    dense_terms, dense_grads = results[False]
+    for sparse in (True, None):
+        terms, grads = results[sparse]
+        for key in ("reconstruction_loss", "auxk_loss", "loss"):
+            torch.testing.assert_close(terms[key], dense_terms[key], atol=1e-5, rtol=1e-5)
+        for name, grad in dense_grads.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_without_gradients_or_for_jumprelu_the_path_is_dense():
+    clt = make_clt("topk", d_latent=512)
+    assert clt.uses_sparse_path(0)
+    with torch.no_grad():
+        assert not clt.uses_sparse_path(0)
+    jump = make_clt("jumprelu", d_latent=512)
+    jump.sparse_training = True
+    assert not jump.uses_sparse_path(0)
 
 
 def test_jumprelu_penalty_weights_codes_by_concatenated_decoder_norms():
