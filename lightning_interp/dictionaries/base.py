@@ -13,6 +13,7 @@ from lightning_interp._dtypes import dtype_from_name, dtype_name
 from lightning_interp.dictionaries.config import DictionaryConfig, check_fits_in_memory, check_scale
 from lightning_interp.dictionaries.output import DictionaryOutput, squared_error
 from lightning_interp.dictionaries.sparse_codes import SparseCodes
+from lightning_interp.dictionaries.sparse_ops import affine
 from lightning_interp.errors import ConfigError, CorruptFileError, ShapeMismatchError
 
 # Re-exported from output.py: callers have always imported them from here.
@@ -145,8 +146,8 @@ class Dictionary(nn.Module):
         """Encoder pre-activations, ``[..., d_latent]``."""
         x = self._prepare_input(x)
         flat = self.encoder_input(x).reshape(-1, self.d_in)
-        # One fused addmm rather than a matmul and a broadcast add over [N, d_latent].
-        pre = torch.addmm(self.b_enc, flat, self.W_enc)
+        # A GEMM and an in-place bias add: addmm's bias broadcast costs more (sparse_ops.affine).
+        pre = affine(flat, self.W_enc, self.b_enc)
         return pre.view(*x.shape[:-1], self.d_latent)
 
     def activation(self, pre: Tensor) -> Tensor:

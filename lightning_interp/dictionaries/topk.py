@@ -16,7 +16,12 @@ from lightning_interp.dictionaries.config import (
 )
 from lightning_interp.dictionaries.registry import register_dictionary
 from lightning_interp.dictionaries.sparse_codes import SparseCodes
-from lightning_interp.dictionaries.sparse_ops import SparsePattern, gather_encoder, sparse_decode
+from lightning_interp.dictionaries.sparse_ops import (
+    SparsePattern,
+    gather_encoder,
+    sparse_decode,
+    top_positive,
+)
 from lightning_interp.errors import ConfigError
 
 
@@ -115,10 +120,10 @@ class _TopKFamily(Dictionary):
             values, indices = dead_pre.topk(aux_k, dim=-1, sorted=False)
             codes = torch.zeros_like(out.pre_activations).scatter_(-1, indices, torch.relu(values))
             return codes @ self.W_dec
-        dead_ids = dead_mask.nonzero().squeeze(1)
         with torch.no_grad():
-            local = out.pre_activations.index_select(-1, dead_ids).topk(aux_k, dim=-1).indices
-        pattern = SparsePattern.from_topk(dead_ids[local], self.d_latent)
+            dead_ids = dead_mask.nonzero().squeeze(1)
+            # Only the positive ones: the rest are zero after the ReLU, gradient included.
+            pattern = top_positive(out.pre_activations, dead_ids, aux_k)
         values = torch.relu(self._gather_encoder(x, out.pre_activations, pattern))
         return sparse_decode(values, self.W_dec, pattern)
 
