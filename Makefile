@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-minilm demo-concepts test crosscheck lint format install lock clean
+.PHONY: demo demo-minilm demo-concepts test crosscheck gpu-check lint format install lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,12 @@ test: $(STAMP)
 # own venv under benchmarks/.peers/, created on first use, which needs PyPI; skips without it).
 crosscheck: $(STAMP)
 	$(VENV)/bin/pytest -m slow tests/zoo/test_peer_crosscheck.py
+
+# On a CUDA machine, under 8 minutes: the cuda-marked tests, the step benchmark on the GPU
+# against SAELens and sparsify, the quickstart's tokens/s; report in runs/gpu_check.{json,md}.
+# Without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,5 @@
-"""Side-by-side TopK SAE training-step throughput: lightning-interp against SAELens and
-dictionary_learning, on CPU, with the lone encoder matmul as a yardstick.
+"""Side-by-side TopK SAE training-step throughput: lightning-interp against SAELens,
+dictionary_learning and sparsify, on CPU, with the lone encoder matmul as a yardstick.
 
 Run from the repository root::
 
@@ -7,6 +7,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/compare.py --skip-install --d-in 384 --steps 10
     .venv/bin/python benchmarks/compare.py --install-only       # just set up the peer venvs
     .venv/bin/python benchmarks/compare.py --wait-idle 120      # on a shared machine
+    nice -n 10 .venv/bin/python benchmarks/compare.py --sweep   # cost curves (sweep.py)
 
 What it does:
 
@@ -16,7 +17,8 @@ What it does:
    repository's ``constraints.txt`` (which pins that torch, so pip never swaps in a CUDA
    build). ``saelens`` gets ``sae-lens==6.54.*``; ``dictionary_learning`` gets
    ``dictionary-learning==0.1.0`` and then loses ``torchvision`` (the one it pulls does not
-   match this torch and breaks the import). A stamp file per venv makes this a no-op once
+   match this torch and breaks the import); ``sparsify`` gets ``eai-sparsify==1.3.3``
+   (EleutherAI). A stamp file per venv makes this a no-op once
    done; the time each install took is printed.
 2. Times one TopK training step per library, each measurement in its own subprocess run by
    the right venv's python on ``benchmarks/compare_steps.py`` (which imports only torch and
@@ -35,6 +37,9 @@ What it does:
    * dictionary_learning: ``TopKTrainer.update(step, x)``, its whole training step (loss
      with AuxK, backward, decoder-gradient projection, grad clipping, Adam, scheduler,
      decoder renormalisation). Step 0 (geometric-median init of ``b_dec``) is a warm-up.
+   * sparsify: ``SparseCoder(d_in, SparseCoderConfig(num_latents, k))`` stepped as its
+     ``Trainer`` does per batch (decoder renormalisation, forward with fvu + AuxK,
+     backward, gradient projection, Adam); see ``compare_steps._worker_sparsify``.
    * the lone dense encoder matmul ``torch.addmm(b, x, W)``, ``[batch, d_in] x
      [d_in, d_latent]``, under ``no_grad``.
 
@@ -76,6 +81,7 @@ LABELS = {
     "ours": "lightning-interp",
     "saelens": "SAELens",
     "dictionary_learning": "dictionary_learning",
+    "sparsify": "sparsify",
     "matmul": "lone matmul",
 }
 
@@ -125,7 +131,15 @@ def wait_for_idle(timeout: float, threshold: float = 0.3, window: float = 3.0) -
     print(f"  (machine still busy after --wait-idle {timeout:g} s; timing anyway)", flush=True)
 
 
-def measure(library: str, d_in: int, dead_fraction: float, args: argparse.Namespace) -> dict:
+def measure(
+    library: str,
+    d_in: int,
+    dead_fraction: float,
+    args: argparse.Namespace,
+    *,
+    d_latent: int | None = None,
+    batch: int | None = None,
+) -> dict:
     """Run one worker subprocess and return its JSON result."""
     if args.wait_idle > 0:
         wait_for_idle(args.wait_idle)
@@ -137,6 +151,7 @@ def measure(library: str, d_in: int, dead_fraction: float, args: argparse.Namesp
         library,
         "--d-in",
         str(d_in),
+        *(["--d-latent", str(d_latent)] if d_latent else []),
         "--steps",
         str(args.steps),
         "--warmup",
@@ -144,7 +159,9 @@ def measure(library: str, d_in: int, dead_fraction: float, args: argparse.Namesp
         "--dead-fraction",
         str(dead_fraction),
         "--batch",
-        str(args.batch),
+        str(batch or args.batch),
+        "--device",
+        getattr(args, "device", "cpu"),
         "--threads",
         str(args.threads),
         "--seed",
@@ -170,8 +187,9 @@ def measure(library: str, d_in: int, dead_fraction: float, args: argparse.Namesp
         others = max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
     result["others_cpu"] = others
     print(
-        f"  {LABELS[library]:<20} d_in={d_in:<4} dead={result['n_dead']:<5} "
-        f"{result['ms']:8.1f} ms/step  (AuxK {result['auxk']:.4g}; "
+        f"  {LABELS[library]:<20} d_in={d_in:<4} d_latent={result['d_latent']:<6} "
+        f"batch={result['batch']:<5} dead={result['n_dead']:<5} "
+        f"{result['ms']:8.1f} ms/step  {result['peak_mb']:7.0f} MiB  (AuxK {result['auxk']:.4g}; "
         f"steps {', '.join(f'{t:.0f}' for t in result['times'])}; {wall:.0f} s wall; "
         f"other processes {'?' if others is None else f'{others:.2f}'} cores)",
         flush=True,
@@ -188,8 +206,8 @@ def make_table(results: list[dict], matmul: dict[int, dict]) -> str:
     header = (
         "| d_in | d_latent | library | dead latents | AuxK ran | steps/s | ms/step "
         "| speedup of ours (peer ms / our ms) | lone matmul ms | step / matmul "
-        "| fastest step ms | other load (cores) |\n"
-        "|---:|---:|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| fastest step ms | peak MiB | other load (cores) |\n"
+        "|---:|---:|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     ours = {(r["d_in"], r["dead_fraction"]): r for r in results if r["library"] == "ours"}
     rows = [header]
@@ -205,7 +223,7 @@ def make_table(results: list[dict], matmul: dict[int, dict]) -> str:
             f"| {r['d_in']} | {r['d_latent']} | {LABELS[r['library']]} | {dead} "
             f"| {'yes' if r['auxk'] > 0 else 'no'} | {1000 / r['ms']:.3f} | {r['ms']:.0f} "
             f"| {speedup} | {mm:.0f} | {r['ms'] / mm:.1f} | {min(r['times']):.0f} "
-            f"| {_fmt_load(r.get('others_cpu'))} |"
+            f"| {r['peak_mb']:.0f} | {_fmt_load(r.get('others_cpu'))} |"
         )
     return "\n".join(rows)
 
@@ -273,7 +291,7 @@ def write_report(
         torches.setdefault(r["library"], r["torch"])
     lib_lines = "\n".join(
         f"- {LABELS[lib]} {versions[lib]} (torch {torches[lib]})"
-        for lib in ("ours", "saelens", "dictionary_learning")
+        for lib in ("ours", "saelens", "dictionary_learning", "sparsify")
         if lib in versions
     )
     threads = sorted({r["threads"] for r in results})
@@ -304,8 +322,11 @@ every process (seed {args.seed}). Median of {args.steps} timed steps after {args
 warm-up steps, each library in its own subprocess. "AuxK ran" means the library's own AuxK
 loss was non-zero; for the dead rows that share of latents is made truly dead (encoder bias
 {DEAD_BIAS:g}) and each library's dead-latent bookkeeping says so. "fastest step" is the
-minimum over the timed steps; "other load" is how many cores other processes kept busy
-while that row's subprocess ran (from `/proc/stat`; ~0 on an idle machine, up to 2 here).
+minimum over the timed steps; "peak MiB" is the memory the library's steps added at
+their peak (CPU: growth of the process's peak resident set over set-up, weights and
+optimizer state included; CUDA: `torch.cuda.max_memory_allocated`); "other load" is how
+many cores other processes kept busy while that row's subprocess ran (from `/proc/stat`;
+~0 on an idle machine, up to 2 here).
 
 {table}
 
@@ -364,8 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--libraries",
-        default="ours,saelens,dictionary_learning",
-        help="comma-separated subset of ours,saelens,dictionary_learning",
+        default="ours,saelens,dictionary_learning,sparsify",
+        help="comma-separated subset of ours,saelens,dictionary_learning,sparsify",
     )
     parser.add_argument(
         "--wait-idle",
@@ -378,6 +399,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report path")
+    parser.add_argument("--device", default="cpu", help="where every library runs (cpu, cuda)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="time and peak memory over d_latent and batch size at d_in 768 (sweep.py)",
+    )
+    parser.add_argument("--sweep-latents", type=int, nargs="+", help="d_latent values")
+    parser.add_argument("--sweep-batch", type=int, help="batch of the d_latent sweep")
+    parser.add_argument("--sweep-batches", type=int, nargs="+", help="batch sizes")
+    parser.add_argument("--sweep-fixed-latent", type=int, help="d_latent of the batch sweep")
     args = parser.parse_args(argv)
     args.d_in = args.d_in or [384, 768]
     return args
@@ -387,7 +418,7 @@ def main() -> None:
     args = parse_args()
 
     libraries = [lib.strip() for lib in args.libraries.split(",") if lib.strip()]
-    unknown = set(libraries) - {"ours", "saelens", "dictionary_learning"}
+    unknown = set(libraries) - {"ours", "saelens", "dictionary_learning", "sparsify"}
     if unknown:
         sys.exit(f"unknown libraries: {sorted(unknown)}")
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
@@ -395,6 +426,11 @@ def main() -> None:
     install_peers(args.skip_install)
     print(f"[install] total {time.perf_counter() - start:.0f} s", flush=True)
     if args.install_only:
+        return
+    if args.sweep:
+        from sweep import run_sweep  # benchmarks/ is on sys.path when run as a script
+
+        run_sweep(args, libraries, measure)
         return
 
     fractions = [args.dead_fraction]

@@ -1,5 +1,5 @@
-"""The peer libraries' virtualenvs (SAELens, dictionary_learning), shared by the side-by-side
-benchmark (``benchmarks/compare.py``) and the format cross-check test
+"""The peer libraries' virtualenvs (SAELens, dictionary_learning, sparsify), shared by the
+side-by-side benchmark (``benchmarks/compare.py``) and the format cross-check test
 (``tests/zoo/test_peer_crosscheck.py``).
 
 Each peer lives in its own virtualenv under ``benchmarks/.peers/<name>`` (git-ignored), made
@@ -33,6 +33,7 @@ TORCH_PIN = "torch==2.13.0"
 PEERS: dict[str, tuple[str, list[str]]] = {
     "saelens": ("sae-lens==6.54.*", []),
     "dictionary_learning": ("dictionary-learning==0.1.0", ["torchvision"]),
+    "sparsify": ("eai-sparsify==1.3.3", []),
 }
 
 

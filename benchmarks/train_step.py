@@ -4,13 +4,21 @@ A training step is what ``DictionaryModule`` does per batch: ``forward_train``, 
 (with a dead-latent mask so the AuxK loss runs), backward, removal of the decoder-gradient
 component parallel to the rows, an Adam step (lr 2e-4), decoder renormalisation and
 ``zero_grad``. The lone dense encoder matmul ``torch.addmm(b_enc, x, W_enc)`` at the same
-shape is timed as a yardstick: the step/matmul ratio says how many matmul-equivalents a
-step costs.
+shape is timed as a yardstick, and the same GEMM without the bias (``torch.mm``): the
+step/matmul ratio says how many matmul-equivalents a step costs. Step and yardsticks are
+timed interleaved in one process (step, addmm, mm, step, ...) so that a shared machine's
+load drifts over all three alike; medians are reported.
 
 Run from the repository root::
 
     .venv/bin/python benchmarks/train_step.py
     .venv/bin/python benchmarks/train_step.py --no-auxk --steps 20 --threads 1
+    .venv/bin/python benchmarks/train_step.py --dead-bias   # dead latents truly dead
+
+Dead latents: by default only marked dead in the AuxK mask, so about half of their
+pre-activations are positive and AuxK must rank them (the expensive case); ``--dead-bias``
+also sets their encoder bias to -100 as ``compare.py`` does (they never fire, as real dead
+latents, and AuxK's selection has nothing positive to rank).
 
 Timings are medians over the timed steps (``time.perf_counter``), after ``--warmup``
 untimed steps.
@@ -43,20 +51,23 @@ def parse_args() -> argparse.Namespace:
         help="share of latents marked dead in the AuxK mask",
     )
     parser.add_argument("--no-auxk", action="store_true", help="pass no dead mask (no AuxK)")
+    parser.add_argument("--dead-bias", action="store_true", help="dead latents get b_enc -100")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
-def median_ms(fn, steps: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_ms(fns: dict, steps: int, warmup: int) -> dict[str, float]:
+    """Median wall time (ms) of each ``fns[name]()``, run in turn ``steps`` times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def make_train_step(dictionary, optimizer, x, dead_mask):
@@ -93,35 +104,45 @@ def main() -> None:
         n_dead = max(1, int(args.dead_fraction * args.d_latent))
         dead_mask[torch.randperm(args.d_latent)[:n_dead]] = True
 
+    if dead_mask is not None and args.dead_bias:
+        with torch.no_grad():
+            dictionary.b_enc[dead_mask] = -100.0
     train_step = make_train_step(dictionary, optimizer, x, dead_mask)
 
     # Check once that AuxK really is (or is not) part of the step being timed.
     auxk = dictionary.loss(x, dictionary.forward_train(x), dead_mask=dead_mask)["auxk_loss"]
     auxk_on = bool(auxk.detach() != 0)
 
-    step_ms = median_ms(train_step, args.steps, args.warmup)
-
     w_enc = dictionary.W_enc.detach().clone()
     b_enc = dictionary.b_enc.detach().clone()
 
-    def matmul() -> None:
-        torch.addmm(b_enc, x, w_enc)
+    def addmm() -> None:
+        with torch.no_grad():
+            torch.addmm(b_enc, x, w_enc)
 
-    with torch.no_grad():
-        matmul_ms = median_ms(matmul, args.steps, args.warmup)
+    def mm() -> None:
+        with torch.no_grad():
+            torch.mm(x, w_enc)
+
+    ms = interleaved_ms({"step": train_step, "addmm": addmm, "mm": mm}, args.steps, args.warmup)
+    step_ms, matmul_ms, mm_ms = ms["step"], ms["addmm"], ms["mm"]
+    load = " ".join(open("/proc/loadavg").read().split()[:3])
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(
         f"TopK d_in={args.d_in} d_latent={args.d_latent} k={args.k} batch={args.batch} fp32, "
         f"AuxK {'on' if auxk_on else 'off'}"
         + (f" ({int(dead_mask.sum())} dead latents)" if dead_mask is not None else "")
-        + f", median of {args.steps} steps after {args.warmup} warm-up"
+        + f", median of {args.steps} interleaved rounds after {args.warmup} warm-up"
+        + f", load average {load}"
     )
     rows = [
         ("steps/s", f"{1000 / step_ms:.3f}"),
         ("ms/step (median)", f"{step_ms:.1f}"),
-        ("ms lone encoder matmul", f"{matmul_ms:.1f}"),
-        ("step / matmul", f"{step_ms / matmul_ms:.2f}"),
+        ("ms lone encoder matmul (addmm)", f"{matmul_ms:.1f}"),
+        ("ms GEMM without bias (mm)", f"{mm_ms:.1f}"),
+        ("step / matmul (addmm)", f"{step_ms / matmul_ms:.2f}"),
+        ("step / GEMM (mm)", f"{step_ms / mm_ms:.2f}"),
     ]
     width = max(len(name) for name, _ in rows)
     print(f"| {'metric':<{width}} | {'value':>9} |")
