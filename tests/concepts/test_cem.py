@@ -12,9 +12,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-import yaml
 
-from lightning_interp.cli import build_cli
 from lightning_interp.concepts import (
     ConceptEmbeddingModel,
     SupervisedCBM,
@@ -26,7 +24,11 @@ from lightning_interp.errors import ConfigError, ShapeMismatchError
 from lightning_interp.modules import ConceptBottleneckModule
 from lightning_interp.zoo import load_head
 from tests.concepts.planted import CLASSES, QUIET, loader
-from tests.concepts.test_recipes import tiny_clip  # noqa: F401  (a fixture)
+from tests.concepts.test_recipes import (  # noqa: F401  (tiny_clip: a fixture)
+    fit_recipe,
+    tiny_clip,
+    tiny_clip_recipe,
+)
 
 NAMES = [f"c{i}" for i in range(4)]
 
@@ -171,23 +173,16 @@ def test_cem_options_and_errors():
 
 def test_recipe_trains_through_the_cli(tiny_clip, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(sys, "argv", ["lightning-interp"])
-    with open("recipes/clip_cem.yaml") as f:
-        config = yaml.safe_load(f)
-    config["trainer"].update(
-        accelerator="cpu", max_epochs=20, default_root_dir=str(tmp_path), enable_progress_bar=False
-    )
-    config["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.01
-    config["model"]["init_args"]["save_dir"] = str(tmp_path / "head")
-    config["data"]["init_args"].update(
-        model=str(tiny_clip / "clip"),
-        data=str(tiny_clip / "images_concepts.safetensors"),  # concepts "red", "blue"
+    config, model = tiny_clip_recipe(
+        "clip_cem",
+        tiny_clip,
+        tmp_path,
+        data="images_concepts.safetensors",  # concepts "red", "blue"
         batch_size=32,
-        test_fraction=0.25,
-        cache_dir=str(tmp_path / "cache"),
+        max_epochs=20,
     )
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(config))
-    parsed = build_cli(["fit", "--config", str(path)])
+    model["optimizer"]["init_args"]["lr"] = 0.01
+    parsed = fit_recipe(config, tmp_path)
     head = parsed.model.head
     assert isinstance(head, ConceptEmbeddingModel) and head.config.embedding_size == 16
     assert head.concept_names == ["concept_0", "concept_1"] and head.d_in == 16

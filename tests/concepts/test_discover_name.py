@@ -15,9 +15,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-import yaml
 
-from lightning_interp.cli import build_cli
 from lightning_interp.concepts import ConceptBank, SAENamedCBM, create_head
 from lightning_interp.data.embed import text_encoder
 from lightning_interp.data.embedding_datamodule import _backbone_for
@@ -27,7 +25,11 @@ from lightning_interp.modules import ConceptBottleneckModule, DictionaryModule
 from lightning_interp.zoo import load_head
 from tests.backbones import tiny_models as tm
 from tests.concepts.planted import CLASSES, QUIET, loader
-from tests.concepts.test_recipes import tiny_clip  # noqa: F401  (a fixture)
+from tests.concepts.test_recipes import (  # noqa: F401  (tiny_clip: a fixture)
+    fit_recipe,
+    tiny_clip,
+    tiny_clip_recipe,
+)
 from tests.data.test_tokens import make_tokenizer
 
 VOCABULARY = [f"w{i}" for i in range(30)]
@@ -190,26 +192,11 @@ def test_batchtopk_dictionary_and_encoder_naming():
 
 def test_recipe_trains_through_the_cli(tiny_clip, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(sys, "argv", ["lightning-interp"])
-    with open("recipes/clip_sae_named_cbm.yaml") as f:
-        config = yaml.safe_load(f)
-    config["trainer"].update(
-        accelerator="cpu", max_epochs=40, default_root_dir=str(tmp_path), enable_progress_bar=False
-    )
-    model = config["model"]["init_args"]
+    config, model = tiny_clip_recipe("clip_sae_named_cbm", tiny_clip, tmp_path, max_epochs=40)
     model["concepts"] = [f"w{i}" for i in range(1, 31)]  # words the tiny tokenizer knows
     model["head_kwargs"].update(d_latent=32, min_similarity=-1.0, target_density=0.5)
     model["optimizer"]["init_args"]["lr"] = 0.01
-    model["save_dir"] = str(tmp_path / "head")
-    config["data"]["init_args"].update(
-        model=str(tiny_clip / "clip"),
-        data=str(tiny_clip / "images.safetensors"),
-        batch_size=64,
-        test_fraction=0.25,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(config))
-    parsed = build_cli(["fit", "--config", str(path)])
+    parsed = fit_recipe(config, tmp_path)
     head = parsed.model.head
     assert isinstance(head, SAENamedCBM) and head.concept_names == model["concepts"]
     assert parsed.model.fit_report["named_latents"] == len(head.named_latents()) > 0

@@ -25,7 +25,11 @@ from lightning_interp.concepts.prototype_explain import (
 from lightning_interp.errors import ConfigError
 from lightning_interp.modules import ConceptBottleneckModule
 from tests.concepts.planted import QUIET, loader
-from tests.concepts.test_recipes import tiny_clip  # noqa: F401  (the tiny CLIP fixture)
+from tests.concepts.test_recipes import (  # noqa: F401  (tiny_clip: a fixture)
+    fit_recipe,
+    tiny_clip,
+    tiny_clip_recipe,
+)
 
 CLASSES = ["a", "b", "c", "d"]
 GRID = (4, 4)
@@ -310,31 +314,14 @@ def test_protopnet_recipe_on_clip_tokens(tiny_clip, tmp_path, monkeypatch):  # n
     """The real CLI on the recipe, with a tiny random CLIP; prototypes named per class."""
     import sys
 
-    import yaml
-
-    from lightning_interp.cli import build_cli
-
     monkeypatch.setattr(sys, "argv", ["lightning-interp"])
-    with open("recipes/clip_protopnet.yaml") as f:
-        config = yaml.safe_load(f)
-    config["trainer"].update(
-        accelerator="cpu", max_epochs=4, default_root_dir=str(tmp_path), enable_progress_bar=False
+    config, model = tiny_clip_recipe(
+        "clip_protopnet", tiny_clip, tmp_path, batch_size=32, max_epochs=4
     )
-    model = config["model"]["init_args"]
     model["head_kwargs"].update(
         prototypes_per_class=2, prototype_dim=8, prototype_epochs=2, last_layer_epochs=2
     )
-    model["save_dir"] = str(tmp_path / "head")
-    config["data"]["init_args"].update(
-        model=str(tiny_clip / "clip"),
-        data=str(tiny_clip / "images.safetensors"),
-        batch_size=32,
-        test_fraction=0.25,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(config))
-    parsed = build_cli(["fit", "--config", str(path)])
+    parsed = fit_recipe(config, tmp_path)
     head = parsed.model.head
     assert isinstance(head, ProtoPNet)
     assert head.concept_names == [f"{c}/prototype_{j}" for c in ("w40", "w41") for j in (0, 1)]

@@ -41,26 +41,45 @@ def tiny_clip(tmp_path_factory):
     return root
 
 
-def recipe(name, tiny_clip, tmp_path):
+def tiny_clip_recipe(
+    name, tiny_clip, tmp_path, *, data="images.safetensors", batch_size=64, **trainer
+):
+    """Recipe ``name`` rewritten for the tiny CLIP: ``(config, its model init_args)``.
+
+    The trainer runs on CPU into ``tmp_path`` (``trainer`` overrides its settings), the head
+    is saved to ``tmp_path/head`` and the data module reads ``data`` of the tiny world.
+    """
     with open(f"recipes/{name}.yaml") as f:
         config = yaml.safe_load(f)
     config["trainer"].update(
-        accelerator="cpu", max_epochs=10, default_root_dir=str(tmp_path), enable_progress_bar=False
+        accelerator="cpu", default_root_dir=str(tmp_path), enable_progress_bar=False, **trainer
     )
     model = config["model"]["init_args"]
-    model["concepts"] = PHRASES  # the tiny tokenizer knows only w0..w49
     model["save_dir"] = str(tmp_path / "head")
+    config["data"]["init_args"].update(
+        model=str(tiny_clip / "clip"),
+        data=str(tiny_clip / data),
+        batch_size=batch_size,
+        test_fraction=0.25,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    return config, model
+
+
+def fit_recipe(config, tmp_path):
+    """Write ``config`` and run ``lightning-interp fit`` on it; the parsed CLI."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return build_cli(["fit", "--config", str(path)])
+
+
+def recipe(name, tiny_clip, tmp_path):
+    config, model = tiny_clip_recipe(name, tiny_clip, tmp_path, max_epochs=10)
+    model["concepts"] = PHRASES  # the tiny tokenizer knows only w0..w49
     if "target_density" in model["head_kwargs"]:  # 8 concepts, not hundreds: allow more
         model["head_kwargs"]["target_density"] = 0.5
     # A random CLIP maps all texts close together: keep the filters on, thresholds loose.
     model["filters"].update(class_similarity=0.9999, mutual_similarity=0.9999, min_activation=None)
-    config["data"]["init_args"].update(
-        model=str(tiny_clip / "clip"),
-        data=str(tiny_clip / "images.safetensors"),
-        batch_size=64,
-        test_fraction=0.25,
-        cache_dir=str(tmp_path / "cache"),
-    )
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -139,29 +158,19 @@ def test_text_data_module_builds_a_head_by_name(tmp_path, trainer_kwargs):
 
 def test_concept_transformer_recipe_trains_on_clip_patch_tokens(tiny_clip, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-interp"])
-    with open("recipes/clip_concept_transformer.yaml") as f:
-        config = yaml.safe_load(f)
-    config["trainer"].update(
-        accelerator="cpu",
+    config, model = tiny_clip_recipe(
+        "clip_concept_transformer",
+        tiny_clip,
+        tmp_path,
+        data="images_concepts.safetensors",
+        batch_size=32,
         precision="32-true",
         max_epochs=40,
-        default_root_dir=str(tmp_path),
-        enable_progress_bar=False,
     )
-    config["model"]["init_args"]["head_kwargs"].update(heads=2)  # the tiny CLIP is 32 wide
+    model["head_kwargs"].update(heads=2)  # the tiny CLIP is 32 wide
     # 64 training images make 2 steps an epoch: a larger step than on real data.
-    config["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.01
-    config["model"]["init_args"]["save_dir"] = str(tmp_path / "head")
-    config["data"]["init_args"].update(
-        model=str(tiny_clip / "clip"),
-        data=str(tiny_clip / "images_concepts.safetensors"),
-        batch_size=32,
-        test_fraction=0.25,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(config))
-    parsed = build_cli(["fit", "--config", str(path)])
+    model["optimizer"]["init_args"]["lr"] = 0.01
+    parsed = fit_recipe(config, tmp_path)
     head = parsed.model.head
     assert type(head).__name__ == "ConceptTransformer"
     assert head.concept_names == ["concept_0", "concept_1"] and head.d_in == 32
