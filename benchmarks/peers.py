@@ -1,6 +1,6 @@
-"""The peer libraries' virtualenvs (SAELens, dictionary_learning, sparsify), shared by the
-side-by-side benchmark (``benchmarks/compare.py``) and the format cross-check test
-(``tests/zoo/test_peer_crosscheck.py``).
+"""The peer libraries' virtualenvs (SAELens, dictionary_learning, sparsify, circuit-tracer),
+shared by the side-by-side benchmark (``benchmarks/compare.py``) and the cross-check tests
+(``tests/zoo/test_peer_crosscheck.py``, ``tests/circuits/test_circuit_tracer_crosscheck.py``).
 
 Each peer lives in its own virtualenv under ``benchmarks/.peers/<name>`` (git-ignored), made
 with ``python3 -m venv``: ``torch==2.13.0`` first, then the peer with the repository's
@@ -34,6 +34,14 @@ PEERS: dict[str, tuple[str, list[str]]] = {
     "saelens": ("sae-lens==6.54.*", []),
     "dictionary_learning": ("dictionary-learning==0.1.0", ["torchvision"]),
     "sparsify": ("eai-sparsify==1.3.3", []),
+    "circuit_tracer": ("circuit-tracer==0.5.0", []),
+}
+
+#: venv name -> constraints.txt pins dropped for it: circuit-tracer 0.5.0 requires
+#: transformers<=4.57.3 and huggingface-hub<1, and the datasets that its transformer-lens
+#: imports needs fsspec<=2026.2 (else pip falls back to a datasets that the pinned pyarrow breaks)
+UNPINNED: dict[str, list[str]] = {
+    "circuit_tracer": ["transformers", "huggingface_hub", "tokenizers", "fsspec"],
 }
 
 
@@ -55,6 +63,7 @@ def _wanted(name: str) -> dict:
         "requirement": requirement,
         "uninstall": uninstall,
         "constraints": CONSTRAINTS.read_text(),
+        **({"unpinned": UNPINNED[name]} if name in UNPINNED else {}),
     }
 
 
@@ -99,7 +108,16 @@ def install_peer(name: str, *, skip: bool = False) -> float:
         _run([shutil.which("python3") or sys.executable, "-m", "venv", venv])
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     _run([*pip, TORCH_PIN])
-    _run([*pip, "-c", CONSTRAINTS, requirement])
+    constraints = CONSTRAINTS
+    if name in UNPINNED:
+        constraints = venv / "constraints.txt"
+        keep = [
+            line
+            for line in CONSTRAINTS.read_text().splitlines()
+            if line.split("==")[0].strip().lower() not in UNPINNED[name]
+        ]
+        constraints.write_text("\n".join(keep) + "\n")
+    _run([*pip, "-c", constraints, requirement])
     if uninstall:
         _run([python, "-m", "pip", "uninstall", "-y", "-q", *uninstall])
     # Written last: an interrupted or failed install is retried on the next call.
