@@ -42,7 +42,7 @@ test: $(STAMP)
 # Our format adapters against the real SAELens and dictionary_learning (slow: each peer in its
 # own venv under benchmarks/.peers/, created on first use, which needs PyPI; skips without it).
 crosscheck: $(STAMP)
-	$(VENV)/bin/pytest -m slow tests/zoo/test_peer_crosscheck.py
+	$(VENV)/bin/pytest -m slow tests/zoo/test_peer_crosscheck.py tests/circuits/test_circuit_tracer_crosscheck.py
 
 # On a CUDA machine, under 8 minutes: the cuda-marked tests, the step benchmark on the GPU
 # against SAELens and sparsify, the quickstart's tokens/s; report in runs/gpu_check.{json,md}.

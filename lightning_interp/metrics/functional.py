@@ -13,6 +13,7 @@ import, and nothing in ``dictionaries/`` needs it (training code in ``modules/``
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -39,10 +40,35 @@ def _fvu_update(reconstruction: Tensor, target: Tensor) -> tuple[Tensor, Tensor,
             f"reconstruction {tuple(reconstruction.shape)} and target "
             f"{tuple(target.shape)} must have the same shape, with at least one dimension"
         )
-    target = target.reshape(-1, target.shape[-1]).double()
-    reconstruction = reconstruction.reshape(-1, target.shape[-1]).double()
-    squared_error = (target - reconstruction).pow(2).sum()
-    return squared_error, target.sum(0), target.pow(2).sum(0), target.shape[0]
+    width = target.shape[-1]
+    target = target.reshape(-1, width)
+    reconstruction = reconstruction.reshape(-1, width)
+    squared_error = target.new_zeros((), dtype=torch.float64)
+    target_sum = target.new_zeros(width, dtype=torch.float64)
+    target_sq_sum = target.new_zeros(width, dtype=torch.float64)
+    for rows in _row_blocks(target):
+        # Every element is converted and squared in float64 as before; only the order of
+        # the float64 additions changes (block by block), which moves the sums by a few
+        # float64 ulps. copy=True: the in-place square must not touch a float64 input.
+        block = target[rows].to(torch.float64, copy=True)
+        error = block - reconstruction[rows]  # promoted to float64 element by element
+        squared_error += error.square_().sum()
+        target_sum += block.sum(0)
+        target_sq_sum += block.square_().sum(0)
+    return squared_error, target_sum, target_sq_sum, target.shape[0]
+
+
+# Elements per float64 block on CPU: 256 KiB, which stays in a core's L2 cache. Converting a
+# whole [1024, 576] batch at once streams five 4.7 MB float64 temporaries through memory and
+# was ~7x slower per dictionary; on GPUs one kernel per operation is cheaper than many.
+_BLOCK_ELEMENTS = 1 << 15
+
+
+def _row_blocks(rows: Tensor) -> list[slice]:
+    """Row slices of ``rows`` (``[n, d]``) for :func:`_fvu_update`: cache-sized on CPU, else one."""
+    n = rows.shape[0]
+    step = max(1, _BLOCK_ELEMENTS // max(1, rows.shape[1])) if rows.device.type == "cpu" else n
+    return [slice(start, start + step) for start in range(0, n, max(1, step))]
 
 
 def _fvu_compute(

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 from lightning_interp import ShapeMismatchError
 from lightning_interp.callbacks import ExportDictionary
 from lightning_interp.errors import ConfigError, NonFiniteError
-from lightning_interp.modules import DictionaryModule, MultiDictionaryModule
+from lightning_interp.modules import DictionaryModule, MultiDictionaryModule, guards
+from lightning_interp.modules.guards import BatchGuard, batch_problem, nonfinite_summary
 from tests.helpers import make_module, quiet_trainer, small_dictionary
 
 
@@ -149,3 +150,41 @@ def test_multi_dictionary_error_names_the_dictionary_and_site():
 def test_unknown_policy_is_a_config_error():
     with pytest.raises(ConfigError, match="on_nonfinite must be one of"):
         DictionaryModule(small_dictionary("topk"), on_nonfinite="ignore")
+
+
+# A finite batch whose sum overflows its dtype: the cheap test fails, the exact one passes.
+@pytest.mark.parametrize(
+    ("dtype", "value"), [(torch.float16, 60000.0), (torch.bfloat16, 3e38), (torch.float32, 3e38)]
+)
+def test_a_finite_batch_whose_sum_overflows_is_usable(dtype, value):
+    batch = torch.full((64, 32), value, dtype=dtype)
+    assert bool(torch.isfinite(batch).all()) and not bool(torch.isfinite(batch.sum()))
+    assert nonfinite_summary(batch) is None
+    assert batch_problem({"inputs": batch, "targets": batch[:, :16]}) is None
+    guard = BatchGuard("raise", any_rank=lambda bad, device: bad, announce=print)
+    assert guard.usable({"inputs": batch}, where="test", step=0, batch_idx=0)
+    losses = {"a": torch.tensor(value, dtype=dtype), "b": torch.tensor(1.0)}
+    assert guard.usable_loss(losses, where="test", step=0, batch_idx=0, weights=[])
+
+
+@pytest.mark.parametrize(
+    ("values", "count"),
+    [
+        ([float("nan")], "1 NaN and 0 infinite"),
+        ([torch.inf, -torch.inf], "0 NaN and 2 infinite"),  # their sum is NaN, not Inf
+        ([1e30, float("nan")], "1 NaN and 0 infinite"),
+    ],
+)
+def test_the_fused_test_finds_what_the_exact_one_finds(values, count):
+    clean = torch.randn(8, 4)
+    bad = clean.clone()
+    bad[3, : len(values)] = torch.tensor(values)
+    parts = {"inputs": clean, "targets": bad}
+    assert guards.all_finite([clean]) and not guards.all_finite(parts.values())
+    assert batch_problem(parts) == ("nonfinite", f"targets hold {count} values in 1 of 8 rows")
+    # The first bad part in order is named, as before the fused test.
+    assert batch_problem({"a": bad, "b": torch.empty(0, 4)})[0] == "nonfinite"
+    guard = BatchGuard("skip", any_rank=lambda bad, device: bad, announce=lambda message: None)
+    losses = {"a": torch.tensor(1.0), "b": bad.sum(), "c": torch.tensor(2.0)}
+    assert not guard.usable_loss(losses, where="test", step=0, batch_idx=0, weights=[])
+    assert guard.skipped["train"] == 1
