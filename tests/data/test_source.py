@@ -22,6 +22,7 @@ from lightning_interp.data import (
     ActivationSource,
     CachedActivations,
     EmbeddingDataModule,
+    ImageTextDataModule,
     LanguageModelDataModule,
     VisionModelDataModule,
     activation_source,
@@ -71,6 +72,23 @@ def embeddings(tiny_folders, tmp_path):
     return EmbeddingDataModule(tiny_folders["bert"], tiny_folders["tsv"], pooling="mean")
 
 
+def image_text(tiny_folders, tmp_path):
+    from tests.backbones.tiny_vlms import FAMILIES, build
+    from tests.data.test_tokens import make_tokenizer
+
+    build("idefics3").save_pretrained(tmp_path / "vlm")
+    make_tokenizer().save_pretrained(tmp_path / "vlm")
+    return ImageTextDataModule(
+        str(tmp_path / "vlm"),
+        "layers.1.resid_post",
+        caption="w1 w2 w3",
+        batch_size=16,
+        buffer_tokens=64,
+        images_per_capture=3,
+        image_size=FAMILIES["idefics3"][-1],
+    )
+
+
 #: A builder for every data module exported from lightning_interp.data: a new one must be
 #: added here (test_every_exported_data_module_is_covered) and so checked.
 BUILDERS = {
@@ -78,12 +96,14 @@ BUILDERS = {
     VisionModelDataModule: vision,
     ActivationDataModule: cache,
     EmbeddingDataModule: embeddings,
+    ImageTextDataModule: image_text,
 }
 EXPECTED_SITES = {
     LanguageModelDataModule: ["layers.0.mlp_in", "layers.2.resid_post"],
     VisionModelDataModule: ["vision.layers.1.resid_post"],
     ActivationDataModule: ["in", "out"],
     EmbeddingDataModule: ["embeddings"],
+    ImageTextDataModule: ["layers.1.resid_post"],
 }
 
 
