@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from lightning_interp._dtypes import dtype_from_name
 from lightning_interp.circuits.clt_config import CLTConfig
 from lightning_interp.circuits.clt_output import CLTOutput, auxk_loss, reconstruction_terms
+from lightning_interp.dictionaries.cpu_topk import topk_indices
 from lightning_interp.dictionaries.jumprelu import _JumpReLU
 from lightning_interp.dictionaries.jumprelu_losses import pre_act_penalty, step_l0, tanh_penalty
 from lightning_interp.dictionaries.sparse_ops import SparsePattern, gather_encoder, sparse_decode
@@ -276,9 +277,8 @@ class CrossLayerTranscoder(nn.Module):
         with torch.no_grad():
             pre = self.encode_pre(source, x)
             if kind == "topk":
-                pattern = SparsePattern.from_topk(
-                    pre.topk(self.config.k, dim=-1).indices, pre.shape[1]
-                )
+                indices = topk_indices(pre, self.config.k)  # ascending (cpu_topk.py)
+                pattern = SparsePattern.from_topk(indices, pre.shape[1], presorted=True)
             else:
                 flat = torch.relu(pre).flatten()
                 chosen = flat.topk(min(self.config.k * pre.shape[0], flat.numel()), sorted=False)

@@ -57,6 +57,7 @@ from torch import Tensor
 
 from lightning_interp.dictionaries.base import Dictionary, DictionaryOutput
 from lightning_interp.dictionaries.config import DictionaryConfig, check_k
+from lightning_interp.dictionaries.cpu_topk import topk_indices
 from lightning_interp.dictionaries.registry import register_dictionary
 from lightning_interp.dictionaries.sparse_codes import SparseCodes
 from lightning_interp.dictionaries.sparse_ops import SparsePattern, gather_encoder, sparse_decode
@@ -220,8 +221,8 @@ class CodebookSAE(Dictionary):
             return super().forward_train(x)
         with torch.no_grad():
             pre = self.encode_pre(x).reshape(-1, self.d_latent)
-            indices = pre.topk(self.config.k, dim=-1).indices
-            pattern = SparsePattern.from_topk(indices, self.d_latent)
+            indices = topk_indices(pre, self.config.k)  # ascending (cpu_topk.py)
+            pattern = SparsePattern.from_topk(indices, self.d_latent, presorted=True)
         if self.config.straight_through:
             similarity = gather_encoder(
                 self._unit_input(x), None, self._unit_keys(), pre.new_zeros(()), pre, pattern

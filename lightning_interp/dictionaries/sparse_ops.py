@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_interp.dictionaries import cpu_sparse
+from lightning_interp.dictionaries.cpu_topk import top_positive_lists
+
 # torch flags every CSR construction as beta; the ops used here are long-standing.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -47,11 +50,24 @@ class SparsePattern:
         indices: For a fixed ``k`` per row, the latents as ``[N, k]``; else ``None``.
     """
 
-    def __init__(self, rows: Tensor, cols: Tensor, num_rows: int, d_latent: int) -> None:
+    def __init__(
+        self,
+        rows: Tensor,
+        cols: Tensor,
+        num_rows: int,
+        d_latent: int,
+        *,
+        crow: Tensor | None = None,
+    ) -> None:
         self.rows, self.cols = rows, cols
         self.num_rows, self.d_latent = num_rows, d_latent
         self.indices: Tensor | None = None
-        self.crow = self._offsets(rows, num_rows)
+        self.crow = crow if crow is not None else self._offsets(rows, num_rows)
+        if cpu_sparse.kernels_available() and cols.device.type == "cpu":
+            # One counting sort (cpu_sparse.py) instead of argsort + gather + bincount.
+            ordered = cpu_sparse.latent_order(cols.long().contiguous(), rows.long(), d_latent)
+            self.by_latent_order, self.by_latent_rows, self.crow_by_latent = ordered
+            return
         # Stable, so rows stay ascending within a latent. int32 keys: torch's CPU sort takes
         # a radix path for them, ~8x faster than for int64 at 131k entries (measured).
         keys = cols.to(torch.int32) if d_latent < 2**31 else cols
@@ -66,12 +82,18 @@ class SparsePattern:
         return offsets
 
     @classmethod
-    def from_topk(cls, indices: Tensor, d_latent: int) -> SparsePattern:
-        """``k`` latents per row, ``indices [N, k]`` (sorted within rows here)."""
-        indices = indices.sort(dim=-1).values
+    def from_topk(cls, indices: Tensor, d_latent: int, *, presorted: bool = False) -> SparsePattern:
+        """``k`` latents per row, ``indices [N, k]``.
+
+        They are sorted within rows here, unless ``presorted`` says they already ascend
+        (as :func:`~lightning_interp.dictionaries.cpu_topk.topk_indices` returns them).
+        """
+        if not presorted:
+            indices = indices.sort(dim=-1).values
         n, k = indices.shape
         rows = torch.arange(n, device=indices.device).repeat_interleave(k)
-        pattern = cls(rows, indices.reshape(-1), n, d_latent)
+        crow = torch.arange(0, n * k + 1, k, device=indices.device)
+        pattern = cls(rows, indices.reshape(-1), n, d_latent, crow=crow)
         pattern.indices = indices
         return pattern
 
@@ -207,15 +229,13 @@ def affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """``x @ weight + bias`` as a GEMM and an in-place bias add (differentiable).
 
     ``torch.addmm(bias, x, weight)`` first broadcasts ``bias`` into the whole
-    ``[N, d_latent]`` output and then runs the GEMM on top of it (beta = 1): on CPU that copy
-    cost about half as much as the GEMM itself at 4096 x 384 -> 6144 (torch 2.13, oneDNN).
-    A plain GEMM followed by one in-place add reads the output once instead. Under autocast
-    the GEMM runs in the autocast dtype and the bias is cast to it, as ``addmm`` would.
-
-    The whole batch is one GEMM, deliberately not row blocks: measured on 2 shared Xeon
-    cores, computing the GEMM in blocks of 128-1024 rows (so each block's bias add and top-k
-    run while it is in cache) was 1.3-2.5x slower than one GEMM, because every block re-reads
-    all of ``weight`` and re-synchronises the threads, and top-k is compute-bound anyway.
+    ``[N, d_latent]`` output and then runs the GEMM on top of it (beta = 1). A profile
+    blamed that copy for about half the GEMM's time at 4096 x 384 -> 6144 on CPU; most of
+    it was the first touch of the freshly allocated output (page faults), which whichever
+    op writes first pays — the training path avoids it by reusing its output
+    (``workspace.py``) and adds the bias inside the top-k kernel (``cpu_topk.py``). This
+    function serves the other encoders: one GEMM, then one in-place add, under autocast in
+    the autocast dtype with the bias cast to it, as ``addmm`` would.
 
     Args:
         x: ``[N, d_in]``.
@@ -240,6 +260,15 @@ def top_positive(pre: Tensor, candidates: Tensor, k: int) -> SparsePattern:
         candidates: Ascending column ids ``[c]`` (e.g. the dead latents).
         k: At most this many entries per row.
     """
+    lists = top_positive_lists(pre, candidates, k)
+    if lists is not None:  # the compiled CPU kernel: one pass, no [N, c] copy
+        cols, counts = lists
+        n = pre.shape[0]
+        if bool((counts == k).all()):
+            return SparsePattern.from_topk(cols, pre.shape[1], presorted=True)
+        keep = torch.arange(k, device=cols.device) < counts.unsqueeze(1)
+        rows = torch.arange(n, device=cols.device).repeat_interleave(counts)
+        return SparsePattern(rows, cols[keep], n, pre.shape[1])
     sub = pre.index_select(-1, candidates)
     keep = sub > 0
     crowded = (keep.sum(-1) > k).nonzero().squeeze(1)

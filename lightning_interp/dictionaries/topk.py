@@ -14,6 +14,7 @@ from lightning_interp.dictionaries.config import (
     check_k,
     check_non_negative,
 )
+from lightning_interp.dictionaries.cpu_topk import topk_indices
 from lightning_interp.dictionaries.registry import register_dictionary
 from lightning_interp.dictionaries.sparse_codes import SparseCodes
 from lightning_interp.dictionaries.sparse_ops import (
@@ -22,6 +23,7 @@ from lightning_interp.dictionaries.sparse_ops import (
     sparse_decode,
     top_positive,
 )
+from lightning_interp.dictionaries.workspace import ReusedBuffer, encoder_gemm
 from lightning_interp.errors import ConfigError
 
 
@@ -76,8 +78,16 @@ class _TopKFamily(Dictionary):
         #: FLOPs). Set to False to use plain dense autograd, e.g. to compare the two.
         self.sparse_training = True
 
+        # The pre-activations' memory, reused from step to step (workspace.py says why).
+        self._pre_buffer = ReusedBuffer()
+
     def _use_sparse_path(self) -> bool:
         return self.sparse_training and torch.is_grad_enabled()
+
+    def _training_gemm(self, x: Tensor) -> Tensor:
+        """``[N, d_latent]`` encoder GEMM of the training input, **without** ``b_enc``."""
+        flat = self.encoder_input(self._prepare_input(x)).reshape(-1, self.d_in)
+        return encoder_gemm(flat, self.W_enc, self._pre_buffer)
 
     def _sparse_forward(
         self, x: Tensor, pre: Tensor, pattern: SparsePattern
@@ -160,9 +170,9 @@ class TopKSAE(_TopKFamily):
             codes, _, _ = keep_topk(pre, self.config.k)
             return DictionaryOutput(self.with_skip(x, self.decode(codes)), codes, pre)
         with torch.no_grad():
-            pre = self.encode_pre(x).reshape(-1, self.d_latent)
-            indices = pre.topk(self.config.k, dim=-1).indices
-            pattern = SparsePattern.from_topk(indices, self.d_latent)
+            pre = self._training_gemm(x)
+            indices = topk_indices(pre, self.config.k, bias=self.b_enc)  # adds b_enc to pre
+            pattern = SparsePattern.from_topk(indices, self.d_latent, presorted=True)
         values, reconstruction = self._sparse_forward(x, pre, pattern)
         values = values.view(-1, self.config.k)
         return DictionaryOutput(reconstruction, pre_activations=pre, pattern=pattern, values=values)

@@ -1,0 +1,136 @@
+"""The compiled CPU selection kernels (cpu_topk.py, cpu_sparse.py) select what torch does.
+
+- ``topk_indices`` equals ``torch.topk``'s index set (sorted) on random rows of both chunk
+  layouts (chunks of 32, and narrower chunks when ``d_latent < 32 k``), in fp32 and fp64,
+  adds the bias in place exactly as ``add_`` would, ranks NaN above +inf as torch does, and
+  breaks ties towards the lower index;
+- ``top_positive_lists`` keeps the largest positive candidates, ascending;
+- ``latent_order`` equals a stable argsort by latent;
+- the torch fallback (``LIGHTNING_INTERP_NO_NUMBA=1``) gives the same selections, and a
+  TopK training step gives the same losses and gradients either way.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from lightning_interp import create_dictionary
+from lightning_interp.dictionaries import cpu_sparse, cpu_topk
+from lightning_interp.dictionaries.cpu_topk import top_positive_lists, topk_indices
+
+pytestmark = pytest.mark.skipif(
+    not cpu_topk.kernels_available(), reason="numba is not installed here"
+)
+
+
+def reference(pre, k):
+    return pre.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("n", "f", "k"),
+    [(64, 2048, 32), (33, 1000, 7), (16, 96, 5), (8, 50, 50), (5, 40, 1), (0, 64, 4)],
+)
+def test_topk_indices_equal_torch(dtype, n, f, k):
+    g = torch.Generator().manual_seed(n + f + k)
+    pre = torch.randn(n, f, generator=g, dtype=dtype)
+    assert torch.equal(topk_indices(pre.clone(), k), reference(pre, k))
+
+
+def test_bias_is_added_in_place_exactly():
+    g = torch.Generator().manual_seed(0)
+    pre, bias = torch.randn(40, 1024, generator=g), torch.randn(1024, generator=g)
+    expected = pre + bias
+    got = pre.clone()
+    indices = topk_indices(got, 16, bias=bias)
+    assert torch.equal(got, expected)  # one float add per entry: the same rounding
+    assert torch.equal(indices, reference(expected, 16))
+
+
+def test_nan_ranks_first_then_infinities():
+    pre = torch.randn(4, 300, generator=torch.Generator().manual_seed(1))
+    pre[0, 7] = float("nan")
+    pre[1, [3, 200]] = float("inf")
+    pre[1, 100] = float("nan")
+    pre[2, 250] = -float("inf")
+    pre[3] = float("nan")
+    got = topk_indices(pre.clone(), 4)
+    assert 7 in got[0].tolist()
+    assert {3, 100, 200} <= set(got[1].tolist())
+    assert torch.equal(got[2], reference(pre[2:3], 4)[0])
+    assert got[3].tolist() == [0, 1, 2, 3]  # all tied (NaN): lowest indices
+
+
+def test_ties_go_to_the_lower_index():
+    pre = torch.zeros(3, 512)
+    pre[1, 100:] = 1.0
+    pre[2, ::2] = 2.0
+    got = topk_indices(pre, 8)
+    assert got[0].tolist() == list(range(8))
+    assert got[1].tolist() == list(range(100, 108))
+    assert got[2].tolist() == list(range(0, 16, 2))
+
+
+def test_top_positive_lists_match_a_sorted_reference():
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(50, 3000, generator=g)
+    pre[0] = -1.0  # no positive entry
+    candidates = torch.randperm(3000, generator=g)[:700].sort().values
+    pre[1, candidates[3]] = float("nan")  # NaN is never positive: zero after the ReLU
+    cols, counts = top_positive_lists(pre, candidates, 64)
+    for row in range(50):
+        sub = pre[row, candidates].nan_to_num(nan=-1.0)  # (torch.topk would rank NaN first)
+        positive = candidates[sub > 0]
+        want = positive if len(positive) <= 64 else candidates[sub.topk(64).indices]
+        assert counts[row] == len(want)
+        assert cols[row, : counts[row]].tolist() == want.sort().values.tolist()
+    assert counts[0] == 0
+
+
+def test_latent_order_is_a_stable_sort_by_latent():
+    g = torch.Generator().manual_seed(4)
+    rows = torch.arange(30_000).repeat_interleave(3)  # 90k entries: the threaded path
+    cols = torch.randint(0, 500, (90_000,), generator=g)
+    order, rows_out, crow = cpu_sparse.latent_order(cols, rows, 500)
+    expected = torch.argsort(cols, stable=True)
+    assert torch.equal(order, expected)
+    assert torch.equal(rows_out, rows[expected])
+    assert torch.equal(crow[1:] - crow[:-1], torch.bincount(cols, minlength=500))
+
+
+def test_torch_fallback_selects_the_same(monkeypatch):
+    pre = torch.randn(20, 700, generator=torch.Generator().manual_seed(5))
+    bias = torch.randn(700)
+    compiled = topk_indices(pre.clone(), 9, bias=bias)
+    monkeypatch.setenv(cpu_topk.DISABLE_ENV, "1")
+    assert not cpu_topk.kernels_available()
+    assert top_positive_lists(pre, torch.arange(0, 700, 3), 4) is None
+    assert torch.equal(topk_indices(pre.clone(), 9, bias=bias), compiled)
+
+
+def test_training_step_is_the_same_with_and_without_the_kernels(monkeypatch):
+    # d_latent 512, k 8: chunks of 32 (the layout the benchmark shape uses), AuxK on.
+    torch.manual_seed(0)
+    compiled = create_dictionary("topk", d_in=32, d_latent=512, k=8, aux_k=16)
+    with torch.no_grad():
+        compiled.b_enc.normal_()
+    fallback = copy.deepcopy(compiled)
+    x = torch.randn(128, 32)
+    dead = torch.rand(512, generator=torch.Generator().manual_seed(6)) < 0.25
+
+    def step(dictionary):
+        out = dictionary.forward_train(x)
+        losses = dictionary.loss(x, out, dead_mask=dead)
+        losses["loss"].backward()
+        return losses, {n: p.grad for n, p in dictionary.named_parameters()}
+
+    losses, grads = step(compiled)
+    monkeypatch.setenv(cpu_topk.DISABLE_ENV, "1")
+    ref_losses, ref_grads = step(fallback)
+    assert float(losses["auxk_loss"].detach()) > 0
+    for name, value in ref_losses.items():
+        torch.testing.assert_close(losses[name], value, rtol=1e-6, atol=1e-7)
+    for name, value in ref_grads.items():
+        torch.testing.assert_close(grads[name], value, rtol=1e-5, atol=1e-6)
