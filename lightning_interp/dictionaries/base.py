@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_interp._dtypes import dtype_from_name, dtype_name
 from lightning_interp.dictionaries.config import DictionaryConfig, check_fits_in_memory, check_scale
 from lightning_interp.dictionaries.output import DictionaryOutput, squared_error
+from lightning_interp.dictionaries.rowwise import row_dots
 from lightning_interp.dictionaries.sparse_codes import SparseCodes
 from lightning_interp.dictionaries.sparse_ops import affine
 from lightning_interp.errors import ConfigError, CorruptFileError, ShapeMismatchError
@@ -284,10 +285,10 @@ class Dictionary(nn.Module):
         if grad is None:
             return
         w = self.W_dec
-        coef = (grad * w).sum(dim=1, keepdim=True) / w.pow(2).sum(dim=1, keepdim=True).clamp_min(
-            1e-8
-        )
-        grad.sub_(coef * w)
+        # No temporary the size of W_dec (three of them cost ~50 ms a step at 16384 x 768).
+        dots = row_dots(grad, w)
+        squared = w.norm(dim=1, keepdim=True).square_().clamp_min_(1e-8)
+        grad.addcmul_(w, dots.div_(squared), value=-1)
 
     @torch.no_grad()
     def initialize_b_dec_(self, sample: Tensor, method: str | None = None) -> None:

@@ -134,3 +134,32 @@ def test_training_step_is_the_same_with_and_without_the_kernels(monkeypatch):
         torch.testing.assert_close(losses[name], value, rtol=1e-6, atol=1e-7)
     for name, value in ref_grads.items():
         torch.testing.assert_close(grads[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_latent_product_ignores_its_uninitialised_output():
+    # addmm with beta=0 must not read the fresh output; NaN-filled memory shows if it does.
+    from lightning_interp.dictionaries.sparse_ops import SparsePattern
+
+    g = torch.Generator().manual_seed(7)
+    pattern = SparsePattern.from_topk(torch.randn(64, 300, generator=g).topk(5).indices, 300)
+    values, dense = torch.rand(pattern.nnz, generator=g), torch.randn(64, 24, generator=g)
+    expected = pattern.dense(values).T @ dense
+    garbage = torch.full((300, 24), float("nan"))
+    torch.addmm(garbage, pattern.by_latent(values), dense, beta=0, out=garbage)
+    torch.testing.assert_close(garbage, expected)
+    torch.testing.assert_close(pattern.latent_product(values, dense), expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (130, 70), (64, 64), (3, 500)])
+def test_transposed_equals_torch(shape):
+    matrix = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    out = cpu_sparse.transposed(matrix)
+    assert out.is_contiguous() and torch.equal(out, matrix.T)
+
+
+def test_row_dots_equal_the_one_line_version():
+    from lightning_interp.dictionaries.rowwise import row_dots
+
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(2500, 33, generator=g), torch.randn(2500, 33, generator=g)
+    torch.testing.assert_close(row_dots(a, b), (a * b).sum(1, keepdim=True))
