@@ -323,8 +323,9 @@ warm-up steps, each library in its own subprocess. "AuxK ran" means the library'
 loss was non-zero; for the dead rows that share of latents is made truly dead (encoder bias
 {DEAD_BIAS:g}) and each library's dead-latent bookkeeping says so. "fastest step" is the
 minimum over the timed steps; "peak MiB" is the memory the library's steps added at
-their peak (CPU: growth of the process's peak resident set over set-up, weights and
-optimizer state included; CUDA: `torch.cuda.max_memory_allocated`); "other load" is how
+their peak (CPU: growth of the process's peak resident set over set-up, measured after
+the library was imported and our numba kernels compiled, weights and optimizer state
+included; CUDA: `torch.cuda.max_memory_allocated`); "other load" is how
 many cores other processes kept busy while that row's subprocess ran (from `/proc/stat`;
 ~0 on an idle machine, up to 2 here).
 
