@@ -13,10 +13,10 @@ from tests.helpers import small_dictionary, sparse_architectures
 K = 5  # active latents per row in the TopK-specific tests below
 
 
-def pair(architecture="topk", **kwargs):
+def pair(architecture="topk", d_latent=96, **kwargs):
     """A randomised dictionary with the sparse training path, and a dense-path copy."""
     torch.manual_seed(0)
-    sparse = small_dictionary(architecture, d_in=16, d_latent=96, **kwargs)
+    sparse = small_dictionary(architecture, d_in=16, d_latent=d_latent, **kwargs)
     with torch.no_grad():
         for p in sparse.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -47,11 +47,14 @@ def step(dictionary, x, target=None, dead_mask=None, steps=3):
 
 @pytest.mark.parametrize("architecture", sparse_architectures())
 @pytest.mark.parametrize("dead_fraction", [0.0, 0.3, 1.0])
-def test_sparse_path_equals_dense_path(architecture, dead_fraction):
+# 96 latents: the CPU top-k kernel's narrow chunks; 512: its 32-entry chunks (cpu_topk.py).
+@pytest.mark.parametrize("d_latent", [96, 512])
+def test_sparse_path_equals_dense_path(architecture, dead_fraction, d_latent):
     fields = {f.name for f in dataclasses.fields(get_dictionary_class(architecture).config_class)}
-    sparse, dense = pair(architecture, **({"aux_k": 12} if "aux_k" in fields else {}))
+    aux = {"aux_k": 12} if "aux_k" in fields else {}
+    sparse, dense = pair(architecture, d_latent=d_latent, **aux)
     x = torch.randn(64, 16) + 0.5
-    dead = torch.rand(96, generator=torch.Generator().manual_seed(1)) < dead_fraction
+    dead = torch.rand(d_latent, generator=torch.Generator().manual_seed(1)) < dead_fraction
     for (s_losses, s_grads), (d_losses, d_grads) in zip(
         step(sparse, x, dead_mask=dead), step(dense, x, dead_mask=dead), strict=True
     ):
