@@ -39,3 +39,28 @@ def test_kept_pre_activations_survive_the_next_training_step():
     assert torch.equal(kept, snapshot)
     with torch.no_grad():
         torch.testing.assert_close(kept, sae.encode_pre(x1))
+
+
+def test_a_lightning_fit_reuses_one_buffer(monkeypatch):
+    # Whatever the module and Trainer keep of a step must not pin the buffer: a fit of
+    # several steps allocates it once.
+    import lightning as L
+
+    from lightning_interp.dictionaries import workspace
+    from tests.helpers import loader, make_module, planted_data, quiet_trainer
+
+    fresh = []
+    take = workspace.ReusedBuffer.take
+
+    def counting_take(self, rows, cols, dtype, device):
+        before = self._buffer
+        out = take(self, rows, cols, dtype, device)
+        fresh.append(self._buffer is not before)
+        return out
+
+    L.seed_everything(0)
+    data = planted_data()
+    sae = create_dictionary("topk", d_in=32, d_latent=128, k=4)  # planted_data is 32-wide
+    monkeypatch.setattr(workspace.ReusedBuffer, "take", counting_take)
+    quiet_trainer(max_steps=6).fit(make_module(sae), loader(data, 64, 6, seed=0))
+    assert len(fresh) == 6 and fresh[0] and not any(fresh[1:])
