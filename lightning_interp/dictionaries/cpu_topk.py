@@ -27,6 +27,8 @@ import os
 import torch
 from torch import Tensor
 
+from lightning_interp.errors import ShapeMismatchError
+
 try:  # numba is a dependency, but a platform without its wheels still gets the torch path
     import numba
     import numpy as np
@@ -221,9 +223,13 @@ def topk_indices(pre: Tensor, k: int, bias: Tensor | None = None) -> Tensor:
     Returns:
         ``[N, k]`` int64 column indices, ascending within each row.
     """
+    if not 1 <= k <= pre.shape[-1]:
+        raise ShapeMismatchError(
+            f"cannot select k={k} entries from rows of {pre.shape[-1]}; k must be in [1, width]"
+        )
     if not _use_kernel(pre):
         if bias is not None:
-            pre.add_(bias.to(pre.dtype))
+            pre.add_(bias.detach().to(pre.dtype))
         return pre.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
     n, f = pre.shape
     out = torch.empty(n, k, dtype=torch.long)

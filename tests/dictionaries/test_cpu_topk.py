@@ -163,3 +163,11 @@ def test_row_dots_equal_the_one_line_version():
     g = torch.Generator().manual_seed(9)
     a, b = torch.randn(2500, 33, generator=g), torch.randn(2500, 33, generator=g)
     torch.testing.assert_close(row_dots(a, b), (a * b).sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("k", [0, 65])
+def test_k_outside_the_row_is_refused(k):
+    from lightning_interp.errors import ShapeMismatchError
+
+    with pytest.raises(ShapeMismatchError, match="k must be in"):
+        topk_indices(torch.randn(3, 64), k)
