@@ -41,6 +41,7 @@ from lightning_interp import create_dictionary
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--architecture", default="topk", help="any k-sparse learner")
     parser.add_argument("--d-in", type=int, default=384)
     parser.add_argument("--d-latent", type=int, default=6144)
     parser.add_argument("--k", type=int, default=32)
@@ -98,7 +99,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    dictionary = create_dictionary("topk", d_in=args.d_in, d_latent=args.d_latent, k=args.k)
+    dictionary = create_dictionary(
+        args.architecture, d_in=args.d_in, d_latent=args.d_latent, k=args.k
+    )
     dictionary.train()
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=2e-4, fused=True)
     x = torch.randn(args.batch, args.d_in)
@@ -141,7 +144,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(
-        f"TopK d_in={args.d_in} d_latent={args.d_latent} k={args.k} batch={args.batch} fp32, "
+        f"{args.architecture} d_in={args.d_in} d_latent={args.d_latent} k={args.k} batch={args.batch} fp32, "
         f"AuxK {'on' if auxk_on else 'off'}"
         + (f" ({int(dead_mask.sum())} dead latents)" if dead_mask is not None else "")
         + f", median of {args.steps} interleaved rounds after {args.warmup} warm-up"

@@ -98,9 +98,15 @@ class SparsePattern:
         return pattern
 
     @classmethod
-    def from_flat(cls, flat: Tensor, num_rows: int, d_latent: int) -> SparsePattern:
-        """Entries given as flat positions ``row * d_latent + col`` (any order)."""
-        flat = flat.sort().values
+    def from_flat(
+        cls, flat: Tensor, num_rows: int, d_latent: int, *, presorted: bool = False
+    ) -> SparsePattern:
+        """Entries given as flat positions ``row * d_latent + col``.
+
+        Any order, or ascending if ``presorted`` says so (then no sort).
+        """
+        if not presorted:
+            flat = flat.sort().values
         return cls(flat // d_latent, flat % d_latent, num_rows, d_latent)
 
     @property

@@ -14,6 +14,7 @@ from lightning_interp.dictionaries.config import (
     check_k,
     check_non_negative,
 )
+from lightning_interp.dictionaries.cpu_batch_topk import batch_topk_positions
 from lightning_interp.dictionaries.cpu_topk import topk_indices
 from lightning_interp.dictionaries.registry import register_dictionary
 from lightning_interp.dictionaries.sparse_codes import SparseCodes
@@ -242,10 +243,13 @@ class BatchTopKSAE(_TopKFamily):
                 self._update_threshold(codes)
             return DictionaryOutput(self.with_skip(x, self.decode(codes)), codes, pre)
         with torch.no_grad():
-            pre = self.encode_pre(x).reshape(-1, self.d_latent)
-            flat = torch.relu(pre).flatten()
-            selected = flat.topk(min(self.config.k * pre.shape[0], flat.numel()), sorted=False)
-            pattern = SparsePattern.from_flat(selected.indices, pre.shape[0], self.d_latent)
+            pre = self._training_gemm(x)
+            pre.add_(self.b_enc.to(pre.dtype))
+            count = min(self.config.k * pre.shape[0], pre.numel())
+            flat = batch_topk_positions(pre, count)  # the CPU kernel (cpu_batch_topk.py)
+            if flat is None:
+                flat = torch.relu(pre).flatten().topk(count, sorted=False).indices.sort().values
+            pattern = SparsePattern.from_flat(flat, pre.shape[0], self.d_latent, presorted=True)
         values, reconstruction = self._sparse_forward(x, pre, pattern)
         if self.training:
             self._update_threshold(values)

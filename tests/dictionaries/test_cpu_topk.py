@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from lightning_interp import create_dictionary
-from lightning_interp.dictionaries import cpu_sparse, cpu_topk
+from lightning_interp.dictionaries import cpu_batch_topk, cpu_sparse, cpu_topk
+from lightning_interp.dictionaries.cpu_batch_topk import batch_topk_positions
 from lightning_interp.dictionaries.cpu_topk import top_positive_lists, topk_indices
 
 pytestmark = pytest.mark.skipif(
@@ -171,3 +172,46 @@ def test_k_outside_the_row_is_refused(k):
 
     with pytest.raises(ShapeMismatchError, match="k must be in"):
         topk_indices(torch.randn(3, 64), k)
+
+
+def batch_reference(pre, count):
+    """torch's BatchTopK selection, positive entries only (zeros get no gradient)."""
+    flat = torch.relu(pre).flatten().nan_to_num(nan=float("inf"))
+    chosen = flat.topk(count).indices
+    return chosen[flat[chosen] > 0].sort().values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("n", "f", "k"), [(256, 512, 8), (33, 100, 3), (4, 7, 2)])
+def test_batch_topk_positions_equal_torch(dtype, n, f, k):
+    pre = torch.randn(n, f, generator=torch.Generator().manual_seed(n * f), dtype=dtype)
+    got = batch_topk_positions(pre, k * n)
+    assert torch.equal(got, batch_reference(pre, k * n))
+
+
+def test_batch_topk_keeps_every_positive_entry_when_fewer_than_asked():
+    pre = -torch.rand(40, 300, generator=torch.Generator().manual_seed(10))
+    pre[3, [5, 9]] = torch.tensor([2.0, 1.0])
+    pre[20, 0] = float("nan")  # ranked first, as torch.topk ranks NaN
+    assert batch_topk_positions(pre, 100).tolist() == [3 * 300 + 5, 3 * 300 + 9, 20 * 300]
+
+
+def test_batch_topk_survives_a_misleading_sample():
+    # Every entry the strided sample reads is huge, the rest small and positive: the first
+    # thresholds admit too few entries and the kernel must fall back to lower ones.
+    # (1M entries, every 16th sampled: a floor expecting 2x or 8x of 5,000 above it admits
+    # only 625 or 2,500 here.)
+    pre = torch.rand(256, 4096, generator=torch.Generator().manual_seed(11)) + 0.01
+    flat = pre.view(-1)
+    flat[:: flat.numel() // (1 << 16)] += 100.0 + torch.rand(1 << 16)
+    first = cpu_batch_topk._floors(
+        flat.view(256, 4096).numpy().view("int32"), 0x7FFFFFFF, 0x7F800000, 5000
+    )
+    assert len(first) == 3 and (flat.view(torch.int32) >= first[1]).sum() < 5000
+    assert torch.equal(batch_topk_positions(pre, 5000), batch_reference(pre, 5000))
+
+
+def test_batch_topk_ties_are_filled_to_exactly_the_count():
+    pre = torch.ones(16, 64)
+    got = batch_topk_positions(pre, 100)
+    assert got.tolist() == list(range(100))
