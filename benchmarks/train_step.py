@@ -117,8 +117,10 @@ def main() -> None:
     train_step = make_train_step(dictionary, optimizer, x, dead_mask)
 
     # Check once that AuxK really is (or is not) part of the step being timed.
-    auxk = dictionary.loss(x, dictionary.forward_train(x), dead_mask=dead_mask)["auxk_loss"]
-    auxk_on = bool(auxk.detach() != 0)
+    losses = dictionary.loss(x, dictionary.forward_train(x), dead_mask=dead_mask)
+    auxk_on = bool(
+        losses.get("auxk_loss", torch.zeros(())).detach() != 0
+    )  # not every learner has AuxK
 
     w_enc = dictionary.W_enc.detach().clone()
     b_enc = dictionary.b_enc.detach().clone()
@@ -144,7 +146,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(
-        f"{args.architecture} d_in={args.d_in} d_latent={args.d_latent} k={args.k} batch={args.batch} fp32, "
+        f"{args.architecture} d_in={args.d_in} d_latent={args.d_latent} k={args.k} "
+        f"batch={args.batch} fp32, "
         f"AuxK {'on' if auxk_on else 'off'}"
         + (f" ({int(dead_mask.sum())} dead latents)" if dead_mask is not None else "")
         + f", median of {args.steps} interleaved rounds after {args.warmup} warm-up"
