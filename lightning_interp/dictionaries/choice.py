@@ -46,7 +46,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_interp.dictionaries import cpu_sparse
 from lightning_interp.dictionaries.base import Dictionary, DictionaryOutput
+from lightning_interp.dictionaries.cpu_topk import KERNEL_DTYPES, kernels_available, topk_indices
 from lightning_interp.dictionaries.registry import register_dictionary
 from lightning_interp.dictionaries.sparse_ops import SparsePattern
 from lightning_interp.dictionaries.topk import BatchTopKConfig, BatchTopKSAE
@@ -174,21 +176,42 @@ def feature_choice(pre: Tensor, capacities: Tensor) -> Tensor:
         pre: Pre-activations ``[N, d_latent]``.
         capacities: Shares ``[d_latent]`` (:func:`feature_capacities`).
     """
-    acts = torch.relu(pre)
-    n, f = acts.shape
-    capacities = capacities.to(acts.device)
+    n, f = pre.shape
+    capacities = capacities.to(pre.device)
     take = capacities.floor().long()
     spare = round(float(capacities.sum())) - int(take.sum())
     depth = min(int(take.max()) + (spare > 0), n)
-    values, rows = acts.topk(depth, dim=0)  # sorted: row r holds each latent's r-th best
+    values, rows = column_top(pre, depth)  # sorted: row r holds each latent's r-th best
     if spare > 0:
         room = (capacities > take) & (take < n)
         following = values.gather(0, take.clamp(max=depth - 1)[None]).squeeze(0)
         following = following.masked_fill(~room, float("-inf"))
         chosen = following.topk(min(spare, int(room.sum()))).indices
         take = take.index_add(0, chosen, torch.ones_like(chosen))
-    keep = torch.arange(depth, device=acts.device)[:, None] < take
-    return rows[keep] * f + torch.arange(f, device=acts.device).expand(depth, f)[keep]
+    keep = torch.arange(depth, device=pre.device)[:, None] < take
+    return rows[keep] * f + torch.arange(f, device=pre.device).expand(depth, f)[keep]
+
+
+def column_top(pre: Tensor, depth: int) -> tuple[Tensor, Tensor]:
+    """Each latent's ``depth`` highest ReLU'd pre-activations over the batch, best first.
+
+    ``torch.relu(pre).topk(depth, dim=0)``: ``(values, rows)``, each ``[depth, d_latent]``.
+    On CPU in fp32/fp64 the columns are transposed into rows by a tiled kernel and each
+    takes the row top-k kernel (``cpu_topk.py``), then its ``depth`` winners are sorted.
+    Where a latent has fewer than ``depth`` positive entries, the zeros after the ReLU may
+    come from other rows than torch's pick (any is a valid pick; none gets a gradient).
+
+    Args:
+        pre: ``[N, d_latent]`` pre-activations.
+        depth: Rows per latent, ``<= N``.
+    """
+    if not (kernels_available() and pre.device.type == "cpu" and pre.dtype in KERNEL_DTYPES):
+        return torch.relu(pre).topk(depth, dim=0)
+    by_latent = cpu_sparse.transposed(pre.contiguous())  # [d_latent, N]
+    rows = topk_indices(by_latent, depth)  # ascending rows
+    values = torch.relu(by_latent.gather(1, rows))
+    order = values.argsort(dim=1, descending=True, stable=True)
+    return values.gather(1, order).T, rows.gather(1, order).T
 
 
 class _ChoiceSAE(BatchTopKSAE):

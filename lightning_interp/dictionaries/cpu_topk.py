@@ -38,7 +38,8 @@ except ImportError:  # pragma: no cover - exercised only where numba cannot be i
 #: Environment switch to force the torch fallback (e.g. to compare the two paths).
 DISABLE_ENV = "LIGHTNING_INTERP_NO_NUMBA"
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+#: The dtypes the compiled kernels take (others use the torch ops).
+KERNEL_DTYPES = (torch.float32, torch.float64)
 _CHUNK = 32  # entries per chunk maximum in the top-k kernel
 
 
@@ -51,7 +52,7 @@ def _use_kernel(pre: Tensor) -> bool:
     return (
         kernels_available()
         and pre.device.type == "cpu"
-        and pre.dtype in _KERNEL_DTYPES
+        and pre.dtype in KERNEL_DTYPES
         and pre.dim() == 2
         and pre.is_contiguous()
         and not pre.requires_grad

@@ -215,3 +215,18 @@ def test_batch_topk_ties_are_filled_to_exactly_the_count():
     pre = torch.ones(16, 64)
     got = batch_topk_positions(pre, 100)
     assert got.tolist() == list(range(100))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_column_top_equals_torch_topk_over_the_batch(dtype):
+    from lightning_interp.dictionaries.choice import column_top
+
+    g = torch.Generator().manual_seed(12)
+    pre = torch.randn(300, 700, generator=g, dtype=dtype)
+    pre[:, 5] = -torch.rand(300, generator=g, dtype=dtype)  # a latent with nothing positive
+    pre[:290, 6] = -1.0  # and one with fewer positive rows than the depth
+    values, rows = column_top(pre, 12)
+    expected_values, expected_rows = torch.relu(pre).topk(12, dim=0)
+    assert torch.equal(values, expected_values)
+    positive = expected_values > 0  # zeros after the ReLU: any row is a valid pick
+    assert torch.equal(rows[positive], expected_rows[positive])
