@@ -374,7 +374,8 @@ class FeatureChoiceSAE(_ChoiceSAE):
             out = DictionaryOutput(self.with_skip(x, self.decode(codes)), codes, pre)
         else:
             with torch.no_grad():
-                pre = self.encode_pre(x).reshape(-1, self.d_latent)
+                pre = self._training_gemm(x)  # the reused buffer (workspace.py), then b_enc
+                pre.add_(self.b_enc.to(pre.dtype))
                 chosen = feature_choice(pre, self.capacities(pre.shape[0]))
                 pattern = SparsePattern.from_flat(chosen, pre.shape[0], self.d_latent)
             values, reconstruction = self._sparse_forward(x, pre, pattern)
