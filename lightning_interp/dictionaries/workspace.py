@@ -13,6 +13,10 @@ only while nothing else still holds it: a caller that keeps a step's pre-activat
 view of the buffer) makes the next step allocate a new one, so nobody's tensor is
 overwritten under them. CUDA has its own caching allocator, and under autocast the GEMM
 picks its own output dtype; both take the ordinary allocating path.
+
+The buffer stays allocated between steps: the step's own largest tensor, which the step's
+peak already counted, now also resident while validation or evaluation run in between
+(``dictionary._pre_buffer.release()`` frees it).
 """
 
 from __future__ import annotations
