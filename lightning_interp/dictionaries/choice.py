@@ -48,7 +48,7 @@ from torch import Tensor
 
 from lightning_interp.dictionaries import cpu_sparse
 from lightning_interp.dictionaries.base import Dictionary, DictionaryOutput
-from lightning_interp.dictionaries.cpu_topk import KERNEL_DTYPES, kernels_available, topk_indices
+from lightning_interp.dictionaries.cpu_topk import kernel_applies, topk_indices
 from lightning_interp.dictionaries.registry import register_dictionary
 from lightning_interp.dictionaries.sparse_ops import SparsePattern
 from lightning_interp.dictionaries.topk import BatchTopKConfig, BatchTopKSAE
@@ -205,9 +205,9 @@ def column_top(pre: Tensor, depth: int) -> tuple[Tensor, Tensor]:
         pre: ``[N, d_latent]`` pre-activations.
         depth: Rows per latent, ``<= N``.
     """
-    if not (kernels_available() and pre.device.type == "cpu" and pre.dtype in KERNEL_DTYPES):
+    if not kernel_applies(pre):
         return torch.relu(pre).topk(depth, dim=0)
-    by_latent = cpu_sparse.transposed(pre.contiguous())  # [d_latent, N]
+    by_latent = cpu_sparse.transposed(pre)  # [d_latent, N]
     rows = topk_indices(by_latent, depth)  # ascending rows
     values = torch.relu(by_latent.gather(1, rows))
     order = values.argsort(dim=1, descending=True, stable=True)
@@ -374,8 +374,7 @@ class FeatureChoiceSAE(_ChoiceSAE):
             out = DictionaryOutput(self.with_skip(x, self.decode(codes)), codes, pre)
         else:
             with torch.no_grad():
-                pre = self._training_gemm(x)  # the reused buffer (workspace.py), then b_enc
-                pre.add_(self.b_enc.to(pre.dtype))
+                pre = self._training_gemm(x, add_bias=True)
                 chosen = feature_choice(pre, self.capacities(pre.shape[0]))
                 pattern = SparsePattern.from_flat(chosen, pre.shape[0], self.d_latent)
             values, reconstruction = self._sparse_forward(x, pre, pattern)

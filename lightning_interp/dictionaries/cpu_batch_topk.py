@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_interp.dictionaries.cpu_topk import _bit_view, _use_kernel, kernel_threads
+from lightning_interp.dictionaries.cpu_topk import bit_view, kernel_applies, kernel_threads
 
 try:
     import numba
@@ -111,10 +111,10 @@ def batch_topk_positions(pre: Tensor, count: int) -> Tensor | None:
         ``[<= count]`` int64 positions ``row * F + col`` in ascending order, or ``None``
         where the kernel cannot run (the caller uses ``torch.topk``).
     """
-    if not _use_kernel(pre) or pre.numel() == 0:
+    if not kernel_applies(pre) or pre.numel() == 0:
         return None
     n_blocks = 4 * kernel_threads()
-    bits, _, magnitude, inf_bits = _bit_view(pre.numpy())
+    bits, _, magnitude, inf_bits = bit_view(pre.numpy())
     counts = np.empty(n_blocks, np.int64)
     for floor in _floors(bits, magnitude, inf_bits, count):
         floor = bits.dtype.type(floor)

@@ -51,7 +51,8 @@ def kernels_available() -> bool:
     return numba is not None and os.environ.get(DISABLE_ENV, "") in ("", "0")
 
 
-def _use_kernel(pre: Tensor) -> bool:
+def kernel_applies(pre: Tensor) -> bool:
+    """Whether the kernels take ``pre`` (CPU, fp32/fp64, 2-D, contiguous, no grad)."""
     return (
         kernels_available()
         and pre.device.type == "cpu"
@@ -194,7 +195,7 @@ if numba is not None:
                 out_count[r] = size
 
 
-def _bit_view(values):
+def bit_view(values):
     """``values`` as same-width signed integers, with the constants the kernels need."""
     if values.dtype == np.float32:
         i = np.int32
@@ -231,7 +232,7 @@ def topk_indices(pre: Tensor, k: int, bias: Tensor | None = None) -> Tensor:
         raise ShapeMismatchError(
             f"cannot select k={k} entries from rows of {pre.shape[-1]}; k must be in [1, width]"
         )
-    if not _use_kernel(pre):
+    if not kernel_applies(pre):
         if bias is not None:
             pre.add_(bias.detach().to(pre.dtype))
         return pre.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
@@ -242,7 +243,7 @@ def topk_indices(pre: Tensor, k: int, bias: Tensor | None = None) -> Tensor:
     has_bias = bias is not None
     bias_np = (bias.detach().to(pre.dtype).contiguous() if has_bias else pre.new_zeros(1)).numpy()
     values = pre.numpy()
-    bits, shift, magnitude, inf_bits = _bit_view(values)
+    bits, shift, magnitude, inf_bits = bit_view(values)
     # Chunks of 32 keep the chunk maxima vectorised; at least k chunks are needed.
     chunk = max(1, min(_CHUNK, f // k))
     consts = (shift, magnitude, inf_bits)
@@ -263,13 +264,13 @@ def top_positive_lists(pre: Tensor, candidates: Tensor, k: int) -> tuple[Tensor,
         ``cols[r, :counts[r]]`` (the rest is unspecified); ``None`` where the kernel cannot
         run (the caller uses torch ops).
     """
-    if not _use_kernel(pre):
+    if not kernel_applies(pre):
         return None
     n = pre.shape[0]
     cols = torch.empty(n, k, dtype=torch.long)
     counts = torch.empty(n, dtype=torch.long)
     if n:
         cands = candidates.to(torch.long).contiguous().numpy()
-        bits, _, _, inf_bits = _bit_view(pre.numpy())
+        bits, _, _, inf_bits = bit_view(pre.numpy())
         _top_positive_kernel(bits, inf_bits, cands, k, cols.numpy(), counts.numpy(), _blocks())
     return cols, counts

@@ -85,10 +85,14 @@ class _TopKFamily(Dictionary):
     def _use_sparse_path(self) -> bool:
         return self.sparse_training and torch.is_grad_enabled()
 
-    def _training_gemm(self, x: Tensor) -> Tensor:
-        """``[N, d_latent]`` encoder GEMM of the training input, **without** ``b_enc``."""
+    def _training_gemm(self, x: Tensor, *, add_bias: bool = False) -> Tensor:
+        """``[N, d_latent]`` encoder GEMM of the training input, in the reused buffer.
+
+        Without ``b_enc`` unless ``add_bias`` (TopK's kernel adds it during its selection).
+        """
         flat = self.encoder_input(self._prepare_input(x)).reshape(-1, self.d_in)
-        return encoder_gemm(flat, self.W_enc, self._pre_buffer)
+        pre = encoder_gemm(flat, self.W_enc, self._pre_buffer)
+        return pre.add_(self.b_enc.to(pre.dtype)) if add_bias else pre
 
     def _sparse_forward(
         self, x: Tensor, pre: Tensor, pattern: SparsePattern
@@ -243,8 +247,7 @@ class BatchTopKSAE(_TopKFamily):
                 self._update_threshold(codes)
             return DictionaryOutput(self.with_skip(x, self.decode(codes)), codes, pre)
         with torch.no_grad():
-            pre = self._training_gemm(x)
-            pre.add_(self.b_enc.to(pre.dtype))
+            pre = self._training_gemm(x, add_bias=True)
             count = min(self.config.k * pre.shape[0], pre.numel())
             flat = batch_topk_positions(pre, count)  # the CPU kernel (cpu_batch_topk.py)
             if flat is None:
