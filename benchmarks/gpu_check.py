@@ -52,6 +52,18 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
 
 
+def _run(cmd: list[str], timeout: float) -> tuple[subprocess.CompletedProcess | None, dict]:
+    """Run ``cmd`` from the repository root; ``(None, {"status": "timeout", ...})`` on timeout."""
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return None, {"status": "timeout", "seconds": time.perf_counter() - start}
+    return proc, {"exit_code": proc.returncode, "seconds": time.perf_counter() - start}
+
+
 def device_info(torch) -> dict:
     """What CUDA device this is (or why there is none)."""
     info = {
@@ -77,14 +89,9 @@ def run_cuda_tests(timeout: float, workdir: Path) -> dict:
     junit = workdir / "cuda-tests.xml"
     cmd = [str(PYTHON), "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
     cmd += [f"--junitxml={junit}", "tests"]
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "seconds": time.perf_counter() - start}
-    result = {"exit_code": proc.returncode, "seconds": time.perf_counter() - start}
+    proc, result = _run(cmd, timeout)
+    if proc is None:
+        return result
     result["tail"] = proc.stdout[-2000:]
     if junit.exists():
         suite = ET.parse(junit).getroot()
@@ -171,14 +178,9 @@ def run_quickstart(timeout: float, workdir: Path, precision: str, steps: int = 8
     tokens_out = workdir / "quickstart_tokens.json"
     recipe = quickstart_recipe(workdir, tokens_out, steps, precision)
     cmd = [str(PYTHON), "-m", "lightning_interp.cli", "fit", "--config", str(recipe)]
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "seconds": time.perf_counter() - start}
-    result = {"exit_code": proc.returncode, "seconds": time.perf_counter() - start}
+    proc, result = _run(cmd, timeout)
+    if proc is None:
+        return result
     if proc.returncode != 0 or not tokens_out.exists():
         result.update(status="failed", tail=(proc.stdout + proc.stderr)[-3000:])
         return result
